@@ -1,0 +1,9 @@
+"""The model zoo: one file per family, every model registered by name."""
+
+from cnn_jax.models.registry import create_model, list_models, model_options, register_model
+from cnn_jax.models.layers import count_params
+
+# Importing the family modules registers their builders.
+from cnn_jax.models import alexnet, vgg, googlenet, resnet, densenet  # noqa: E402,F401
+
+__all__ = ["create_model", "list_models", "model_options", "register_model", "count_params"]
