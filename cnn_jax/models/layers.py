@@ -230,3 +230,14 @@ class DenseAsConv(nn.Module):
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree (e.g. ``variables['params']``)."""
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def split_logits(outputs: Any) -> Tuple[Array, Tuple[Array, ...]]:
+    """Split a model's output into ``(logits, aux_logits)``.
+
+    Every model returns logits, except GoogLeNet in train mode with auxiliary heads, which returns
+    a tuple whose first entry is the main logits (torchvision's ``GoogLeNetOutputs`` order).
+    """
+    if isinstance(outputs, tuple):
+        return outputs[0], tuple(o for o in outputs[1:] if o is not None)
+    return outputs, ()
