@@ -38,8 +38,11 @@ def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> n
         kwargs["num_classes"] = num_classes
     try:
         return _MODELS[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"cannot build {name!r} with {sorted(kwargs)}: {e}") from None
+    except TypeError:
+        valid = model_options(_MODELS[name]())
+        unknown = sorted(set(kwargs) - set(valid))
+        raise ValueError(f"{name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"valid options: {', '.join(valid)}") from None
 
 
 def model_options(model: nn.Module) -> List[str]:

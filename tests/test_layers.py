@@ -1,0 +1,151 @@
+"""The shared layers against brute-force NumPy references of torch's semantics."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax.models import layers
+
+
+def _torch_pool_out(n, k, s, p, ceil_mode):
+    """torch's output-size rule for MaxPool2d/AvgPool2d (docs of torch.nn.MaxPool2d)."""
+    num = n + 2 * p - k
+    out = (math.ceil(num / s) if ceil_mode else num // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _ref_max_pool(x, k, s, p, ceil_mode):
+    n, h, w, c = x.shape
+    oh, ow = _torch_pool_out(h, k, s, p, ceil_mode), _torch_pool_out(w, k, s, p, ceil_mode)
+    out = np.empty((n, oh, ow, c), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * s - p, j * s - p
+            win = x[:, max(r0, 0):min(r0 + k, h), max(c0, 0):min(c0 + k, w)]
+            out[:, i, j] = win.max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("size", [7, 8, 13, 14, 112, 113])
+@pytest.mark.parametrize("k,s,p", [(3, 2, 0), (3, 2, 1), (2, 2, 0), (3, 1, 1)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_matches_torch_semantics(size, k, s, p, ceil_mode):
+    x = np.random.default_rng(0).normal(size=(1, size, size + 1, 2)).astype(np.float32)
+    got = layers.max_pool(jnp.asarray(x), k, s, p, ceil_mode=ceil_mode)
+    np.testing.assert_allclose(got, _ref_max_pool(x, k, s, p, ceil_mode))
+
+
+def test_avg_pool_counts_padding_like_torch():
+    x = jnp.ones((1, 4, 4, 1))
+    y = layers.avg_pool(x, 3, 2, 1)
+    # The corner window covers 4 real pixels of 9 (count_include_pad=True): 4/9.
+    np.testing.assert_allclose(y[0, 0, 0, 0], 4 / 9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("in_hw,out", [((13, 13), 6), ((5, 7), 6), ((14, 14), 7), ((1, 1), 7),
+                                       ((10, 9), (4, 3))])
+def test_adaptive_avg_pool_matches_torch_bins(in_hw, out):
+    x = np.random.default_rng(1).normal(size=(2, *in_hw, 3)).astype(np.float32)
+    oh, ow = layers.pair(out)
+    ref = np.empty((2, oh, ow, 3), np.float32)
+    for i in range(oh):
+        for j in range(ow):
+            r = slice(math.floor(i * in_hw[0] / oh), math.ceil((i + 1) * in_hw[0] / oh))
+            c = slice(math.floor(j * in_hw[1] / ow), math.ceil((j + 1) * in_hw[1] / ow))
+            ref[:, i, j] = x[:, r, c].mean(axis=(1, 2))
+    np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), out), ref, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_lrn_matches_paper_formula():
+    x = np.random.default_rng(2).normal(size=(2, 3, 3, 11)).astype(np.float32) * 10
+    n, alpha, beta, k = 5, 1e-4, 0.75, 2.0
+    ref = np.empty_like(x)
+    for c in range(11):
+        lo, hi = max(0, c - n // 2), min(11, c + n // 2 + 1)
+        ref[..., c] = x[..., c] / (k + alpha * (x[..., lo:hi] ** 2).sum(-1)) ** beta
+    got = layers.LocalResponseNorm(n, alpha, beta, k).apply({}, jnp.asarray(x))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_conv_uses_symmetric_padding_for_stride_2():
+    # torch pads 1 on every side for a 3x3/2 conv; Flax's 'SAME' would pad (0, 1) on an even input.
+    conv = layers.Conv(1, 3, strides=2, padding=1, use_bias=False)
+    x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)
+    v = {"params": {"conv": {"kernel": jnp.ones((3, 3, 1, 1))}}}
+    y = conv.apply(v, x)
+    chex.assert_shape(y, (1, 2, 2, 1))
+    assert y[0, 0, 0, 0] == 1.0  # the top-left pixel is inside the first (padded) window
+
+
+def test_grouped_conv_param_count():
+    x = jnp.zeros((1, 8, 8, 4))
+    full = layers.Conv(8, 3, padding=1).init(jax.random.key(0), x)
+    grouped = layers.Conv(8, 3, padding=1, groups=2).init(jax.random.key(0), x)
+    assert layers.count_params(grouped) == 3 * 3 * 2 * 8 + 8
+    assert layers.count_params(full) == 3 * 3 * 4 * 8 + 8
+
+
+def test_dense_as_conv_same_weights_same_result():
+    layer = layers.DenseAsConv(6, window=(3, 3))
+    feats = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    v = layer.init(jax.random.key(1), layers.flatten(feats))
+    dense = layer.apply(v, layers.flatten(feats))
+    conv = layer.apply(v, feats, as_conv=True)
+    chex.assert_shape(conv, (2, 1, 1, 6))
+    np.testing.assert_allclose(dense, conv[:, 0, 0], rtol=1e-5, atol=1e-5)
+    # On a larger map the conv slides the same classifier over every window.
+    big = layer.apply(v, jax.random.normal(jax.random.key(2), (2, 5, 6, 4)), as_conv=True)
+    chex.assert_shape(big, (2, 3, 4, 6))
+
+
+def test_conv_bn_act_train_updates_stats_and_bf16():
+    m = layers.ConvBNAct(4, 3, padding=1, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    v = m.init(jax.random.key(1), x)
+    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(v))
+    assert "bias" not in v["params"]["conv"]  # BN's shift makes a conv bias redundant
+    y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16
+    assert not np.allclose(upd["batch_stats"]["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
+
+
+def test_cross_device_batch_norm_averages_over_the_axis():
+    m = layers.ConvBNAct(2, 1, activation=None)
+    x = jax.random.normal(jax.random.key(0), (4, 2, 2, 3)) + jnp.arange(4.0)[:, None, None, None]
+    v = m.init(jax.random.key(1), x[:1])
+
+    def step(x):
+        with layers.cross_device_batch_norm("i"):
+            return m.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+    def local(x):
+        return m.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
+    synced = jax.vmap(step, axis_name="i")(x[:, None])
+    unsynced = jax.vmap(local, axis_name="i")(x[:, None])
+    whole = local(x)
+    # With the axis named, every member sees the statistics of the whole batch.
+    for i in range(4):
+        np.testing.assert_allclose(synced["bn"]["mean"][i], whole["bn"]["mean"], rtol=1e-5,
+                                   atol=1e-6)
+    assert not np.allclose(unsynced["bn"]["mean"][0], unsynced["bn"]["mean"][3])
+
+
+def test_split_logits():
+    a = jnp.zeros((2, 3))
+    main, aux = layers.split_logits(a)
+    assert main is a and aux == ()
+    main, aux = layers.split_logits((a, a + 1, None))
+    assert main is a and len(aux) == 1
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="choose one of"):
+        layers.get_activation("swishy")

@@ -1,0 +1,142 @@
+"""Registry-wide checks that every model honours the one model interface."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax.models import count_params, create_model, list_models
+from cnn_jax.models.layers import split_logits
+
+# torchvision's published parameter counts at 1000 classes (issue 3): the layouts must stay
+# weight-compatible with torchvision, so these are exact.
+TORCHVISION_PARAMS = {
+    "alexnet": 61_100_840,
+    "vgg11": 132_863_336, "vgg11_bn": 132_868_840,
+    "vgg13": 133_047_848, "vgg13_bn": 133_053_736,
+    "vgg16": 138_357_544, "vgg16_bn": 138_365_992,
+    "vgg19": 143_667_240, "vgg19_bn": 143_678_248,
+    "googlenet": 6_624_904,
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808,
+    "densenet121": 7_978_856, "densenet161": 28_681_000,
+    "densenet169": 14_149_480, "densenet201": 20_013_928,
+}
+GOOGLENET_WITH_AUX_PARAMS = 13_004_888
+
+ALL_MODELS = list_models()
+# The smallest convenient input each family accepts; everything else runs at 32x32.
+MIN_SIZE = {"alexnet": 64, "googlenet": 64}
+# Families whose classifier uses dropout (DenseNet's drop_rate defaults to 0, ResNet has none).
+HAS_DROPOUT = ("alexnet", "vgg", "googlenet")
+
+
+def _size(name):
+    return next((s for prefix, s in MIN_SIZE.items() if name.startswith(prefix)), 32)
+
+
+def _abstract_init(model, size=224):
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+def test_registry_has_every_family():
+    for name in list(TORCHVISION_PARAMS) + ["alexnet_original", "vgg16_c", "resnet20", "resnet110",
+                                            "plain20", "plain110", "densenet_bc_100"]:
+        assert name in ALL_MODELS, name
+
+
+def test_list_models_pattern():
+    assert list_models("resnet1*") == ["resnet101", "resnet110", "resnet152", "resnet18"]
+    assert list_models("no_such*") == []
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet5'.*resnet50"):
+        create_model("resnet5")
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"resnet18.*no_such_option"):
+        create_model("resnet18", no_such_option=1)
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+def test_param_count_matches_torchvision(name):
+    variables = _abstract_init(create_model(name, num_classes=1000))
+    assert count_params(variables["params"]) == TORCHVISION_PARAMS[name]
+
+
+def test_googlenet_aux_param_count():
+    variables = _abstract_init(create_model("googlenet", aux_logits=True))
+    assert count_params(variables["params"]) == GOOGLENET_WITH_AUX_PARAMS
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_output_shape_at_224_and_num_classes(name):
+    model = create_model(name, num_classes=7)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = _abstract_init(model)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    chex.assert_shape(out, (2, 7))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_bf16_compute_keeps_fp32_params(name):
+    model = create_model(name, dtype=jnp.bfloat16)
+    size = _size(name)
+    variables = _abstract_init(model, size)
+    for leaf in jax.tree_util.tree_leaves(variables):
+        assert leaf.dtype == jnp.float32
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.dtype == jnp.bfloat16
+
+
+class TestForward(chex.TestCase):
+    """Real forward passes at small sizes, jitted and not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @pytest.mark.slow
+    def test_every_model_eval_and_train(self):
+        for name in ALL_MODELS:
+            with self.subTest(name):
+                self._check(name)
+
+    def _check(self, name):
+        model = create_model(name, num_classes=5)
+        size = _size(name)
+        x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+        variables = model.init(jax.random.key(0), x, train=False)
+        params = variables["params"]
+        stats = variables.get("batch_stats", {})
+
+        @self.variant
+        def eval_fn(params, stats, x):
+            return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+        @self.variant
+        def train_fn(params, stats, x, rng):
+            return model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": rng})
+
+        logits = eval_fn(params, stats, x)
+        chex.assert_shape(logits, (2, 5))
+        chex.assert_tree_all_finite(logits)
+        # Eval mode is deterministic and reads batch statistics without changing them.
+        np.testing.assert_array_equal(logits, eval_fn(params, stats, x))
+
+        out, updates = train_fn(params, stats, x, jax.random.key(2))
+        main, aux = split_logits(out)
+        chex.assert_shape(main, (2, 5))
+        for a in aux:
+            chex.assert_shape(a, (2, 5))
+        if stats:
+            changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), stats,
+                                             updates["batch_stats"])
+            assert any(jax.tree_util.tree_leaves(changed)), f"{name}: batch_stats not updated"
+        out2, _ = train_fn(params, stats, x, jax.random.key(3))
+        differs = not np.allclose(split_logits(out)[0], split_logits(out2)[0])
+        assert differs == name.startswith(HAS_DROPOUT), (
+            f"{name}: dropout rng {'did not change' if not differs else 'changed'} train output")
