@@ -1,4 +1,4 @@
-"""AlexNet (Krizhevsky, Sutskever & Hinton 2012): torchvision's variant and the 2012 paper's network.
+"""AlexNet (Krizhevsky, Sutskever & Hinton 2012): torchvision's variant and the paper's network.
 
 Both share one conv geometry (``_CONVS``) and differ only in data (``CONFIGS``): the paper's
 96-256-384-384-256 filters, local response normalization after the first two convs and the
@@ -57,7 +57,8 @@ TORCHVISION_NAMES = {
 }
 
 INITS = ("torch", "paper")
-# torch's default Conv2d/Linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), +...).
+# torch's default Conv2d/Linear weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in));
+# biases start at zero here.
 _torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # Paper Sec. 5: N(0, 0.01) weights; bias 1 in conv2, conv4, conv5 and the hidden FC layers (to give
 # the ReLUs positive inputs early on), 0 elsewhere.
@@ -65,7 +66,7 @@ _PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
 
 class AlexNet(nn.Module):
-    """AlexNet (Krizhevsky et al. 2012); fields select torchvision's layout or the paper's options."""
+    """AlexNet (Krizhevsky et al. 2012); fields choose torchvision's layout or the paper's."""
 
     num_classes: int = 1000
     dtype: Any = jnp.float32
@@ -76,33 +77,39 @@ class AlexNet(nn.Module):
     use_lrn: bool = False  # paper Sec. 3.3: k=2, n=5, alpha=1e-4, beta=0.75
     dropout_rate: float = 0.5
     groups: int = 1  # 2 = the paper's two-GPU towers (Sec. 3.2) on conv2, conv4, conv5
-    init: str = "torch"  # 'torch' (torch's default init) or 'paper' (Sec. 5)
+    weight_init: str = "torch"  # 'torch' (torch's default init) or 'paper' (Sec. 5)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if len(self.widths) != len(_CONVS):
             raise ValueError(f"AlexNet widths needs {len(_CONVS)} entries, got {self.widths}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown AlexNet init {self.init!r}; choose one of {INITS}")
+        if self.weight_init not in INITS:
+            raise ValueError(f"unknown AlexNet weight_init {self.weight_init!r}; "
+                             f"choose one of {INITS}")
+        split_widths = [n for spec, n_in, n_out in zip(_CONVS, (3, *self.widths), self.widths)
+                        if spec.tower_split for n in (n_in, n_out)]
+        if any(n % self.groups for n in split_widths):
+            raise ValueError(f"AlexNet groups={self.groups} must divide the widths {self.widths} "
+                             f"of the split convs and their inputs; use groups=1 or 2")
         act = layers.get_activation(self.activation)
         window = 3 if self.overlapping_pool else 2
         in_hw = x.shape[1:3]
 
         def inits(name):
-            if self.init == "paper":
+            if self.weight_init == "paper":
                 bias = 1.0 if name in _PAPER_BIAS_ONE else 0.0
                 return nn.initializers.normal(0.01), nn.initializers.constant(bias)
             return _torch_default_init, nn.initializers.zeros
 
-        x = x.astype(self.dtype)
-        def check_fits(window):
-            if min(x.shape[1:3]) < window:
+        def check_fits(x, size):
+            if min(x.shape[1:3]) < size:
                 raise ValueError(f"AlexNet input {in_hw[0]}x{in_hw[1]} is too small: use images "
                                  f"of at least 63x63 pixels (224 is standard)")
 
+        x = x.astype(self.dtype)
         for spec, width in zip(_CONVS, self.widths):
             kernel_init, bias_init = inits(spec.name)
-            check_fits(spec.kernel - 2 * spec.padding)
+            check_fits(x, spec.kernel - 2 * spec.padding)
             x = nn.Conv(width, (spec.kernel, spec.kernel), strides=(spec.stride, spec.stride),
                         padding=layers.torch_padding(spec.padding),
                         feature_group_count=self.groups if spec.tower_split else 1,
@@ -113,12 +120,12 @@ class AlexNet(nn.Module):
                 x = layers.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0,
                                              name=f"lrn{spec.name[-1]}")(x)
             if spec.pool:
-                check_fits(window)
+                check_fits(x, window)
                 x = layers.max_pool(x, window, 2)
         self.sow("intermediates", "features", x)  # last conv map, before the adaptive pool
         x = layers.flatten(layers.adaptive_avg_pool(x, 6))
 
-        # torchvision's dropout placement (before fc6 and fc7).
+        # torchvision drops the inputs of fc6 and fc7 (Caffe's reference net drops their outputs).
         for name in ("fc6", "fc7"):
             kernel_init, bias_init = inits(name)
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)

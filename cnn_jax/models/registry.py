@@ -38,11 +38,13 @@ def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> n
         kwargs["num_classes"] = num_classes
     try:
         return _MODELS[name](**kwargs)
-    except TypeError:
+    except TypeError as e:
         valid = model_options(_MODELS[name]())
         unknown = sorted(set(kwargs) - set(valid))
+        if not unknown:  # not a misspelt option: a real bug, keep its own message
+            raise
         raise ValueError(f"{name!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"valid options: {', '.join(valid)}") from None
+                         f"valid options: {', '.join(valid)}") from e
 
 
 def model_options(model: nn.Module) -> List[str]:
