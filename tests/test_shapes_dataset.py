@@ -1,0 +1,138 @@
+"""The built-in `shapes` dataset: deterministic bytes, balanced classes, colour carries no label,
+and a tiny CNN learns the shapes to high validation accuracy."""
+
+import glob
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from cnn_jax import input_pipeline
+from cnn_jax.datasets import shapes, sources
+
+NUM_CLASSES = len(shapes.CLASSES)
+CONFIG = "32px_n4000_v500"
+
+
+def _files(builder):
+    return {os.path.basename(p): open(p, "rb").read()
+            for p in sorted(glob.glob(os.path.join(builder.data_dir, "*.tfrecord*")))}
+
+
+def _arrays(builder, split):
+    data = tfds.as_numpy(builder.as_dataset(split, batch_size=-1))
+    return data["image"], data["label"]
+
+
+@pytest.fixture(scope="module")
+def small_shapes(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    input_pipeline.prepare_dataset(f"shapes/{CONFIG}", data_dir)
+    return sources.get_builder(f"shapes/{CONFIG}", data_dir)
+
+
+def test_configs():
+    assert NUM_CLASSES >= 10
+    assert [c.name for c in shapes.Shapes.BUILDER_CONFIGS] == ["32px", "64px", "224px"]
+    cfg = shapes.ShapesConfig.from_name("48px_n100_v20_s3")
+    assert (cfg.image_size, cfg.num_train, cfg.num_validation, cfg.seed) == (48, 100, 20, 3)
+    assert shapes.config_name(32, 100, 20) == "32px_n100_v20"
+    assert sources.shapes_config_for(None) == "64px"
+    assert sources.shapes_config_for(28) == "32px"
+    assert sources.shapes_config_for(112) == "224px"
+    with pytest.raises(ValueError, match="bad shapes config"):
+        shapes.ShapesConfig.from_name("large")
+    # Described without being generated.
+    info = input_pipeline.get_dataset_info("shapes", "/nonexistent/dir", image_size=224)
+    assert info == input_pipeline.DatasetInfo("shapes", NUM_CLASSES, 10_000, 2_000)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    builders = []
+    for sub, name in (("a", "32px_n60_v20"), ("b", "32px_n60_v20"), ("c", "32px_n60_v20_s1")):
+        data_dir = str(tmp_path / sub)
+        input_pipeline.prepare_dataset(f"shapes/{name}", data_dir)
+        builders.append(sources.get_builder(f"shapes/{name}", data_dir))
+    a, b, c = (_files(x) for x in builders)
+    assert sorted(a) == ["shapes-train.tfrecord-00000-of-00001",
+                         "shapes-validation.tfrecord-00000-of-00001"]
+    assert a == b
+    assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)  # another seed, other images
+    # Each example is a pure function of (seed, split, index).
+    assert shapes.make_example(0, "train", 7, 32) == shapes.make_example(0, "train", 7, 32)
+    assert shapes.make_example(0, "train", 7, 32) != shapes.make_example(0, "validation", 7, 32)
+
+
+def test_images_and_class_balance(small_shapes):
+    for split, n in (("train", 4000), ("validation", 500)):
+        images, labels = _arrays(small_shapes, split)
+        chex.assert_shape(images, (n, 32, 32, 3))
+        np.testing.assert_array_equal(np.bincount(labels, minlength=NUM_CLASSES),
+                                      np.full(NUM_CLASSES, n // NUM_CLASSES))
+    assert small_shapes.info.features["image"].encoding_format == "jpeg"
+    assert small_shapes.info.features["label"].names == list(shapes.CLASSES)
+
+
+def test_colour_does_not_give_the_class(small_shapes):
+    """Nearest class-mean colour classifies at chance: a model has to look at shape."""
+    x_train, y_train = _arrays(small_shapes, "train")
+    x_val, y_val = _arrays(small_shapes, "validation")
+    def feats(x):  # mean colour and colour spread per image
+        x = x.astype(np.float32).reshape(len(x), -1, 3)
+        return np.concatenate([x.mean(1), x.std(1)], 1)
+    f_train, f_val = feats(x_train), feats(x_val)
+    centroids = np.stack([f_train[y_train == c].mean(0) for c in range(NUM_CLASSES)])
+    pred = np.argmin(((f_val[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    assert (pred == y_val).mean() < 0.25  # chance is 0.10
+
+
+class _TinyCNN(nn.Module):
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.width
+        for i, (features, stride, k) in enumerate(
+                [(w, 2, 5), (2 * w, 2, 3), (2 * w, 1, 3), (4 * w, 2, 3), (4 * w, 1, 3)]):
+            x = nn.Conv(features, (k, k), strides=stride, name=f"conv{i}")(x)
+            x = nn.relu(nn.LayerNorm(name=f"norm{i}")(x))
+        return nn.Dense(NUM_CLASSES, name="head")(x.max((1, 2)))
+
+
+@pytest.mark.slow
+def test_tiny_cnn_learns_shapes(small_shapes):
+    """~72k parameters, 1200 Adam steps of 64 on 4000 32x32 images: >= 90% validation top-1."""
+    x_train, y_train = _arrays(small_shapes, "train")
+    x_val, y_val = _arrays(small_shapes, "validation")
+    norm = lambda x: (x.astype(np.float32) / 255.0 - 0.5) / 0.25  # noqa: E731
+    x_train, x_val = norm(x_train), norm(x_val)
+    model = _TinyCNN()
+    params = model.init(jax.random.key(0), x_train[:1])
+    steps = 1200
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 6e-3, 50, steps))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        idx = rng.integers(0, len(x_train), 64)
+        # The classes are invariant to the dihedral group: rotate by 90 degrees and mirror.
+        x = np.rot90(x_train[idx], step % 4, axes=(1, 2))
+        x = x[:, :, ::-1] if step % 8 >= 4 else x
+        params, opt_state, loss = train_step(params, opt_state, np.ascontiguousarray(x),
+                                             y_train[idx])
+    accuracy = float((jnp.argmax(model.apply(params, x_val), -1) == y_val).mean())
+    assert accuracy >= 0.9, accuracy
