@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from cnn_jax.models import count_params, create_model, list_models
 from cnn_jax.models.layers import split_logits
+
+from _variables import fast_init
 
 # torchvision's published parameter counts at 1000 classes (issue 3): the layouts must stay
 # weight-compatible with torchvision, so these are exact.
@@ -95,48 +98,38 @@ def test_bf16_compute_keeps_fp32_params(name):
 
 
 class TestForward(chex.TestCase):
-    """Real forward passes at small sizes, jitted and not."""
+    """Real forward passes of every model at small sizes, jitted and not."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @pytest.mark.slow
-    def test_every_model_eval_and_train(self):
-        for name in ALL_MODELS:
-            with self.subTest(name):
-                self._check(name)
-
-    def _check(self, name):
+    @parameterized.parameters(*ALL_MODELS)
+    def test_eval_and_train(self, name):
         model = create_model(name, num_classes=5)
         size = _size(name)
         x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-        variables = model.init(jax.random.key(0), x, train=False)
-        params = variables["params"]
+        variables = fast_init(model, x)
         stats = variables.get("batch_stats", {})
 
         @self.variant
-        def eval_fn(params, stats, x):
-            return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+        def forward(variables, x):  # every mode in one program: one compilation per model
+            def train(seed):
+                return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(seed)})
+            # mutable in eval mode too: a model that wrote batch_stats there would show it.
+            return model.apply(variables, x, train=False, mutable=["batch_stats"]), train(2), train(3)
 
-        @self.variant
-        def train_fn(params, stats, x, rng):
-            return model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": rng})
-
-        logits = eval_fn(params, stats, x)
+        (logits, eval_updates), (out, updates), (out2, _) = forward(variables, x)
         chex.assert_shape(logits, (2, 5))
         chex.assert_tree_all_finite(logits)
-        # Eval mode is deterministic and reads batch statistics without changing them.
-        np.testing.assert_array_equal(logits, eval_fn(params, stats, x))
+        # Eval mode reads batch statistics without changing them.
+        chex.assert_trees_all_equal(eval_updates.get("batch_stats", {}), stats)
 
-        out, updates = train_fn(params, stats, x, jax.random.key(2))
         main, aux = split_logits(out)
-        chex.assert_shape(main, (2, 5))
-        for a in aux:
-            chex.assert_shape(a, (2, 5))
+        chex.assert_shape([main, *aux], (2, 5))
+        chex.assert_tree_all_finite(main)
         if stats:
             changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), stats,
                                              updates["batch_stats"])
-            assert any(jax.tree_util.tree_leaves(changed)), f"{name}: batch_stats not updated"
-        out2, _ = train_fn(params, stats, x, jax.random.key(3))
-        differs = not np.allclose(split_logits(out)[0], split_logits(out2)[0])
+            assert all(jax.tree_util.tree_leaves(changed)), f"{name}: batch_stats not all updated"
+        differs = not np.allclose(main, split_logits(out2)[0])
         assert differs == name.startswith(HAS_DROPOUT), (
-            f"{name}: dropout rng {'did not change' if not differs else 'changed'} train output")
+            f"{name}: a new dropout rng {'changed' if differs else 'did not change'} the output")

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 
 from cnn_jax.models import create_model, count_params, list_models
 from cnn_jax.models import resnet
+from _variables import fast_init
 
 IMAGENET_COUNTS = {
     "resnet18": 11_689_512,
@@ -37,28 +38,8 @@ def _blocks(params):
 
 
 def _init(model, x):
-    """The model's own initializers (only for small nets: see _fast_init)."""
+    """The model's own initializers (only for small nets: see _variables.fast_init)."""
     return model.init(jax.random.key(0), x, train=False)
-
-
-def _fast_init(model, x, seed=0):
-    """Variables with the model's shapes and torchvision's init distributions, drawn by numpy.
-
-    ``jax.random.normal`` compiles once per shape (1-2 s each on a busy 2-core CPU), which would
-    dominate this file; tests of the initializers themselves use ``_init`` on tiny shapes.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":  # conv: He normal, fan_out (HWIO); dense: LeCun normal, fan_in
-            fan = np.prod(shape[:-2]) * shape[-1] if len(shape) == 4 else shape[0]
-            std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan)
-            return jnp.asarray(rng.standard_normal(shape) * std, jnp.float32)
-        return jnp.ones(shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(shape)
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _tiny(**kwargs):
@@ -138,7 +119,7 @@ class ForwardTest(chex.TestCase):
     def test_forward_eval_and_train(self, name):
         model = create_model(name, num_classes=7)
         x = _images(2, 32)
-        variables = _fast_init(model, x)
+        variables = fast_init(model, x)
 
         @self.variant
         def forward(variables, x):  # both modes in one program: one compilation per model
@@ -174,7 +155,7 @@ def _loss_grads(model, variables, x):
 def test_every_shortcut_and_norm_placement(shortcut, place, block):
     model = _tiny(shortcut=shortcut, norm_placement=place, block=block)
     x = _images()
-    variables = _fast_init(model, x)
+    variables = fast_init(model, x)
     params = variables["params"]
     logits = model.apply(variables, x, train=False)
     chex.assert_shape(logits, (2, 5))
@@ -285,7 +266,7 @@ def test_zero_init_residual_network_is_its_shortcut_path(train):
 def test_plain_networks_have_no_shortcut():
     x = _images(2, 32)
     res, plain = create_model("resnet20"), create_model("plain20")
-    variables = _fast_init(res, x)
+    variables = fast_init(res, x)
     # Same parameters, different function: the plain net adds no shortcut.
     chex.assert_trees_all_equal_shapes(variables, _shapes(plain, 32))
     assert not np.allclose(res.apply(variables, x), plain.apply(variables, x))
@@ -293,7 +274,7 @@ def test_plain_networks_have_no_shortcut():
     # A plain block is relu(branch): zeroing its last BN kills its output entirely.
     block = resnet.BasicBlock(features=4, skip=False)
     xb = _images(2, 4, 4, seed=3)
-    vb = _fast_init(block, xb)
+    vb = fast_init(block, xb)
     assert np.abs(np.asarray(block.apply(vb, xb))).max() > 0
     vb["params"]["bn2"]["scale"] = jnp.zeros(4)
     np.testing.assert_array_equal(block.apply(vb, xb), 0.0)
@@ -306,7 +287,7 @@ def test_plain_networks_have_no_shortcut():
 def test_bf16_option_a_and_pre():
     model = _tiny(dtype=jnp.bfloat16, norm_placement="pre", shortcut="A")
     x = _images()
-    variables = _fast_init(model, x)
+    variables = fast_init(model, x)
     logits = model.apply(variables, x)
     assert logits.dtype == jnp.bfloat16
     chex.assert_tree_all_finite(logits)

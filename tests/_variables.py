@@ -1,0 +1,26 @@
+"""Test utility: model variables drawn by NumPy instead of the model's JAX initializers.
+
+``jax.random.normal`` compiles once per parameter shape (1-2 s each on a busy 2-core CPU), which
+would dominate shape tests of 35 models. Values follow torchvision's init distributions; tests of
+the initializers themselves use ``model.init`` on tiny shapes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def fast_init(model, x, seed=0, **call_kwargs):
+    """Variables with ``model``'s exact tree and shapes, filled by numpy (He/LeCun normal)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "kernel":  # conv: He normal, fan_out (HWIO); dense: LeCun normal, fan_in
+            fan = np.prod(shape[:-2]) * shape[-1] if len(shape) == 4 else shape[0]
+            std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan)
+            return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * std)
+        return jnp.ones(shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(shape)
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False, **call_kwargs))
+    return jax.tree_util.tree_map_with_path(fill, shapes)
