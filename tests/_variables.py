@@ -13,13 +13,22 @@ import numpy as np
 def fast_init(model, x, seed=0, **call_kwargs):
     """Variables with ``model``'s exact tree and shapes, filled by numpy (He/LeCun normal)."""
     rng = np.random.default_rng(seed)
+    # Large kernels (VGG's 100M-weight fc6) take slices of one pool of normals at random offsets:
+    # sampling 138M values would take seconds, and shape tests need spread, not independence.
+    pool = rng.standard_normal(1 << 20, dtype=np.float32)
+
+    def normal(shape):
+        n = int(np.prod(shape))
+        if n <= pool.size:
+            return rng.standard_normal(shape, dtype=np.float32)
+        return np.roll(np.resize(pool, n), int(rng.integers(pool.size))).reshape(shape)
 
     def fill(path, leaf):
         name, shape = path[-1].key, leaf.shape
         if name == "kernel":  # conv: He normal, fan_out (HWIO); dense: LeCun normal, fan_in
             fan = np.prod(shape[:-2]) * shape[-1] if len(shape) == 4 else shape[0]
             std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan)
-            return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * std)
+            return jnp.asarray(normal(shape) * std)
         return jnp.ones(shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(shape)
 
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False, **call_kwargs))
