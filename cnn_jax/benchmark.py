@@ -1,0 +1,145 @@
+"""Time the compiled train and eval steps of a model on device-resident fake data.
+
+``python -m cnn_jax.benchmark --arch=resnet50 --batch_size=64 [--dtype=bfloat16]`` reports, per
+step kind, compile time, images/second (and the process's CPU time per step) and peak memory: the
+device's ``memory_stats()`` where the backend has them (GPU), otherwise XLA's ``memory_analysis()``
+of the compiled step (arguments + outputs + temporaries - donated aliases).
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet50.")
+flags.DEFINE_integer("batch_size", 32, "Images per step (on one device).")
+flags.DEFINE_integer("image_size", 224, "Square input resolution.")
+flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
+flags.DEFINE_integer("steps", 10, "Timed steps (after one untimed warm-up step).")
+flags.DEFINE_bool("eval", True, "Also time the eval step.")
+flags.DEFINE_string("model_kwargs", "", "Extra model fields, e.g. 'aux_logits=False'.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def _mib(n) -> float:
+    return float(n) / 2**20
+
+
+def memory_report(compiled, device) -> dict:
+    """Peak memory: the device's allocator statistics if any, else XLA's compile-time estimate."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"peak_mib": _mib(stats["peak_bytes_in_use"]), "source": "device memory_stats"}
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {"peak_mib": float("nan"), "source": "unavailable"}
+    args = analysis.argument_size_in_bytes
+    out = analysis.output_size_in_bytes
+    temp = analysis.temp_size_in_bytes
+    alias = analysis.alias_size_in_bytes
+    return {"peak_mib": _mib(args + out + temp - alias), "arguments_mib": _mib(args),
+            "outputs_mib": _mib(out), "temp_mib": _mib(temp), "aliased_mib": _mib(alias),
+            "source": "compiled.memory_analysis()"}
+
+
+def time_compiled(fn, args, steps: int, carry_state: bool):
+    """(compile s, wall s per step, process CPU s per step, compiled, args) of a jitted ``fn``.
+
+    CPU seconds (all threads) are the load-independent number on a shared host machine.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(*args)  # warm-up (first run allocates)
+    jax.block_until_ready(out)
+    if carry_state:
+        args = (out[0],) + tuple(args[1:])
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        out = compiled(*args)
+        if carry_state:  # the train step donates its state: feed the new one back
+            args = (out[0],) + tuple(args[1:])
+    jax.block_until_ready(out)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return compile_s, seconds / steps, cpu_seconds / steps, compiled, args
+
+
+def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 1000,
+        dtype: str = "float32", steps: int = 10, eval_step: bool = True,
+        model_kwargs: str = "") -> dict:
+    """Benchmark one model on the first device; returns a dict of the numbers."""
+    import jax
+    import optax
+
+    from cnn_jax import configs, train_step as step_lib
+    from cnn_jax.models import count_params, create_model
+    from cnn_jax.train_lib import model_dtype
+
+    device = jax.devices()[0]
+    model = create_model(arch, num_classes=num_classes, dtype=model_dtype(dtype),
+                         **configs.parse_model_kwargs(model_kwargs))
+    tx = optax.sgd(0.01, momentum=0.9)
+    image_shape = (image_size, image_size, 3)
+    state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape,
+                                        model_dtype(dtype))
+    key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
+    batch = {"image": jax.random.normal(key_x, (batch_size,) + image_shape, model_dtype(dtype)),
+             "label": jax.random.randint(key_y, (batch_size,), 0, num_classes)}
+    state, batch = jax.device_put((state, batch), device)
+    result = {"arch": arch, "device": device.device_kind, "platform": device.platform,
+              "batch_size": batch_size, "image_size": image_size, "dtype": dtype,
+              "params": count_params(state.params)}
+
+    train = jax.jit(functools.partial(step_lib.train_step, label_smoothing=0.0),
+                    donate_argnums=(0,))
+    compile_s, step_s, cpu_s, compiled, (state, _) = time_compiled(train, (state, batch), steps,
+                                                                   True)
+    result["train"] = {"compile_s": compile_s, "step_ms": 1e3 * step_s, "cpu_ms": 1e3 * cpu_s,
+                       "images_per_sec": batch_size / step_s, **memory_report(compiled, device)}
+    if eval_step:
+        ev = jax.jit(step_lib.eval_step)
+        compile_s, step_s, cpu_s, compiled, _ = time_compiled(ev, (state, batch), steps, False)
+        result["eval"] = {"compile_s": compile_s, "step_ms": 1e3 * step_s, "cpu_ms": 1e3 * cpu_s,
+                          "images_per_sec": batch_size / step_s,
+                          **memory_report(compiled, device)}
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['arch']} ({r['params'] / 1e6:.2f}M params) on {r['platform']} "
+             f"({r['device']}), batch {r['batch_size']} x {r['image_size']}px {r['dtype']}:"]
+    for kind in ("train", "eval"):
+        if kind in r:
+            k = r[kind]
+            lines.append(f"  {kind:5s} compile {k['compile_s']:6.1f} s | {k['step_ms']:9.1f} ms/step"
+                         f" ({k['cpu_ms']:.0f} CPU-ms) | {k['images_per_sec']:9.1f} img/s"
+                         f" | peak {k['peak_mib']:8.1f} MiB ({k['source']})")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        if not FLAGS.arch:
+            raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
+        r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,
+                FLAGS.steps, FLAGS.eval, FLAGS.model_kwargs)
+    except ValueError as e:
+        sys.exit(f"error: {str(e).strip().splitlines()[0]}")
+    print(json.dumps(r) if FLAGS.json else format_result(r), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,60 @@
+"""Fields shared by every training config, with the values of a generic ImageNet recipe."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the training loop reads; recipe files change values, never add fields."""
+    c = ml_collections.ConfigDict()
+    c.arch = ""  # set from --arch
+    c.model_kwargs = ""  # extra model fields, e.g. "dropout_rate=0.3"
+
+    # Data (cnn_jax.input_pipeline).
+    c.dataset = "imagenet2012"
+    c.data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.image_size = 224
+    c.augment = ""  # "" = the dataset's defaults; a preset ("inception", "vgg", "alexnet") and/or field=value
+    c.prefetch = 2
+
+    # Precision: "bfloat16" computes in bf16; parameters and optimizer state stay float32.
+    c.dtype = "float32"
+
+    # Optimization (cnn_jax.optim).
+    c.seed = 0
+    c.batch_size = 256  # global, over all devices and processes
+    c.eval_batch_size = 0  # 0 = batch_size
+    c.num_epochs = 90.0
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.optimizer = "sgd"  # sgd | nesterov | adamw | lars
+    c.momentum = 0.9
+    c.learning_rate = 0.1
+    c.lr_reference_batch_size = 256  # lr scales by batch_size / this (0 = no scaling)
+    c.lr_schedule = "step"  # step | cosine | constant
+    c.warmup_epochs = 0.0
+    c.lr_step_epochs = (30.0, 60.0)
+    c.lr_step_factor = 0.1
+    c.weight_decay = 1e-4
+    c.weight_decay_skip_bn_bias = False
+    c.grad_clip_norm = 0.0  # 0 = no clipping
+    c.label_smoothing = 0.0
+    c.aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.lars_trust_coefficient = 0.001
+
+    # Parallelism (cnn_jax.parallel).
+    c.parallel = "pmap"  # pmap | shard_map
+    c.cross_device_bn = False  # BN statistics over the global batch
+
+    # Bookkeeping.
+    c.log_every_steps = 100
+    c.eval_every_steps = 0  # 0 = once per epoch (and at the end)
+    c.checkpoint_every_steps = 0  # 0 = at every evaluation (and at the end)
+    c.keep_checkpoints = 3  # the last K, plus the best by validation top-1
+    c.async_checkpointing = True
+    c.max_steps_per_run = 0  # > 0: save and exit after this many steps (re-run to continue)
+    c.progress_bar = True
+    return c

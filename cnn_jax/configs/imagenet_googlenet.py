@@ -1,0 +1,29 @@
+"""GoogLeNet on ImageNet (Szegedy et al. 2015, Sec. 6): SGD with momentum 0.9, the learning
+rate decreased by 4% every 8 epochs, auxiliary classifiers' losses added with weight 0.3;
+Inception crops (8%-100% of the area, 3/4-4/3 aspect) and flips.
+
+The paper gives no base rate or batch (asynchronous DistBelief training); here lr 0.1 x batch/256
+for the batch-normalized torchvision layout, weight decay 1e-4, and 120 epochs so that the slow
+decay ends at 0.96^14 ~ 0.56 of the peak. ``--config.lr_schedule=cosine`` is the faster alternative.
+"""
+
+from cnn_jax.configs.common import base_config
+
+
+def get_config(arch: str = ""):
+    c = base_config()
+    c.dataset = "imagenet2012"
+    c.image_size = 224
+    c.augment = "inception"
+    c.batch_size = 256
+    c.num_epochs = 120.0
+    c.optimizer = "sgd"
+    c.momentum = 0.9
+    c.learning_rate = 0.1 if arch != "googlenet_paper" else 0.01  # no BN in the paper layout
+    c.lr_reference_batch_size = 256
+    c.lr_schedule = "step"
+    c.lr_step_epochs = tuple(float(e) for e in range(8, 120, 8))
+    c.lr_step_factor = 0.96
+    c.weight_decay = 1e-4
+    c.aux_loss_weight = 0.3
+    return c

@@ -1,0 +1,133 @@
+"""What a training run reports: a tqdm progress bar, clu metric writers and ``metrics.jsonl``.
+
+Only process 0 writes files and draws the bar; other processes log to their own absl logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Mapping, Optional
+
+from tqdm.auto import tqdm
+
+try:  # clu's writers import TensorBoard's summary API; without it only JSONL + logging remain.
+    from clu import metric_writers
+except ImportError:  # pragma: no cover - depends on the environment
+    metric_writers = None
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricWriter:
+    """Scalars to TensorBoard (clu ``create_default_writer``) and one JSON object per line."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._file = None
+        self._writer = None
+        if metric_writers is not None:
+            self._writer = metric_writers.create_default_writer(
+                workdir if (enabled and tensorboard) else None, just_logging=not enabled,
+                asynchronous=True)
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)
+
+    def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
+        """Write ``{split}/{name}`` scalars at ``step`` (e.g. split ``train`` or ``eval``)."""
+        values = {k: float(v) for k, v in scalars.items()}
+        if self._writer is not None:
+            self._writer.write_scalars(int(step), {f"{split}/{k}": v for k, v in values.items()})
+        if self._file is not None:
+            record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+            record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+            self._file.write(json.dumps(record) + "\n")
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if self._writer is not None and self.enabled:
+            flat = {k: v for k, v in _flatten(hparams).items()
+                    if isinstance(v, (int, float, str, bool))}
+            self._writer.write_hparams(flat)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_metrics(workdir: str, split: Optional[str] = None) -> list:
+    """The records of ``<workdir>/metrics.jsonl`` (optionally of one split), oldest first."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if split is None or r.get("split") == split]
+
+
+class ProgressBar:
+    """tqdm over training steps: loss, accuracy and images/second as postfix, ETA from tqdm."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                         disable=not enabled, file=sys.stderr, smoothing=0.1, mininterval=0.5)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_metrics(self, loss: float, accuracy: float, images_per_sec: float) -> None:
+        self._bar.set_postfix_str(
+            f"loss={loss:.4f} acc={accuracy:.3f} img/s={images_per_sec:,.0f}", refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (or plainly when the bar is disabled)."""
+        if self._bar.disable:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def summary_line(arch: str, dataset: str, step: int, seconds: float,
+                 eval_metrics: Optional[Mapping[str, float]], best: Optional[Mapping[str, Any]],
+                 workdir: str) -> str:
+    """The final one-line summary of a run."""
+    parts = [f"{arch} on {dataset}: {step} steps in {format_duration(seconds)}"]
+    if eval_metrics:
+        parts.append(f"val top-1 {100 * eval_metrics['top1']:.2f}%, "
+                     f"top-5 {100 * eval_metrics['top5']:.2f}%, loss {eval_metrics['loss']:.4f}")
+    if best:
+        parts.append(f"best top-1 {100 * best['top1']:.2f}% at step {best['step']}")
+    parts.append(f"workdir {workdir}")
+    return "; ".join(parts)

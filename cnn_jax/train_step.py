@@ -1,0 +1,185 @@
+"""The per-device train and eval steps, as pure functions of ``(state, batch)``.
+
+Written once for one device; :mod:`cnn_jax.parallel` runs the same functions under ``jax.pmap``
+or ``jax.shard_map`` with ``axis_name`` bound, and ``jax.jit`` runs them with ``axis_name=None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from cnn_jax.models.layers import split_logits
+
+Array = jax.Array
+Batch = Dict[str, Array]
+Metrics = Dict[str, Array]
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus BN running statistics and the base key of the dropout rngs."""
+
+    batch_stats: Any = None
+    rng: Any = None  # raw uint32 key data (checkpointable); per-step keys are folded from it
+
+
+def init_variables(model: nn.Module, rng: Array, image_shape: Tuple[int, int, int],
+                   dtype: Any = jnp.float32) -> Dict[str, Any]:
+    """``model.init`` on a one-image batch, jitted (eager init of a deep net is slow).
+
+    ``train=True`` so that train-only branches (GoogLeNet's auxiliary heads) get parameters too.
+    """
+    params_rng, dropout_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1,) + tuple(image_shape), dtype)
+    init = jax.jit(functools.partial(model.init, train=True))
+    return dict(init({"params": params_rng, "dropout": dropout_rng}, dummy))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
+                       image_shape: Tuple[int, int, int], dtype: Any = jnp.float32) -> TrainState:
+    """A fresh state: fp32 parameters and optimizer state whatever the model's compute dtype."""
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = init_variables(model, init_rng, image_shape, dtype)
+    if jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key):  # typed key -> raw uint32 data
+        dropout_rng = jax.random.key_data(dropout_rng)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), rng=dropout_rng)
+
+
+@contextlib.contextmanager
+def batch_norm_axis(axis_name: Optional[str]) -> Iterator[None]:
+    """Make every ``nn.BatchNorm`` called inside reduce its statistics over ``axis_name``.
+
+    Cross-device ("synchronized") BN: mean and variance over the global batch (Ioffe & Szegedy
+    2015 normalize over the mini-batch; with data parallelism that batch spans devices). The
+    models do not expose BN's ``axis_name`` as a field, so an interceptor sets it on each BN
+    instance for the duration of its call only.
+    """
+    if axis_name is None:
+        yield
+        return
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__" \
+                or module.axis_name is not None:
+            return next_fun(*args, **kwargs)
+        object.__setattr__(module, "axis_name", axis_name)  # linen modules are frozen
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "axis_name", None)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+    """Per-example softmax cross-entropy in float32, with optional label smoothing.
+
+    Label smoothing: Szegedy et al. 2016 (Inception v3), Sec. 7.
+    """
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _device_index(axis_name: Optional[str]) -> Array:
+    return jax.lax.axis_index(axis_name) if axis_name is not None else jnp.int32(0)
+
+
+def step_rng(state: TrainState, axis_name: Optional[str]) -> Array:
+    """The dropout key of this step and device: fold_in(fold_in(base, step), device)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.random.fold_in(key, _device_index(axis_name))
+
+
+def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None,
+               bn_axis_name: Optional[str] = None, label_smoothing: float = 0.0,
+               aux_loss_weight: float = 0.3,
+               learning_rate_fn: Optional[Callable[[Array], Array]] = None
+               ) -> Tuple[TrainState, Metrics]:
+    """One SGD step on this device's ``batch`` (``image`` [b, H, W, C], ``label`` [b]).
+
+    Gradients and metrics are averaged over ``axis_name``; ``bn_axis_name`` (normally the same
+    axis, or None) turns on cross-device BN. Auxiliary classifiers (GoogLeNet) add
+    ``aux_loss_weight`` times their loss (Szegedy et al. 2015, Sec. 5: weight 0.3).
+    """
+    dropout_rng = step_rng(state, axis_name)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        with batch_norm_axis(bn_axis_name):
+            outputs, new_vars = state.apply_fn(variables, batch["image"], train=True,
+                                               mutable=["batch_stats"],
+                                               rngs={"dropout": dropout_rng})
+        logits, aux_logits = split_logits(outputs)
+        ce = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+        loss = ce
+        for aux in aux_logits:
+            loss = loss + aux_loss_weight * jnp.mean(
+                cross_entropy(aux, batch["label"], label_smoothing))
+        return loss, (new_vars.get("batch_stats", {}), logits, ce)
+
+    (loss, (batch_stats, logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": ce,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)),
+        "grad_norm": optax.global_norm(grads),
+    }
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    if learning_rate_fn is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None) -> Metrics:
+    """Sums over this device's masked ``batch``: loss, top-1 and top-5 hits and the count.
+
+    Sums (not means) so that padded final batches and uneven devices add up exactly; psum-ed over
+    ``axis_name``.
+    """
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, batch["image"], train=False)
+    logits, _ = split_logits(logits)
+    logits = logits.astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    _, top_k = jax.lax.top_k(logits, k)
+    sums = {
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "top1": jnp.sum((top_k[:, 0] == labels) * mask),
+        "top5": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+
+def sync_batch_stats(state: TrainState, *, axis_name: str) -> TrainState:
+    """Average the per-device BN running statistics, so that every device holds the same model."""
+    return state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
+
+
+def summarize_eval(sums: Dict[str, Any]) -> Dict[str, float]:
+    """Turn the summed eval counters into ``loss``, ``top1`` and ``top5`` (fractions)."""
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": float(sums["loss"]) / count, "top1": float(sums["top1"]) / count,
+            "top5": float(sums["top5"]) / count, "count": int(round(float(sums["count"])))}

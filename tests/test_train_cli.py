@@ -1,0 +1,160 @@
+"""`python -m cnn_jax.train` / `cnn_jax.evaluate` end to end, SIGTERM, and one-line errors."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import _train_helpers as h
+from cnn_jax import checkpoint as ckpt_lib, input_pipeline, metrics as metrics_lib
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    input_pipeline.prepare_dataset(h.TINY_DATASET, d, image_size=32)
+    return d
+
+
+def train_args(workdir, data_dir, *extra, arch=h.TINY_ARCH):
+    return ["-m", "cnn_jax.train", f"--arch={arch}", f"--workdir={workdir}",
+            f"--dataset={h.TINY_DATASET}", f"--data_dir={data_dir}",
+            f"--config.model_kwargs={h.TINY_MODEL_KWARGS}", "--config.image_size=32",
+            "--config.batch_size=16", "--config.eval_batch_size=32",
+            f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+            "--config.eval_every_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("run") / "w")
+    proc = h.run_python(train_args(workdir, data_dir))
+    return workdir, proc
+
+
+def test_train_command(trained):
+    workdir, proc = trained
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    summary = h.last_line(proc.stdout)
+    assert re.match(rf"{h.TINY_ARCH} on {re.escape(h.TINY_DATASET)}: {STEPS} steps in \d+m\d+s; "
+                    r"val top-1 \d+\.\d\d%, top-5 \d+\.\d\d%, loss \d+\.\d+; "
+                    r"best top-1 \d+\.\d\d% at step \d; workdir ", summary), summary
+    assert "Traceback" not in proc.stderr
+    assert "img/s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
+    train = metrics_lib.read_metrics(workdir, "train")
+    evals = metrics_lib.read_metrics(workdir, "eval")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss", "accuracy", "learning_rate", "grad_norm", "images_per_sec"} <= set(train[0])
+    assert [r["step"] for r in evals] == [2, 4] and evals[-1]["count"] == 64
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))  # TensorBoard summaries
+    c = ckpt_lib.Checkpointer(workdir, read_only=True)
+    assert c.all_steps() == [2, 4]
+    assert c.read_meta()["arch"] == h.TINY_ARCH
+    c.close()
+
+
+def test_evaluate_command(trained):
+    workdir, _ = trained
+    proc = h.run_python(["-m", "cnn_jax.evaluate", f"--arch={h.TINY_ARCH}",
+                         f"--workdir={workdir}"])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    line = h.last_line(proc.stdout)
+    m = re.search(r"step (\d+) on .* \((\d+) images, 32px\): top-1 ([\d.]+)%, top-5 ([\d.]+)%, "
+                  r"loss ([\d.]+)", line)
+    assert m, line
+    final = metrics_lib.read_metrics(workdir, "eval")[-1]
+    assert int(m.group(1)) == STEPS and int(m.group(2)) == 64
+    assert float(m.group(3)) == pytest.approx(100 * final["top1"], abs=0.006)
+    assert float(m.group(4)) == pytest.approx(100 * final["top5"], abs=0.006)
+    assert float(m.group(5)) == pytest.approx(final["loss"], abs=1e-4)
+
+
+def _assert_one_line_error(proc, expected):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = h.last_line(proc.stderr)
+    assert line.startswith("error: ") and expected in line, proc.stderr[-3000:]
+
+
+def test_workdir_of_another_architecture(trained, data_dir):
+    workdir, _ = trained
+    proc = h.run_python(train_args(workdir, data_dir, arch="plain20"))
+    _assert_one_line_error(proc, "holds a checkpoint of arch='resnet20', not 'plain20'")
+    proc = h.run_python(["-m", "cnn_jax.evaluate", "--arch=plain20", f"--workdir={workdir}"])
+    _assert_one_line_error(proc, "holds a checkpoint of arch='resnet20', not 'plain20'")
+
+
+@pytest.mark.parametrize("case", ["unknown_arch", "not_prepared", "not_divisible"])
+def test_one_line_errors(case, tmp_path, data_dir):
+    workdir = str(tmp_path / "w")
+    if case == "unknown_arch":
+        proc = h.run_python(train_args(workdir, data_dir, arch="resnet9000"))
+        _assert_one_line_error(proc, "unknown architecture 'resnet9000'; valid names: ")
+        assert "resnet18" in h.last_line(proc.stderr)
+    elif case == "not_prepared":
+        proc = h.run_python(["-m", "cnn_jax.train", "--arch=resnet18", f"--workdir={workdir}",
+                             "--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}"])
+        _assert_one_line_error(proc, "cifar10 is not prepared in")
+    else:
+        proc = h.run_python(train_args(workdir, data_dir, "--config.batch_size=15"),
+                            num_cpu_devices=2)
+        _assert_one_line_error(proc, "batch_size 15 is not divisible by the 2 devices")
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):
+    workdir = str(tmp_path / "w")
+    args = train_args(workdir, data_dir, "--config.eval_every_steps=100000",
+                      "--config.progress_bar=False")
+    args = [a for a in args if not a.startswith("--config.num_train_steps")]
+    args.append("--config.num_train_steps=100000")
+    proc = subprocess.Popen([sys.executable, *args], cwd=h.REPO, env=h.python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while not metrics_lib.read_metrics(workdir, "train"):  # wait until it is training
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    m = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", err)
+    assert m, err[-3000:]
+    step = int(m.group(1))
+    c = ckpt_lib.Checkpointer(workdir, read_only=True)
+    assert c.latest_step() == step
+    c.close()
+    logged = [r["step"] for r in metrics_lib.read_metrics(workdir, "train")]
+    assert logged == list(range(1, step + 1))
+
+    again = h.run_python(args + ["--config.max_steps_per_run=2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {h.TINY_ARCH} from step {step}" in again.stderr
+    assert f"stopped at step {step + 2} of 100000" in again.stdout
+    logged = [r["step"] for r in metrics_lib.read_metrics(workdir, "train")]
+    assert logged == list(range(1, step + 3))
+
+
+def test_benchmark_command():
+    proc = h.run_python(["-m", "cnn_jax.benchmark", f"--arch={h.TINY_ARCH}", "--batch_size=4",
+                         "--image_size=32", "--num_classes=10", "--steps=2", "--json",
+                         f"--model_kwargs={h.TINY_MODEL_KWARGS}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(h.last_line(proc.stdout))
+    assert result["arch"] == h.TINY_ARCH and result["platform"] == "cpu"
+    for kind in ("train", "eval"):
+        r = result[kind]
+        assert r["compile_s"] > 0 and r["images_per_sec"] > 0 and r["cpu_ms"] > 0
+        assert r["peak_mib"] > 0 and r["source"] == "compiled.memory_analysis()"
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet9000"])
+    _assert_one_line_error(proc, "unknown architecture 'resnet9000'")

@@ -1,0 +1,202 @@
+"""The per-device train/eval steps on one device (multi-device runs are in test_parallel.py)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import _train_helpers as h
+from cnn_jax import configs, input_pipeline
+from cnn_jax import train_step as ts
+from cnn_jax.models import create_model, list_models
+
+
+def _state(model=None, tx=None, image_size=8, dtype=jnp.float32):
+    model = model or h.tiny_module()
+    tx = tx or optax.sgd(0.1, momentum=0.9)
+    return ts.create_train_state(model, tx, jax.random.PRNGKey(0), (image_size,) * 2 + (3,),
+                                 dtype)
+
+
+class TrainStepTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_step_updates_everything(self):
+        state = _state()
+        batch = h.fake_batches(1, 16)[0]
+        step = self.variant(ts.train_step)
+        new_state, metrics = step(state, batch)
+        self.assertEqual(int(new_state.step), 1)
+        for k in ("loss", "cross_entropy", "accuracy", "grad_norm"):
+            self.assertTrue(np.isfinite(float(metrics[k])), k)
+        chex.assert_trees_all_equal_shapes(new_state.params, state.params)
+        changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), new_state.params,
+                                         state.params)
+        self.assertTrue(all(jax.tree_util.tree_leaves(changed)))
+        # BN running statistics moved towards this batch's statistics.
+        self.assertFalse(np.allclose(new_state.batch_stats["bn"]["mean"],
+                                     state.batch_stats["bn"]["mean"]))
+
+
+def test_step_donates_its_state():
+    state = jax.tree_util.tree_map(jnp.array, _state())
+    step = jax.jit(ts.train_step, donate_argnums=(0,))
+    new_state, _ = step(state, h.fake_batches(1, 8)[0])
+    jax.block_until_ready(new_state)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_mixed_precision_keeps_fp32_params_and_optimizer_state():
+    tx = optax.sgd(0.1, momentum=0.9)
+    s32 = _state(h.tiny_module(), tx)
+    model16 = h.tiny_module().clone(dtype=jnp.bfloat16)
+    s16 = ts.create_train_state(model16, tx, jax.random.PRNGKey(0), (8, 8, 3), jnp.bfloat16)
+    batch = h.fake_batches(1, 16)[0]
+    out = model16.apply({"params": s16.params, "batch_stats": s16.batch_stats},
+                        jnp.asarray(batch["image"], jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16  # computed in bf16 ...
+    new16, m16 = jax.jit(ts.train_step)(s16, {**batch, "image": batch["image"].astype(jnp.bfloat16)})
+    for tree in (new16.params, new16.opt_state, new16.batch_stats):  # ... stored in fp32
+        for leaf in jax.tree_util.tree_leaves(tree):
+            assert leaf.dtype == jnp.float32, leaf.dtype
+    assert m16["loss"].dtype == jnp.float32
+    _, m32 = jax.jit(ts.train_step)(s32, batch)
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=3e-2)
+
+
+def test_label_smoothing():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 2])
+    eps = 0.1
+    logp = jax.nn.log_softmax(logits)
+    target = np.full((2, 3), eps / 3) + (1 - eps) * np.eye(3)[[0, 2]]
+    np.testing.assert_allclose(ts.cross_entropy(logits, labels, eps), -(target * logp).sum(-1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(ts.cross_entropy(logits, labels), -logp[[0, 1], [0, 2]], rtol=1e-6)
+
+
+def test_auxiliary_losses_added_with_weight():
+    """GoogLeNet-style (logits, aux) outputs: loss = CE(logits) + weight * CE(aux)."""
+    model = h.tiny_module(aux=True)
+    state = _state(model)
+    batch = h.fake_batches(1, 16)[0]
+    _, metrics = jax.jit(functools.partial(ts.train_step, aux_loss_weight=0.3))(state, batch)
+    (logits, aux), _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                   batch["image"], train=True, mutable=["batch_stats"])
+    ce = ts.cross_entropy(logits, batch["label"]).mean()
+    ce_aux = ts.cross_entropy(aux, batch["label"]).mean()
+    np.testing.assert_allclose(metrics["cross_entropy"], ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], ce + 0.3 * ce_aux, rtol=1e-5)
+    # Evaluation uses the main logits only (aux heads are train-only).
+    sums = ts.eval_step(state, batch)
+    assert float(sums["count"]) == 16
+
+
+def test_dropout_rng_folds_step_then_device():
+    state = _state(h.tiny_module(dropout=0.5))
+    keys = jax.vmap(lambda s: jax.random.key_data(ts.step_rng(s, "d")), axis_name="d",
+                    in_axes=None, axis_size=4)(state)
+    later = jax.random.key_data(ts.step_rng(state.replace(step=state.step + 1), None))
+    first = jax.random.key_data(ts.step_rng(state, None))
+    rows = {tuple(np.asarray(k)) for k in keys} | {tuple(np.asarray(later))}
+    assert len(rows) == 5  # every device and every step gets its own key
+    np.testing.assert_array_equal(keys[0], first)  # device 0 == the single-device key
+    # Dropout is active in training: two steps with different keys see different losses.
+    batch = h.fake_batches(1, 16)[0]
+    step = jax.jit(ts.train_step)
+    _, m1 = step(state, batch)
+    _, m2 = step(state.replace(rng=jax.random.key_data(jax.random.PRNGKey(7))), batch)
+    assert float(m1["loss"]) != float(m2["loss"])
+
+
+def test_cross_device_batch_norm_under_vmap():
+    """batch_norm_axis: BN over a named axis (here vmap's) == BN over the whole batch."""
+    model = h.tiny_module()
+    state = _state(model)
+    x = h.fake_batches(1, 16)[0]["image"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def apply(x, axis):
+        with ts.batch_norm_axis(axis):
+            return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    full, full_stats = apply(x, None)
+    split, split_stats = jax.vmap(lambda xs: apply(xs, "d"), axis_name="d")(x.reshape(4, 4, 8, 8, 3))
+    np.testing.assert_allclose(split.reshape(16, -1), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split_stats["batch_stats"]["bn"]["mean"][0],
+                               full_stats["batch_stats"]["bn"]["mean"], rtol=1e-5, atol=1e-7)
+    local, _ = jax.vmap(lambda xs: apply(xs, None))(x.reshape(4, 4, 8, 8, 3))
+    assert not np.allclose(local.reshape(16, -1), full, atol=1e-3)  # per-device BN differs
+
+
+def test_eval_step_masked_sums():
+    state = _state()
+    batch = h.fake_batches(1, 16, seed=4)[0]
+    batch["mask"] = np.arange(16) < 11
+    sums = jax.jit(ts.eval_step)(state, batch)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            batch["image"])
+    logits, labels, m = np.asarray(logits), batch["label"], batch["mask"]
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    assert float(sums["count"]) == 11
+    assert float(sums["top1"]) == np.sum((logits.argmax(-1) == labels) & m)
+    assert float(sums["top5"]) == np.sum((top5 == labels[:, None]).any(-1) & m)
+    ce = -jax.nn.log_softmax(logits)[np.arange(16), labels]
+    np.testing.assert_allclose(float(sums["loss"]), np.sum(ce * m), rtol=1e-5)
+    summary = ts.summarize_eval(jax.device_get(sums))
+    assert summary["count"] == 11 and 0 <= summary["top1"] <= summary["top5"] <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    input_pipeline.prepare_dataset(h.TINY_DATASET, data_dir, image_size=32)
+    return data_dir
+
+
+def test_loss_falls_on_shapes(tiny_shapes):
+    """A small registered model fits a few `shapes` batches: its loss on them falls a lot."""
+    model = create_model(h.TINY_ARCH, num_classes=10,
+                         **configs.parse_model_kwargs("stage_sizes=(1, 1, 1), widths=(8, 16, 16)"))
+    state = _state(model, optax.adam(3e-3), image_size=32)
+    it = input_pipeline.create_train_iterator(h.TINY_DATASET, tiny_shapes, 32, 32,
+                                              num_local_devices=1, process_index=0,
+                                              process_count=1, augment="none")
+    batches = [{k: v[0] for k, v in next(it).items()} for _ in range(2)]
+    step = jax.jit(ts.train_step, donate_argnums=(0,))
+    evaluate = jax.jit(ts.eval_step)
+
+    def loss(state):
+        return sum(float(evaluate(state, b)["loss"]) for b in batches) / 64
+
+    before = loss(state)
+    for i in range(40):
+        state, _ = step(state, batches[i % 2])
+    after = loss(state)
+    assert before > 1.9 and after < 0.5 * before, (before, after)
+
+
+# One architecture per family and input layout: the default config's image size must fit, and
+# the full train step (aux heads included) must trace. eval_shape: no compilation, no compute.
+REPRESENTATIVE = ["alexnet", "vgg11", "vgg11_bn", "googlenet", "googlenet_paper", "resnet18",
+                  "resnet50", "resnet20", "plain20", "densenet121", "densenet_bc_100"]
+
+
+@pytest.mark.parametrize("arch", REPRESENTATIVE)
+def test_default_config_fits_every_family(arch):
+    if arch not in list_models():
+        pytest.skip(f"{arch} is not registered yet")
+    config = configs.load(configs.DEFAULT_CONFIG, arch)
+    model = create_model(arch, num_classes=10)
+    size = config.image_size
+    state = jax.eval_shape(lambda: _state(model, image_size=size))
+    batch = {"image": jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    new_state, metrics = jax.eval_shape(ts.train_step, state, batch)
+    assert metrics["loss"].shape == ()
+    sums = jax.eval_shape(ts.eval_step, new_state, batch)
+    assert sums["top1"].shape == ()
