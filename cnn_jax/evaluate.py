@@ -28,7 +28,7 @@ def evaluate_checkpoint(workdir: str, arch: str, checkpoint: str = "latest",
 
     import ml_collections
 
-    from cnn_jax import checkpoint as ckpt_lib, input_pipeline, parallel, train_lib
+    from cnn_jax import checkpoint as ckpt_lib, convert, input_pipeline, parallel, train_lib
     from cnn_jax import train_step as step_lib
 
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -63,7 +63,12 @@ def evaluate_checkpoint(workdir: str, arch: str, checkpoint: str = "latest",
         info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None,
                                                image_size=config.image_size)
         setup = train_lib.create_setup(config, info)
-        host_state, _, step = checkpointer.restore(setup.host_state, step)
+        if convert.is_converted(meta):  # imported weights: no optimizer state to restore
+            _, variables, _ = convert.load_converted(workdir)
+            host_state = setup.host_state.replace(
+                params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+        else:
+            host_state, _, step = checkpointer.restore(setup.host_state, step)
     finally:
         checkpointer.close()
 

@@ -192,6 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     host_state = setup.host_state
     if checkpointer.latest_step() is not None:
         host_state, _, _ = checkpointer.restore(host_state)
+    elif config.init_from:  # fine-tune imported weights (cnn_jax.convert); a new head if needed
+        from cnn_jax import convert
+
+        variables, _ = convert.init_from_converted(
+            config.init_from, {"params": host_state.params, "batch_stats": host_state.batch_stats},
+            arch=config.arch)
+        host_state = host_state.replace(params=variables["params"],
+                                        batch_stats=variables.get("batch_stats", {}))
     start_step = int(host_state.step)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
