@@ -14,10 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from tqdm.auto import tqdm
 
-try:  # clu's writers import TensorBoard's summary API; without it only JSONL + logging remain.
-    from clu import metric_writers
-except ImportError:  # pragma: no cover - depends on the environment
-    metric_writers = None
+from clu import metric_writers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,11 +26,9 @@ class MetricWriter:
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file = None
-        self._writer = None
-        if metric_writers is not None:
-            self._writer = metric_writers.create_default_writer(
-                workdir if (enabled and tensorboard) else None, just_logging=not enabled,
-                asynchronous=True)
+        self._writer = metric_writers.create_default_writer(
+            workdir if (enabled and tensorboard) else None, just_logging=not enabled,
+            asynchronous=True)
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
