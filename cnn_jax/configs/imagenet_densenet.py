@@ -4,22 +4,10 @@
 Cosine with warmup instead: ``--config.lr_schedule=cosine --config.warmup_epochs=5``.
 """
 
-from cnn_jax.configs.common import base_config
+from cnn_jax.configs.common import imagenet_recipe
 
 
 def get_config(arch: str = ""):
-    c = base_config()
-    c.dataset = "imagenet2012"
-    c.image_size = 224
-    c.augment = "inception"
-    c.batch_size = 256
-    c.num_epochs = 90.0
-    c.optimizer = "nesterov"
-    c.momentum = 0.9
-    c.learning_rate = 0.1
-    c.lr_reference_batch_size = 256
-    c.lr_schedule = "step"
-    c.lr_step_epochs = (30.0, 60.0)
-    c.lr_step_factor = 0.1
-    c.weight_decay = 1e-4
-    return c
+    return imagenet_recipe(augment="inception", batch_size=256, num_epochs=90, learning_rate=0.1,
+                           lr_reference_batch_size=256, lr_step_epochs=(30, 60),
+                           weight_decay=1e-4, optimizer="nesterov")
