@@ -9,12 +9,13 @@ of the compiled step (arguments + outputs + temporaries - donated aliases).
 import functools
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from cnn_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet50.")
@@ -127,17 +128,12 @@ def format_result(r: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
+    cli.setup(argv)
+    with cli.one_line_errors():
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
         r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,
                 FLAGS.steps, FLAGS.eval, FLAGS.model_kwargs)
-    except ValueError as e:
-        sys.exit(f"error: {str(e).strip().splitlines()[0]}")
     print(json.dumps(r) if FLAGS.json else format_result(r), flush=True)
 
 

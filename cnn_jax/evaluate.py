@@ -6,11 +6,12 @@ dataset come from the config stored with the checkpoint.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from cnn_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Architecture the checkpoint must hold, e.g. resnet18.")
@@ -78,19 +79,14 @@ def evaluate_checkpoint(workdir: str, arch: str, checkpoint: str = "latest",
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
+    cli.setup(argv)
+    with cli.one_line_errors():
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name> (the architecture of the checkpoint)")
         workdir = FLAGS.workdir or os.path.join("workdir", FLAGS.arch)
         metrics, step, config = evaluate_checkpoint(workdir, FLAGS.arch, FLAGS.checkpoint,
                                                     FLAGS.data_dir, FLAGS.batch_size,
                                                     FLAGS.parallel)
-    except ValueError as e:
-        sys.exit(f"error: {str(e).strip().splitlines()[0]}")
     print(f"{config.arch} step {step} on {config.dataset} eval split ({metrics['count']} images, "
           f"{config.image_size}px): top-1 {100 * metrics['top1']:.2f}%, "
           f"top-5 {100 * metrics['top5']:.2f}%, loss {metrics['loss']:.4f}", flush=True)

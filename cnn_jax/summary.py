@@ -20,9 +20,9 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from cnn_jax import analysis
+from cnn_jax import analysis, cli
 from cnn_jax.models import create_model, list_models
 
 # torchvision's model documentation, "acc@1 (on ImageNet-1K)" of the IMAGENET1K_V1 weights
@@ -241,10 +241,7 @@ def run(fv: flags.FlagValues = flags.FLAGS) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines out
+    cli.setup(argv)
     sys.exit(run(flags.FLAGS))
 
 

@@ -8,14 +8,13 @@ checkpoint in ``--workdir``.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines are noise here
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cnn_jax import configs  # noqa: E402
+from cnn_jax import cli, configs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet18 (see cnn_jax.models).")
@@ -49,21 +48,15 @@ def resolve_config():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # the progress bar and summary say what matters
+    cli.setup(argv)
     from cnn_jax import parallel, train_lib  # after the flags: importing JAX is slow
 
-    try:
+    with cli.one_line_errors():
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
         config = resolve_config()
         workdir = FLAGS.workdir or os.path.join("workdir", config.arch or "unnamed")
         train_lib.train_and_evaluate(config, workdir)
-    except ValueError as e:  # bad input: one line, no traceback (-v 0 logs it)
-        logging.info("error", exc_info=True)
-        sys.exit(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}")
 
 
 if __name__ == "__main__":
