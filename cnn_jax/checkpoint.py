@@ -17,14 +17,18 @@ from orbax.checkpoint import checkpoint_managers as ocm
 BEST_METRIC = "top1"
 
 
-class _NoMetricsWarningFilter(logging.Filter):
-    """Orbax warns on every save without metrics; ours are deliberate (saves between evals)."""
+# Orbax warnings about deliberate choices: saves between evaluations carry no metrics, and
+# evaluation opens the manager read-only.
+_EXPECTED_WARNINGS = ("did not provide metrics", "read_only=True", "Given directory is read only")
 
+
+class _ExpectedWarningsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(w in message for w in _EXPECTED_WARNINGS)
 
 
-logging.getLogger("absl").addFilter(_NoMetricsWarningFilter())
+logging.getLogger("absl").addFilter(_ExpectedWarningsFilter())
 
 
 class CheckpointMismatchError(ValueError):

@@ -101,3 +101,48 @@ def test_prepare_command_names_the_archives(tmp_path, capsys):
     assert prepare.main(["--dataset=imagenet2012", f"--data_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ILSVRC2012_img_train.tar" in err
+
+
+def test_evaluate_reads_a_converted_checkpoint(imagenet_dir, tmp_path):
+    """`cnn_jax.evaluate` on a `cnn_jax.convert` output: the ImageNet recipe's eval (224 px centre
+    crops) over the whole split, with the imported weights; loss and top-1 equal a direct apply."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from cnn_jax import convert, evaluate
+    from cnn_jax.models import create_model
+
+    from _variables import fast_init
+
+    data_dir, _, val = imagenet_dir
+    arch, kwargs = "resnet20", {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8)}
+    model = create_model(arch, num_classes=1000, **kwargs)
+    variables = fast_init(model, jnp.zeros((1, 32, 32, 3)))
+    # Large logits and non-trivial BN statistics: weights or statistics that were not read back
+    # would change the loss far beyond the tolerance.
+    variables["params"]["fc"]["kernel"] = variables["params"]["fc"]["kernel"] * 50
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda v: v + 0.1 * np.arange(v.size, dtype=v.dtype).reshape(v.shape) / v.size,
+        variables["batch_stats"])
+    source = str(tmp_path / "converted")
+    convert.save_converted(source, arch, variables, kwargs)
+
+    metrics, step, config = evaluate.evaluate_checkpoint(source, arch, data_dir=data_dir,
+                                                         batch_size=3)
+    assert (step, config.dataset, config.image_size) == (0, "imagenet2012", 224)
+    assert metrics["count"] == len(val)
+
+    batches = list(input_pipeline.create_eval_iterator(
+        "imagenet2012", data_dir, 3, 224, num_local_devices=1, process_index=0, process_count=1))
+    images = np.concatenate([b["image"][0] for b in batches])
+    labels = np.concatenate([b["label"][0] for b in batches])
+    mask = np.concatenate([b["mask"][0] for b in batches])
+    logits = model.apply(variables, images[mask], train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels[mask]).mean()
+    top1 = (np.argmax(logits, -1) == labels[mask]).mean()
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-4)
+    np.testing.assert_allclose(metrics["top1"], top1)
+
+    with pytest.raises(ValueError, match="holds a checkpoint of arch='resnet20', not 'resnet18'"):
+        evaluate.evaluate_checkpoint(source, "resnet18", data_dir=data_dir)
