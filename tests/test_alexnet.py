@@ -10,6 +10,8 @@ from absl.testing import parameterized
 from cnn_jax.models import count_params, create_model
 from cnn_jax.models.alexnet import TORCHVISION_NAMES
 
+from _dropout import check_dropout_modes
+
 # torchvision alexnet's state_dict weight shapes ([O, I, kh, kw] and [out, in]).
 TORCHVISION_SHAPES = {
     "features.0": (64, 3, 11, 11), "features.3": (192, 64, 5, 5), "features.6": (384, 192, 3, 3),
@@ -76,27 +78,7 @@ class AlexNetForwardTest(chex.TestCase):
         model = create_model(name, num_classes=10, fc_features=64)
         x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
         variables = model.init(jax.random.key(0), x, train=False)
-        eval_fn = self.variant(lambda v, x: model.apply(v, x, train=False))
-        train_fn = self.variant(
-            lambda v, x, rng: model.apply(v, x, train=True, rngs={"dropout": rng}))
-
-        logits = eval_fn(variables, x)
-        chex.assert_shape(logits, (2, 10))
-        chex.assert_tree_all_finite(logits)
-        np.testing.assert_array_equal(logits, eval_fn(variables, x))
-
-        out1 = train_fn(variables, x, jax.random.key(2))
-        out2 = train_fn(variables, x, jax.random.key(3))
-        chex.assert_shape([out1, out2], (2, 10))
-        assert not np.allclose(out1, out2), "dropout rng does not change the train output"
-        np.testing.assert_array_equal(out1, train_fn(variables, x, jax.random.key(2)))
-        assert not np.allclose(out1, logits), "train mode applies no dropout"
-
-        # Dropout is the only difference between the modes (AlexNet has no batch norm).
-        no_dropout = model.clone(dropout_rate=0.0)
-        np.testing.assert_allclose(
-            no_dropout.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}),
-            logits, rtol=1e-5, atol=1e-6)
+        check_dropout_modes(model, variables, x, self.variant, num_classes=10)
 
 
 @pytest.mark.parametrize("activation,act", [("relu", lambda a: np.maximum(a, 0)),

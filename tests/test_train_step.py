@@ -182,8 +182,9 @@ def test_loss_falls_on_shapes(tiny_shapes):
 
 # One architecture per family and input layout: the default config's image size must fit, and
 # the full train step (aux heads included) must trace. eval_shape: no compilation, no compute.
-REPRESENTATIVE = ["alexnet", "vgg11", "vgg11_bn", "googlenet", "googlenet_paper", "resnet18",
-                  "resnet50", "resnet20", "plain20", "densenet121", "densenet_bc_100"]
+# (Every registered name passes this; the deep ones take long to trace, so the test keeps one
+# per family.)
+REPRESENTATIVE = ["alexnet", "vgg11", "googlenet", "resnet18", "resnet20", "densenet121"]
 
 
 @pytest.mark.parametrize("arch", REPRESENTATIVE)

@@ -10,6 +10,8 @@ from absl.testing import parameterized
 from cnn_jax.models import count_params, create_model, list_models
 from cnn_jax.models.vgg import CONFIGS, VGG, torchvision_names
 
+from _dropout import check_dropout_modes
+
 PARAMS = {
     "vgg11": 132_863_336, "vgg11_bn": 132_868_840, "vgg11_lrn": 132_863_336,  # LRN has no params
     "vgg13": 133_047_848, "vgg13_bn": 133_053_736,
@@ -98,28 +100,7 @@ class VGGForwardTest(chex.TestCase):
         model = create_model(name, num_classes=10, fc_features=32)
         x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
         variables = model.init(jax.random.key(0), x, train=False)
-        params, stats = variables["params"], variables.get("batch_stats", {})
-        eval_fn = self.variant(
-            lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x, train=False))
-        train_fn = self.variant(
-            lambda p, s, x, rng: model.apply({"params": p, "batch_stats": s}, x, train=True,
-                                             rngs={"dropout": rng}, mutable=["batch_stats"]))
-
-        logits = eval_fn(params, stats, x)
-        chex.assert_shape(logits, (2, 10))
-        chex.assert_tree_all_finite(logits)
-        np.testing.assert_array_equal(logits, eval_fn(params, stats, x))
-
-        (out1, _), (out2, _) = (train_fn(params, stats, x, jax.random.key(2)),
-                                train_fn(params, stats, x, jax.random.key(3)))
-        chex.assert_shape([out1, out2], (2, 10))
-        assert not np.allclose(out1, out2), "dropout rng does not change the train output"
-        np.testing.assert_array_equal(out1, train_fn(params, stats, x, jax.random.key(2))[0])
-        if not stats:  # without BN, dropout is the only difference between the modes
-            no_dropout = model.clone(dropout_rate=0.0)
-            np.testing.assert_allclose(
-                no_dropout.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}),
-                logits, rtol=1e-5, atol=1e-7)
+        check_dropout_modes(model, variables, x, self.variant, num_classes=10)
 
 
 def test_lrn_after_the_first_conv_of_config_a_lrn():
