@@ -95,14 +95,12 @@ def observe(runs: Sequence[common.Run], args, info) -> List[str]:
                 notes.append(f"{label}: final val top-1 {common.pct(common.top1(r))} "
                              f"({100 * -gap:+.1f} points vs the paper's network); last-epoch "
                              f"train accuracy minus val top-1 {100 * train_gap:+.1f} points.")
-    notes.append(common.significance_note(runs, info.num_eval_examples))
-    return [n for n in notes if n]
+    return notes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.run_standard(
-        NAME, argv, title=TITLE, intro=INTRO, caveats=CAVEATS, build_variants=build_variants,
-        observe=observe, add_flags=add_flags, description=__doc__.splitlines()[0],
+    return common.run_experiment(
+        __name__, argv,
         defaults={"dataset": "shapes/64px_n2000_v500", "image_size": 64, "learning_rate": 3e-4})
 
 

@@ -68,14 +68,11 @@ def observe(runs: Sequence[common.Run], args, info) -> List[str]:
         notes.append(f"Without normalization the last-epoch training loss is "
                      f"{n.last_epoch_train('loss'):.3f} against {p.last_epoch_train('loss'):.3f} "
                      f"with 'post' BN" + (f" and the run {n.error}" if n.error else "") + ".")
-    notes.append(common.significance_note(runs, info.num_eval_examples))
-    return [n for n in notes if n]
+    return notes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.run_standard(
-        NAME, argv, title=TITLE, intro=INTRO, caveats=CAVEATS, build_variants=build_variants,
-        observe=observe, add_flags=add_flags, description=__doc__.splitlines()[0])
+    return common.run_experiment(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,11 @@ def training_config(variant: Variant, args: argparse.Namespace, steps_per_epoch:
     config.num_epochs = float(args.epochs)
     config.num_train_steps = -1
     config.batch_size = args.batch_size
-    config.eval_batch_size = max(args.batch_size, 100)
+    # Bigger eval batches are faster; they must still split evenly over the devices.
+    import jax
+
+    eval_batch = max(args.batch_size, 100)
+    config.eval_batch_size = eval_batch if eval_batch % jax.device_count() == 0 else 0
     config.learning_rate = args.learning_rate
     config.lr_reference_batch_size = 0  # --learning_rate is the peak rate as given
     config.optimizer = args.optimizer
@@ -618,11 +622,22 @@ def run_standard(name: str, argv: Optional[Sequence[str]], *, title: str, intro:
     variants = select(build_variants(args), args.selected)
     info = dataset_info(args)
     runs = run_variants(variants, args)
+    observations = [*observe(runs, args, info), significance_note(runs, info.num_eval_examples)]
     write_standard_results(name, args, runs, title=title, intro=intro,
-                           observations=observe(runs, args, info), caveats=caveats,
+                           observations=[n for n in observations if n], caveats=caveats,
                            seconds=time.time() - start,
                            extra_tables=extra_tables(runs) if extra_tables else ())
     return 0
+
+
+def run_experiment(module_name: str, argv: Optional[Sequence[str]], **kwargs) -> int:
+    """:func:`run_standard` with an experiment module's NAME, TITLE, INTRO, CAVEATS,
+    ``build_variants``, ``observe``, ``add_flags`` and the first line of its docstring."""
+    m = sys.modules[module_name]
+    return run_standard(m.NAME, argv, title=m.TITLE, intro=m.INTRO, caveats=m.CAVEATS,
+                        build_variants=m.build_variants, observe=m.observe,
+                        add_flags=getattr(m, "add_flags", None),
+                        description=m.__doc__.splitlines()[0], **kwargs)
 
 
 def quiet_logs() -> None:

@@ -103,14 +103,11 @@ def observe(runs: Sequence[common.Run], args, info) -> List[str]:
             f"{p.last_epoch_train('loss'):.3f} to {r.last_epoch_train('loss'):.3f} and the "
             f"final val top-1 from {common.pct(common.top1(p))} to "
             f"{common.pct(common.top1(r))}.")
-    notes.append(common.significance_note(runs, info.num_eval_examples))
-    return [n for n in notes if n]
+    return notes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.run_standard(
-        NAME, argv, title=TITLE, intro=INTRO, caveats=CAVEATS, build_variants=build_variants,
-        observe=observe, add_flags=add_flags, description=__doc__.splitlines()[0])
+    return common.run_experiment(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -109,14 +109,11 @@ def observe(runs: Sequence[common.Run], args, info) -> List[str]:
                      f"{d.last_epoch_train('loss'):.3f} ({d.label}); final val top-1 "
                      f"{common.pct(common.top1(r))} vs {common.pct(common.top1(d))}; wall time "
                      f"{r.wall_seconds:.0f} s vs {d.wall_seconds:.0f} s.")
-    notes.append(common.significance_note(runs, info.num_eval_examples))
-    return [n for n in notes if n]
+    return notes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.run_standard(
-        NAME, argv, title=TITLE, intro=INTRO, caveats=CAVEATS, build_variants=build_variants,
-        observe=observe, add_flags=add_flags, description=__doc__.splitlines()[0])
+    return common.run_experiment(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -62,14 +62,11 @@ def build_variants(args) -> List[common.Variant]:
 def observe(runs: Sequence[common.Run], args, info) -> List[str]:
     notes = ["Parameters: " + ", ".join(f"{r.label} {r.params:,}" for r in runs) + "."]
     notes += common.ranking_notes(runs)
-    notes.append(common.significance_note(runs, info.num_eval_examples))
-    return [n for n in notes if n]
+    return notes
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.run_standard(
-        NAME, argv, title=TITLE, intro=INTRO, caveats=CAVEATS, build_variants=build_variants,
-        observe=observe, add_flags=add_flags, description=__doc__.splitlines()[0])
+    return common.run_experiment(__name__, argv)
 
 
 if __name__ == "__main__":

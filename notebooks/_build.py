@@ -29,11 +29,23 @@ import os
 SMOKE = os.environ.get("CNN_JAX_NOTEBOOK_SMOKE") == "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from IPython.display import Markdown, display
+from matplotlib.figure import Figure
 
+
+def figure_png(fig):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+# Figures here are built without pyplot (no global state): show them as PNG images.
+get_ipython().display_formatter.formatters["image/png"].for_type(Figure, figure_png)
 print(f"JAX {jax.__version__} on {jax.default_backend()}; smoke mode: {SMOKE}")'''
 
 TABLE_HELPER = '''\
@@ -336,8 +348,6 @@ for name, cin, cout in transitions:
     print(f"{name}: {cin} -> {cout} channels")
     assert cout == cin // 2
 
-from matplotlib.figure import Figure
-
 fig = Figure(figsize=(9, 3.2))
 ax = fig.add_subplot(1, 1, 1)
 ax.plot(range(1, len(inputs) + 1), inputs, "o-", ms=3)
@@ -350,8 +360,9 @@ fig'''),
 ## How receptive fields grow with depth
 
 The receptive field of each convolution's output in VGG-16 (3x3 stacks, pooling every few layers)
-and ResNet-50 (7x7 stride-2 stem and pooling, then bottlenecks): it quickly exceeds the 224x224
-input, because padding counts (Araujo et al. 2019)."""),
+and ResNet-50 (7x7 stride-2 stem and pooling, then bottlenecks). Each 3x3 layer adds two jumps,
+each stride doubles the jump: VGG-16's last conv sees 196x196 pixels, ResNet-50's deepest
+layers more than the whole 224x224 image (427: fields count the padding, Araujo et al. 2019)."""),
     ("code", '''\
 fig = Figure(figsize=(9, 3.6))
 ax = fig.add_subplot(1, 1, 1)
@@ -359,6 +370,8 @@ for name in ("vgg16", "resnet50"):
     a = summary.analyze_registered(name)
     convs = [r for r in a if r.kind == "conv" and "downsample" not in r.name]
     ax.plot(range(1, len(convs) + 1), [r.rf_size[0] for r in convs], "o-", ms=2.5, label=name)
+    print(f"{name}: {len(convs)} convs, the last ({convs[-1].name}) sees "
+          f"{convs[-1].rf_size[0]:g}x{convs[-1].rf_size[1]:g} pixels")
 ax.axhline(224, color="k", lw=0.8, ls="--", label="input (224)")
 ax.set_xlabel("convolution (in program order)")
 ax.set_ylabel("receptive field (pixels)")
@@ -416,7 +429,11 @@ config.image_size = 32
 config.model_kwargs = "widths=(4, 8, 8), stage_sizes=(1, 1, 1)" if SMOKE else "widths=(8, 16, 32)"
 config.num_epochs = 1.0 if SMOKE else 4.0
 config.batch_size = 16 if SMOKE else 32
-config.learning_rate = 0.05
+# The experiments' short-run recipe (experiments/README.md): AdamW gets further than SGD in a few
+# hundred steps.
+config.optimizer = "adamw"
+config.learning_rate = 3e-3
+config.weight_decay = 1e-4
 config.warmup_epochs = 0.25
 config.augment = "none"  # random crops only slow a run this short down
 config.eval_every_steps = 3 if SMOKE else 31  # twice per epoch
@@ -448,8 +465,6 @@ print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 assert not result["stopped"] and result["step"] == total_steps'''),
     ("md", "The curves, from the `metrics.jsonl` the run wrote (one JSON object per line):"),
     ("code", '''\
-from matplotlib.figure import Figure
-
 from cnn_jax import metrics as metrics_lib
 
 train = metrics_lib.read_metrics(workdir, "train")
@@ -632,8 +647,6 @@ if "activations" in available:
     ("md", "## All variants at a glance\n\nFinal validation top-1 of every variant, per "
            "experiment (one seed each; see each README for the noise level):"),
     ("code", '''\
-from matplotlib.figure import Figure
-
 fig = Figure(figsize=(11, 0.9 + 2.1 * max(1, len(available))))
 if not available:
     fig.text(0.5, 0.5, "no results yet: python -m experiments.run_all", ha="center")
