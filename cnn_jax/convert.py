@@ -42,37 +42,10 @@ import numpy as np
 # Written to the checkpoint's meta so loaders can tell a converted checkpoint from a training one.
 SOURCE = "torchvision"
 
-# Spatial size (H, W) of the map flattened before these dense layers (torch flattens it as C, H, W):
-# AlexNet and VGG pool adaptively to 6x6 / 7x7, GoogLeNet's auxiliary heads to 4x4.
-_FLATTEN_INPUTS: Dict[str, Dict[str, Tuple[int, int]]] = {
-    "alexnet": {"fc6": (6, 6)},
-    "vgg": {"fc6": (7, 7)},
-    "googlenet": {"aux1/fc1": (4, 4), "aux2/fc1": (4, 4)},
-}
-
-# torchvision key of each family's classifier weight ([num_classes, features]).
-_HEAD_KEYS = {"alexnet": "classifier.6.weight", "vgg": "classifier.6.weight", "resnet": "fc.weight",
-              "googlenet": "fc.weight", "densenet": "classifier.weight"}
-
-# The classifier module of each family (its bias has num_classes entries).
-_HEAD_MODULES = {"alexnet": "fc8", "vgg": "fc8", "resnet": "fc", "googlenet": "fc",
-                 "densenet": "classifier"}
-
 # Flax variable name -> torch tensor name, per collection.
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
                ("batch_stats", "var"): "running_var"}
-
-# Module-path rewrites (on the '/'-joined Flax path) that give torchvision's dotted prefix.
-_PATH_RULES: Dict[str, List[Tuple[str, str]]] = {
-    # layer1_0/downsample_conv -> layer1.0.downsample.0
-    "resnet": [(r"^(layer\d+)_(\d+)/", r"\1.\2/"), (r"/downsample_conv$", "/downsample.0"),
-               (r"/downsample_bn$", "/downsample.1")],
-    # inception3a/branch2_0/conv -> inception3a.branch2.0.conv
-    "googlenet": [(r"/(branch\d)_(\d+)/", r"/\1.\2/")],
-    # features_denseblock1/denselayer1/norm1 -> features.denseblock1.denselayer1.norm1
-    "densenet": [(r"^features_", "features.")],
-}
 
 # torchvision's own fix-up for DenseNet files saved before 0.3 (``norm.1`` for ``norm1``), which
 # is how the published densenet*.pth files are still written.
@@ -89,36 +62,21 @@ class TorchNotInstalledError(ImportError):
     """Reading a ``.pth`` file needs torch."""
 
 
-def family_of(model: Any) -> str:
-    """The torchvision family of a model instance ('alexnet', 'vgg', 'resnet', ...)."""
-    from cnn_jax.models import alexnet, densenet, googlenet, resnet, vgg
-    for fam, cls in (("alexnet", alexnet.AlexNet), ("vgg", vgg.VGG), ("resnet", resnet.ResNet),
-                     ("googlenet", googlenet.GoogLeNet), ("densenet", densenet.DenseNet)):
-        if isinstance(model, cls):
-            return fam
-    raise ValueError(f"no torchvision layout is known for {type(model).__name__}; convertible "
-                     "families: alexnet, vgg, resnet, googlenet, densenet")
+def key_map(arch: str, model: Any):
+    """Flax module path -> torchvision's dotted prefix, from the family file (via the registry)."""
+    from cnn_jax.models import model_info
+
+    info = model_info(arch)
+    if info.torchvision_keys is None:
+        raise ValueError(f"no torchvision layout is known for {arch!r} (family {info.family!r}): "
+                         "its registry entry has no torchvision_keys")
+    return info.torchvision_keys(model)
 
 
-def _module_prefix(model: Any, fam: str) -> Callable[[Tuple[str, ...]], Optional[str]]:
-    """Flax module path -> torchvision's dotted module prefix (None: no torch counterpart)."""
-    if fam in ("alexnet", "vgg"):
-        if fam == "alexnet":
-            from cnn_jax.models.alexnet import TORCHVISION_NAMES as names
-        else:
-            from cnn_jax.models.vgg import torchvision_names
-            names = torchvision_names(model.cfg, model.batch_norm)
-        inverse = {flax_name: torch_name for torch_name, flax_name in names.items()}
-        return lambda path: inverse.get(path[0]) if len(path) == 1 else None
+def _classifier_path(arch: str) -> Tuple[str, ...]:
+    from cnn_jax.models import model_info
 
-    rules = [(re.compile(p), r) for p, r in _PATH_RULES.get(fam, [])]
-
-    def prefix(path: Tuple[str, ...]) -> str:
-        joined = "/".join(path)
-        for pattern, repl in rules:
-            joined = pattern.sub(repl, joined)
-        return joined.replace("/", ".")
-    return prefix
+    return tuple(model_info(arch).classifier)
 
 
 def _torch_shape(flax_shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -169,9 +127,12 @@ def normalize_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def checkpoint_num_classes(family: str, state_dict: Mapping[str, Any]) -> Optional[int]:
-    """The class count of a torchvision state_dict of ``family`` (None if it has no classifier)."""
-    head = state_dict.get(_HEAD_KEYS[family])
+def checkpoint_num_classes(arch: str, state_dict: Mapping[str, Any]) -> Optional[int]:
+    """The class count of a torchvision state_dict of ``arch`` (None if it has no classifier)."""
+    from cnn_jax.models import create_model
+
+    prefix = key_map(arch, create_model(arch))(_classifier_path(arch))
+    head = state_dict.get(f"{prefix}.weight")
     return int(np.shape(head)[0]) if head is not None and np.ndim(head) == 2 else None
 
 
@@ -199,17 +160,16 @@ def from_torch_state_dict(arch: str, state_dict: Mapping[str, Any],
     """
     from flax import traverse_util
 
-    from cnn_jax.models import create_model
+    from cnn_jax.models import create_model, model_info
 
     state_dict = normalize_state_dict(state_dict)
-    probe = create_model(arch, **model_kwargs)
-    fam = family_of(probe)
+    info = model_info(arch)
     if num_classes is None:
-        num_classes = checkpoint_num_classes(fam, state_dict)
+        num_classes = checkpoint_num_classes(arch, state_dict)
     model = create_model(arch, num_classes=num_classes, **model_kwargs)
     expected = expected_variables(model)
-    prefix_of = _module_prefix(model, fam)
-    flatten_inputs = _FLATTEN_INPUTS.get(fam, {})
+    prefix_of = key_map(arch, model)
+    flatten_inputs = info.flatten_inputs
 
     missing: List[str] = []
     wrong_shape: List[str] = []
@@ -240,9 +200,12 @@ def from_torch_state_dict(arch: str, state_dict: Mapping[str, Any],
             flat_out[(collection,) + path] = _to_flax(value, hw)
 
     ignored = {k for k in state_dict if k.endswith(".num_batches_tracked")}
-    if fam == "googlenet" and "aux1" not in expected["params"]:
-        # The published file carries the (unused) auxiliary heads; a model without them drops them.
-        ignored |= {k for k in state_dict if k.startswith(("aux1.", "aux2."))}
+    for aux in info.aux_classifiers:
+        if aux.split("/")[0] not in expected["params"]:
+            # GoogLeNet's published file carries the (unused) auxiliary heads; a model without
+            # them drops them.
+            aux_prefix = prefix_of(tuple(aux.split("/"))) + "."
+            ignored |= {k for k in state_dict if k.startswith(aux_prefix)}
     unexpected = [f"{k} {tuple(np.shape(state_dict[k]))}" for k in state_dict
                   if k not in used and k not in ignored]
 
@@ -294,15 +257,11 @@ def load_torch_state_dict(path: str) -> Dict[str, Any]:
     return obj
 
 
-def default_model_kwargs(arch: str) -> Dict[str, Any]:
+def default_model_options(arch: str) -> Dict[str, Any]:
     """Options the published torchvision weights of ``arch`` need (GoogLeNet: transform_input)."""
-    return {"transform_input": True} if arch.startswith("googlenet") and arch != "googlenet_paper" \
-        else {}
+    from cnn_jax.models import model_info
 
-
-def format_model_kwargs(kwargs: Mapping[str, Any]) -> str:
-    """``{'transform_input': True}`` -> ``"transform_input=True"`` (the config's model_kwargs)."""
-    return ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+    return dict(model_info(arch).torchvision_options)
 
 
 def is_converted(meta: Optional[Mapping[str, Any]]) -> bool:
@@ -318,10 +277,9 @@ def converted_meta(arch: str, num_classes: int, model_kwargs: Mapping[str, Any],
 
     config = configs.load(configs.recipe_path(arch, "imagenet2012"), arch)
     config.arch = arch
-    config.model_kwargs = format_model_kwargs(model_kwargs)
+    config.model = configs.model_config(model_kwargs)
     return {"arch": arch, "dataset": config.dataset, "num_classes": int(num_classes),
-            "image_size": int(config.image_size), "config": config.to_dict(),
-            "model_kwargs": config.model_kwargs, "source": SOURCE,
+            "image_size": int(config.image_size), "config": config.to_dict(), "source": SOURCE,
             "torch_checkpoint": os.path.basename(source_file)}
 
 
@@ -332,12 +290,13 @@ def save_converted(output: str, arch: str, variables: Mapping[str, Any],
 
     The ``state`` item is ``{'params', 'batch_stats'}`` (``batch_stats`` empty for BN-free nets).
     """
+    from flax import traverse_util
+
     from cnn_jax import checkpoint as ckpt_lib
-    from cnn_jax.models import create_model
 
     model_kwargs = dict(model_kwargs or {})
-    fam = family_of(create_model(arch, **model_kwargs))
-    num_classes = int(np.shape(variables["params"][_HEAD_MODULES[fam]]["bias"])[0])
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    num_classes = int(np.shape(flat[_classifier_path(arch) + ("bias",)])[0])
     meta = converted_meta(arch, num_classes, model_kwargs, source_file)
     checkpointer = ckpt_lib.Checkpointer(output, max_to_keep=1, keep_best=False, async_save=False)
     try:
@@ -370,7 +329,7 @@ def load_converted(directory: str) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]
             raise ValueError(f"{checkpointer.directory} holds no converted torchvision checkpoint; "
                              "write one with python -m cnn_jax.convert")
         model = create_model(meta["arch"], num_classes=meta["num_classes"],
-                             **configs.parse_model_kwargs(meta.get("model_kwargs", "")))
+                             **configs.model_options(meta))
         target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
                                         expected_variables(model))
         target.setdefault("batch_stats", {})
@@ -394,7 +353,7 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
     """
     from flax import traverse_util
 
-    from cnn_jax import configs
+    from cnn_jax.models import model_info
 
     _, pretrained, meta = load_converted(directory)
     if arch is not None and arch != meta["arch"]:
@@ -402,13 +361,14 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
     fresh = traverse_util.flatten_dict({k: v for k, v in variables.items()
                                         if k in ("params", "batch_stats")})
     loaded = traverse_util.flatten_dict(pretrained)
-    heads = {_HEAD_MODULES.get(configs.family(meta["arch"])), "aux1", "aux2"}
+    info = model_info(meta["arch"])
+    heads = [tuple(info.classifier)] + [tuple(a.split("/")) for a in info.aux_classifiers]
     out, reinitialized, problems = {}, [], []
     for path, value in fresh.items():
         name = "/".join(path)
         if path in loaded and np.shape(loaded[path]) == np.shape(value):
             out[path] = loaded[path]
-        elif len(path) > 1 and path[1] in heads:
+        elif any(path[1:1 + len(h)] == h for h in heads):
             out[path] = value
             reinitialized.append(name)
         else:

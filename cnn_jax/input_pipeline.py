@@ -1,7 +1,7 @@
 """Data-parallel input pipeline: TFDS records -> tf.data preprocessing -> per-device numpy batches.
 
 Batches are dicts of numpy arrays shaped ``[D, B / (D * P), ...]`` (D local devices, P processes),
-ready for ``jax.pmap`` (see ``prefetch_to_device``).
+ready for ``jax.pmap`` (:class:`cnn_jax.parallel.DataParallel` puts them on the devices).
 
 Training streams are infinite and exactly reproducible. Example ``k`` of a process's stream lies
 in epoch ``e = k // n`` (n = examples in the process's shard); the epoch's file order and shuffle
@@ -27,6 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnn_jax import preprocessing
+from cnn_jax.configs.validation import DTYPES
 from cnn_jax.datasets import sources
 from cnn_jax.datasets.sources import DATASETS, DatasetNotFoundError  # noqa: F401 (re-exported)
 
@@ -112,18 +113,14 @@ def _layout(global_batch_size: int, num_local_devices: Optional[int],
 
 
 def _check_args(image_size: int, dtype: str) -> None:
-    if dtype not in preprocessing.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(preprocessing.DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
 
 def _np_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.float32
+    return np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
 
 
 def _options() -> tf.data.Options:
@@ -349,7 +346,7 @@ def create_eval_iterator(
     else:  # more processes than examples
         n, ds = 0, None
     padding = tf.data.Dataset.from_tensors({
-        "image": tf.zeros([image_size, image_size, 3], preprocessing.DTYPES[dtype]),
+        "image": tf.zeros([image_size, image_size, 3], tf.as_dtype(dtype)),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }).repeat(num_batches * per_process - n)
@@ -371,13 +368,3 @@ def _fake_eval(per_device, devices, image_size, dtype, process_index, process_co
         yield {"image": image, "label": labels.reshape(devices, per_device),
                "mask": (position < end).reshape(devices, per_device)}
 
-
-# ----------------------------------------------------------------------------- devices
-
-
-def prefetch_to_device(iterator: Iterator[Any], size: int = 2,
-                       devices: Optional[Sequence[Any]] = None) -> Iterator[Any]:
-    """Put each ``[D, ...]`` batch on the D local devices (sharded for pmap), ``size`` ahead."""
-    from flax import jax_utils
-
-    return jax_utils.prefetch_to_device(iterator, size, devices)

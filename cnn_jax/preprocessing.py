@@ -36,7 +36,6 @@ IMAGENET_PCA_EIGVEC = (
 )
 EVAL_CROP_RATIO = 0.875  # 224 / 256
 
-DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +226,7 @@ def preprocess_for_train(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: in
                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                          dtype: Union[str, tf.DType] = tf.float32) -> tf.Tensor:
     """Encoded image -> augmented, normalized [image_size, image_size, 3] in ``dtype``."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = tf.as_dtype(dtype)
     seed = tf.cast(seed, tf.int64)
     crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     if augment.crop == "random_resized":
@@ -258,7 +257,7 @@ def preprocess_for_eval(image_bytes: tf.Tensor, image_size: int, *, jpeg: bool =
     ``image_size`` (256 -> 224 for ImageNet), but only the kept pixels are decoded and resized.
     Antialiased by default, like torchvision's evaluation transform (for comparable accuracies).
     """
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = tf.as_dtype(dtype)
     window_fn = lambda shape: center_window(shape, crop_ratio)  # noqa: E731
     image = resize(decode_cropped(image_bytes, window_fn, jpeg), image_size, antialias) / 255.0
     return normalize(image, mean, std, dtype)

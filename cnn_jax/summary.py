@@ -6,9 +6,9 @@
 
 The layer table gives, per conv / dense / pooling / norm layer: output shape, parameters,
 multiply-accumulates and the receptive field (size, jump, start; Araujo et al. 2019) with totals.
-The comparison lists every registered model with its depth, parameters, MACs (224x224 input; the
-CIFAR networks of the papers at 32x32) and torchvision's published ImageNet top-1 where
-torchvision ships weights for that exact layout.
+The comparison lists every registered model with its depth, parameters, MACs (at the registry
+entry's default input: 224x224, the CIFAR networks of the papers 32x32) and the entry's
+torchvision ImageNet top-1 where torchvision ships weights for that exact layout.
 """
 
 from __future__ import annotations
@@ -16,49 +16,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from absl import app, flags
 
 from cnn_jax import analysis, cli
-from cnn_jax.models import create_model, list_models
+from cnn_jax.models import create_model, list_models, model_info
 
-# torchvision's model documentation, "acc@1 (on ImageNet-1K)" of the IMAGENET1K_V1 weights
-# (the same numbers are the ``_metrics`` of the weight enums in torchvision/models/*.py),
-# https://pytorch.org/vision/stable/models.html. Only layouts that load those weights unchanged
-# are listed; the paper variants (alexnet_original, googlenet_paper, vgg16_c, vgg11_lrn) and the
-# CIFAR networks have no torchvision weights and stay blank.
 TOP1_SOURCE = ("torchvision model docs, acc@1 on ImageNet-1K val, IMAGENET1K_V1 weights "
                "(https://pytorch.org/vision/stable/models.html)")
-TORCHVISION_TOP1: Dict[str, float] = {
-    "alexnet": 56.522,
-    "vgg11": 69.020, "vgg11_bn": 70.370, "vgg13": 69.928, "vgg13_bn": 71.586,
-    "vgg16": 71.592, "vgg16_bn": 73.360, "vgg19": 72.376, "vgg19_bn": 74.218,
-    "googlenet": 69.778,
-    "resnet18": 69.758, "resnet34": 73.314, "resnet50": 76.130, "resnet101": 77.374,
-    "resnet152": 78.312,
-    "densenet121": 74.434, "densenet161": 77.138, "densenet169": 75.600, "densenet201": 76.896,
-}
-
-# Same source, the weights' "GFLOPS" (``_ops``): torchvision counts multiply-accumulates of convs
-# and linear layers at 224x224, the convention of ``LayerInfo.macs``. Values seen in the
-# torchvision sources; others left out rather than guessed.
-TORCHVISION_GMACS: Dict[str, float] = {
-    "alexnet": 0.714, "vgg11": 7.609, "vgg11_bn": 7.609, "vgg13": 11.308, "vgg13_bn": 11.308,
-    "vgg16": 15.47, "vgg16_bn": 15.47, "vgg19": 19.632, "vgg19_bn": 19.632, "googlenet": 1.498,
-    "resnet18": 1.814, "resnet50": 4.089, "resnet101": 7.801, "densenet121": 2.834,
-    "densenet161": 7.728, "densenet169": 3.36, "densenet201": 4.291,
-}
-
-CIFAR_IMAGE_SIZE = 32
-IMAGENET_IMAGE_SIZE = 224
 
 
 def default_image_size(name: str) -> int:
-    """224 for ImageNet networks; 32 for the CIFAR networks (those that default to 10 classes)."""
-    return CIFAR_IMAGE_SIZE if create_model(name).num_classes == 10 else IMAGENET_IMAGE_SIZE
+    """The registry entry's default input: 224 for ImageNet networks, 32 for the CIFAR ones."""
+    return model_info(name).default_input_size
 
 
 def analyze_registered(name: str, image_size: Optional[int] = None,
@@ -81,7 +53,7 @@ class ComparisonRow:
     depth: int  # longest chain of weight layers, the papers' depth
     params: int
     macs: int
-    top1: Optional[float]  # TORCHVISION_TOP1, None where torchvision has no weights
+    top1: Optional[float]  # the entry's torchvision top-1, None where torchvision has no weights
 
 
 def compare_models(names: Optional[Sequence[str]] = None,
@@ -90,8 +62,9 @@ def compare_models(names: Optional[Sequence[str]] = None,
     rows = []
     for name in list_models() if names is None else names:
         a = analyze_registered(name, image_size)
+        tv = model_info(name).torchvision
         rows.append(ComparisonRow(name, a.input_shape[1], a.totals.weight_layers, a.totals.depth,
-                                  a.totals.params, a.totals.macs, TORCHVISION_TOP1.get(name)))
+                                  a.totals.params, a.totals.macs, tv.top1 if tv else None))
     return rows
 
 
@@ -113,7 +86,7 @@ def format_comparison(rows: Sequence[ComparisonRow], fmt: str = "table") -> str:
 
 
 def _family(name: str) -> str:
-    return re.match(r"[a-z]+", name).group(0)
+    return model_info(name).family
 
 
 def _label(r: ComparisonRow) -> str:

@@ -27,8 +27,10 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
                     "(or $JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes ($JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process ($JAX_PROCESS_ID).")
+# Unknown fields parse here and are reported by configs.validation with the valid names, as one
+# line; model options (--config.model.FIELD) are only known once --arch is.
 config_flags.DEFINE_config_file("config", configs.DEFAULT_CONFIG, "Training config file.",
-                                lock_config=True)
+                                lock_config=False, accept_new_attributes=True)
 
 
 def resolve_config():
@@ -38,7 +40,7 @@ def resolve_config():
     if FLAGS.dataset and not FLAGS["config"].present:
         path = configs.recipe_path(arch, FLAGS.dataset)
     config = configs.load(path, arch)
-    config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    configs.apply_overrides(config, config_flags.get_override_values(FLAGS["config"]))
     config.arch = arch or ""
     if FLAGS.dataset:
         config.dataset = FLAGS.dataset

@@ -26,9 +26,9 @@ from cnn_jax import metrics as metrics_lib
 from cnn_jax import optim
 from cnn_jax import parallel
 from cnn_jax import train_step as step_lib
-from cnn_jax.models import create_model, list_models
+from cnn_jax.configs.validation import DTYPES
+from cnn_jax.models import check_model_options, create_model
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(ValueError):
@@ -38,15 +38,16 @@ class NonFiniteLossError(ValueError):
 def model_dtype(name: str) -> Any:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return jnp.dtype(name)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The registered ``config.arch`` with ``num_classes`` outputs and the compute dtype."""
     if not config.arch:
         raise ValueError("no architecture given: pass --arch=<name> (e.g. --arch=resnet18)")
+    options = check_model_options(config.arch, configs_lib.model_options(config))
     return create_model(config.arch, num_classes=num_classes, dtype=model_dtype(config.dtype),
-                        **configs_lib.parse_model_kwargs(config.model_kwargs))
+                        **options)
 
 
 class Setup(NamedTuple):
@@ -166,16 +167,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     early on SIGTERM or ``max_steps_per_run``; re-running the same command resumes).
     """
     t_start = time.time()
+    configs_lib.validate(config, workdir)  # every field, before anything is written
     workdir = os.path.abspath(os.path.expanduser(workdir))
     is_main = jax.process_index() == 0
     dp = parallel.DataParallel(config.parallel)
     parallel.check_batch_size(config.batch_size, dp.num_devices)
-    model_dtype(config.dtype)  # fail early on a bad dtype
-
-    if not config.arch:
-        raise ValueError("no architecture given: pass --arch=<name> (e.g. --arch=resnet18)")
-    if config.arch not in list_models():
-        create_model(config.arch)  # raises the registry's error listing the valid names
     info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None,
                                            image_size=config.image_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,

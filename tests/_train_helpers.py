@@ -18,7 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A registered model shrunk to a few thousand parameters, for end-to-end runs.
 TINY_ARCH = "resnet20"
-TINY_MODEL_KWARGS = "stage_sizes=(1, 1, 1), widths=(4, 8, 8)"
+TINY_MODEL = {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8)}  # config.model
+TINY_MODEL_FLAGS = ["--config.model.stage_sizes=(1, 1, 1)", "--config.model.widths=(4, 8, 8)"]
+TINY_MODEL_KWARGS = "stage_sizes=(1, 1, 1), widths=(4, 8, 8)"  # cnn_jax.benchmark's --model_kwargs
 # A small `shapes` variant: 32 px, 256 train / 64 validation images (generated in ~1 s).
 TINY_DATASET = "shapes/32px_n256_v64"
 

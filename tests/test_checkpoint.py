@@ -21,7 +21,7 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, **overrides):
     c = configs.load(configs.DEFAULT_CONFIG, h.TINY_ARCH)
     c.arch = h.TINY_ARCH
-    c.model_kwargs = h.TINY_MODEL_KWARGS
+    c.model = configs.model_config(h.TINY_MODEL)
     c.dataset = h.TINY_DATASET
     c.data_dir = data_dir
     c.image_size = 32

@@ -341,7 +341,7 @@ def test_save_and_load_without_batch_stats(tmp_path):
     assert set(variables) == {"params"}
     convert.save_converted(str(tmp_path), "vgg11", variables, {"fc_features": 64})
     model, restored, meta = convert.load_converted(str(tmp_path))
-    assert meta["model_kwargs"] == "fc_features=64" and model.fc_features == 64
+    assert meta["config"]["model"] == {"fc_features": 64} and model.fc_features == 64
     chex.assert_trees_all_equal(restored, variables)
 
 

@@ -297,16 +297,6 @@ def test_fake_dataset():
     assert total == input_pipeline.FAKE_INFO["num_eval_examples"]
 
 
-def test_prefetch_to_device():
-    devices = jax.local_device_count()
-    it = input_pipeline.create_train_iterator("fake", None, 4 * devices, 8, **_layout(devices))
-    batches = list(itertools.islice(input_pipeline.prefetch_to_device(it, size=2), 3))
-    assert len(batches) == 3
-    image = batches[0]["image"]
-    assert isinstance(image, jax.Array) and image.shape[0] == jax.local_device_count()
-    assert len(image.sharding.device_set) == jax.local_device_count()
-
-
 def test_benchmark_runs():
     from cnn_jax import benchmark_input
 

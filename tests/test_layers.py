@@ -3,6 +3,7 @@
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,9 +77,9 @@ def test_lrn_matches_paper_formula():
 
 def test_conv_uses_symmetric_padding_for_stride_2():
     # torch pads 1 on every side for a 3x3/2 conv; Flax's 'SAME' would pad (0, 1) on an even input.
-    conv = layers.Conv(1, 3, strides=2, padding=1, use_bias=False)
+    conv = nn.Conv(1, (3, 3), strides=2, padding=layers.torch_padding(1), use_bias=False)
     x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)
-    v = {"params": {"conv": {"kernel": jnp.ones((3, 3, 1, 1))}}}
+    v = {"params": {"kernel": jnp.ones((3, 3, 1, 1))}}
     y = conv.apply(v, x)
     chex.assert_shape(y, (1, 2, 2, 1))
     assert y[0, 0, 0, 0] == 1.0  # the top-left pixel is inside the first (padded) window
@@ -86,8 +87,9 @@ def test_conv_uses_symmetric_padding_for_stride_2():
 
 def test_grouped_conv_param_count():
     x = jnp.zeros((1, 8, 8, 4))
-    full = layers.Conv(8, 3, padding=1).init(jax.random.key(0), x)
-    grouped = layers.Conv(8, 3, padding=1, groups=2).init(jax.random.key(0), x)
+    pad = layers.torch_padding(1)
+    full = nn.Conv(8, (3, 3), padding=pad).init(jax.random.key(0), x)
+    grouped = nn.Conv(8, (3, 3), padding=pad, feature_group_count=2).init(jax.random.key(0), x)
     assert layers.count_params(grouped) == 3 * 3 * 2 * 8 + 8
     assert layers.count_params(full) == 3 * 3 * 4 * 8 + 8
 
@@ -114,28 +116,6 @@ def test_conv_bn_act_train_updates_stats_and_bf16():
     y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
     assert y.dtype == jnp.bfloat16
     assert not np.allclose(upd["batch_stats"]["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
-
-
-def test_cross_device_batch_norm_averages_over_the_axis():
-    m = layers.ConvBNAct(2, 1, activation=None)
-    x = jax.random.normal(jax.random.key(0), (4, 2, 2, 3)) + jnp.arange(4.0)[:, None, None, None]
-    v = m.init(jax.random.key(1), x[:1])
-
-    def step(x):
-        with layers.cross_device_batch_norm("i"):
-            return m.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
-
-    def local(x):
-        return m.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
-
-    synced = jax.vmap(step, axis_name="i")(x[:, None])
-    unsynced = jax.vmap(local, axis_name="i")(x[:, None])
-    whole = local(x)
-    # With the axis named, every member sees the statistics of the whole batch.
-    for i in range(4):
-        np.testing.assert_allclose(synced["bn"]["mean"][i], whole["bn"]["mean"], rtol=1e-5,
-                                   atol=1e-6)
-    assert not np.allclose(unsynced["bn"]["mean"][0], unsynced["bn"]["mean"][3])
 
 
 def test_split_logits():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from cnn_jax.models import count_params, create_model, list_models
+from cnn_jax.models import count_params, create_model, list_models, model_info
 from cnn_jax.models.layers import split_logits
 
 from _variables import fast_init
@@ -29,14 +29,13 @@ TORCHVISION_PARAMS = {
 GOOGLENET_WITH_AUX_PARAMS = 13_004_888
 
 ALL_MODELS = list_models()
-# The smallest convenient input each family accepts; everything else runs at 32x32.
-MIN_SIZE = {"alexnet": 64, "googlenet": 64}
 # Families whose classifier uses dropout (DenseNet's drop_rate defaults to 0, ResNet has none).
 HAS_DROPOUT = ("alexnet", "vgg", "googlenet")
 
 
 def _size(name):
-    return next((s for prefix, s in MIN_SIZE.items() if name.startswith(prefix)), 32)
+    """32x32, or the next multiple of 32 that the registry entry's minimum input allows."""
+    return max(32, -(-model_info(name).min_input_size // 32) * 32)
 
 
 def _abstract_init(model, size=224):
@@ -145,5 +144,5 @@ class TestForward(chex.TestCase):
                                              updates["batch_stats"])
             assert all(jax.tree_util.tree_leaves(changed)), f"{name}: batch_stats not all updated"
         differs = not np.allclose(main, split_logits(forward(variables, x, 3)[1][0])[0])
-        assert differs == name.startswith(HAS_DROPOUT), (
+        assert differs == (model_info(name).family in HAS_DROPOUT), (
             f"{name}: a new dropout rng {'changed' if differs else 'did not change'} the output")

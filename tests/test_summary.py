@@ -22,7 +22,7 @@ from absl import flags
 
 from cnn_jax import analysis, summary
 from cnn_jax.analysis import analyze
-from cnn_jax.models import count_params, create_model, layers, list_models
+from cnn_jax.models import count_params, create_model, layers, list_models, model_info
 from cnn_jax.summary import analyze_registered
 
 
@@ -369,8 +369,9 @@ def test_totals_match_registry_and_torchvision(name):
     a = registered(name)
     assert a.totals.params == REGISTRY_PARAMS[name] == sum(r.params for r in a)
     assert a.totals.depth == DEPTHS[name]
-    if name in summary.TORCHVISION_GMACS:  # torchvision's "GFLOPS" are MACs at 224
-        assert a.totals.macs / 1e9 == pytest.approx(summary.TORCHVISION_GMACS[name], abs=6e-4)
+    tv = model_info(name).torchvision
+    if tv and tv.gflops:  # torchvision's "GFLOPS" are MACs at 224
+        assert a.totals.macs / 1e9 == pytest.approx(tv.gflops, abs=6e-4)
 
 
 def test_totals_equal_count_params_of_init():
@@ -439,7 +440,8 @@ def test_compare_models_and_plot(tmp_path):
     assert by["resnet20"].image_size == 32 and by["vgg16"].image_size == 224
     assert by["vgg16"].depth == 16 and by["resnet50"].weight_layers == 54  # + 4 projections
     assert by["vgg16"].params == REGISTRY_PARAMS["vgg16"]
-    assert set(summary.TORCHVISION_TOP1) <= set(list_models())
+    with_top1 = [n for n in list_models() if model_info(n).torchvision]
+    assert len(with_top1) == 19 and all(model_info(n).torchvision.name == n for n in with_top1)
     text = summary.format_comparison(rows)
     assert "torchvision model docs" in text and "76.13" in text
     assert len(list(csv.reader(io.StringIO(summary.format_comparison(rows, "csv"))))) == 7

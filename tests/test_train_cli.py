@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 def train_args(workdir, data_dir, *extra, arch=h.TINY_ARCH):
     return ["-m", "cnn_jax.train", f"--arch={arch}", f"--workdir={workdir}",
             f"--dataset={h.TINY_DATASET}", f"--data_dir={data_dir}",
-            f"--config.model_kwargs={h.TINY_MODEL_KWARGS}", "--config.image_size=32",
+            *h.TINY_MODEL_FLAGS, "--config.image_size=32",
             "--config.batch_size=16", "--config.eval_batch_size=32",
             f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
             "--config.eval_every_steps=2", *extra]

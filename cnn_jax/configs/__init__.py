@@ -10,27 +10,23 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "default.py")
 
-# Registered-name prefix -> family; the CIFAR ResNets and plain nets belong to "resnet".
-FAMILY_PREFIXES = (("alexnet", "alexnet"), ("vgg", "vgg"), ("googlenet", "googlenet"),
-                   ("resnet", "resnet"), ("plain", "resnet"), ("densenet", "densenet"))
-
 # Datasets whose recipes are the papers' ImageNet ones (one file per family).
 IMAGENET_DATASETS = ("imagenet2012", "imagenette")
 
 
 def family(arch: str) -> str:
-    """The family of a registered architecture name, e.g. ``resnet50`` -> ``resnet``."""
-    for prefix, fam in FAMILY_PREFIXES:
-        if arch.startswith(prefix):
-            return fam
-    return "other"
+    """The family in the registry entry of ``arch``, e.g. ``resnet50`` -> ``resnet``; "" for no
+    or an unknown name (the run's validation reports those)."""
+    from cnn_jax.models import list_models, model_info
+
+    return model_info(arch).family if arch in list_models() else ""
 
 
 def recipe_path(arch: str, dataset: str) -> str:
@@ -54,8 +50,53 @@ def load(path: str, arch: str = "") -> ml_collections.ConfigDict:
     return module.get_config(arg or arch)
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Set flattened ``--config.a.b=value`` overrides on ``config``, new fields included (so that
+    :func:`validate` can name a mistyped one)."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for key in parents:
+            if key not in node:
+                node[key] = ml_collections.ConfigDict()
+            node = node[key]
+        node[leaf] = value
+
+
+def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+             check_paths: bool = True) -> None:
+    """Check every field a run reads (see :mod:`cnn_jax.configs.validation`)."""
+    from cnn_jax.configs import validation
+
+    validation.validate(config, workdir, check_paths)
+
+
+def model_config(options: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Model options as the config's ``model`` field (``--config.model.shortcut=C``)."""
+    return ml_collections.ConfigDict(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in dict(options).items()})
+
+
+def model_options(config: Any) -> Dict[str, Any]:
+    """The model options of a config, a config dict or a checkpoint's meta, as create_model's
+    keyword overrides; checkpoints written before ``config.model`` carry a ``model_kwargs``
+    string, which is read too."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    config = dict(config or {})
+    if "config" in config and isinstance(config["config"], Mapping):  # a checkpoint's meta
+        legacy = config.get("model_kwargs", "")
+        config = dict(config["config"])
+        config.setdefault("model_kwargs", legacy)
+    options = dict(config.get("model") or {})
+    if not options and config.get("model_kwargs"):
+        options = parse_model_kwargs(config["model_kwargs"])
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
 def parse_model_kwargs(text: str) -> Dict[str, Any]:
-    """``"stage_sizes=(1, 1, 1), widths=(8, 16, 32)"`` -> keyword overrides for create_model."""
+    """``"stage_sizes=(1, 1, 1), widths=(8, 16, 32)"`` -> keyword overrides for create_model
+    (the ``model_kwargs`` string of older checkpoints)."""
     if not text or not text.strip():
         return {}
     try:

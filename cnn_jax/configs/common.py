@@ -9,7 +9,9 @@ def base_config() -> ml_collections.ConfigDict:
     """Every field the training loop reads; recipe files change values, never add fields."""
     c = ml_collections.ConfigDict()
     c.arch = ""  # set from --arch
-    c.model_kwargs = ""  # extra model fields, e.g. "dropout_rate=0.3"
+    # Model options, checked against the module's fields: --config.model.shortcut=C,
+    # --config.model.widths='(8, 16, 32)'. Empty = the registered architecture as it is.
+    c.model = ml_collections.ConfigDict()
     c.init_from = ""  # a directory written by `python -m cnn_jax.convert`: fine-tune those weights
 
     # Data (cnn_jax.input_pipeline).

@@ -4,30 +4,22 @@
 AdamW with warmup and cosine decay, which learns this task in far fewer epochs than SGD at these
 step counts; centre crops with flips only (random-resized crops slow short runs down). Networks
 without batch norm (AlexNet, plain VGG, the paper's GoogLeNet) get a smaller learning rate;
-AlexNet's stem needs at least 63 px, so it runs at 64.
+networks whose registry entry needs more than 32 px (AlexNet: 63) run at the next multiple of 32.
 """
 
-from cnn_jax import configs
 from cnn_jax.configs.common import base_config
 
 IMAGE_SIZE = 32
-# Families whose first layers need larger inputs than IMAGE_SIZE.
-MIN_IMAGE_SIZE = {"alexnet": 64}
-
-
-def has_batch_norm(arch: str) -> bool:
-    fam = configs.family(arch)
-    if fam == "alexnet" or arch == "googlenet_paper":
-        return False
-    if fam == "vgg":
-        return arch.endswith("_bn")
-    return True
 
 
 def get_config(arch: str = ""):
+    from cnn_jax.models import list_models, model_info
+
+    info = model_info(arch) if arch in list_models() else None
+    has_batch_norm = info.has_batch_norm if info else True
     c = base_config()
     c.dataset = "shapes"
-    c.image_size = max(IMAGE_SIZE, MIN_IMAGE_SIZE.get(configs.family(arch), 0))
+    c.image_size = max(IMAGE_SIZE, -(-(info.min_input_size if info else 0) // 32) * 32)
     c.augment = "none,flip=true"
 
     c.batch_size = 64
@@ -35,7 +27,7 @@ def get_config(arch: str = ""):
     # 4 epochs 95.9% in 7.7 min.
     c.num_epochs = 3.5
     c.optimizer = "adamw"
-    c.learning_rate = 3e-3 if has_batch_norm(arch) else 5e-4
+    c.learning_rate = 3e-3 if has_batch_norm else 5e-4
     c.lr_reference_batch_size = 0
     c.lr_schedule = "cosine"
     c.warmup_epochs = 0.3

@@ -11,9 +11,12 @@ from cnn_jax.configs.common import imagenet_recipe
 
 
 def get_config(arch: str = ""):
+    from cnn_jax.models import list_models, model_info
+
+    # No batch norm (the paper layout): a 10x smaller rate.
+    has_batch_norm = model_info(arch).has_batch_norm if arch in list_models() else True
     c = imagenet_recipe(augment="inception", batch_size=256, num_epochs=120,
-                        # no batch norm in the paper layout: a 10x smaller rate
-                        learning_rate=0.1 if arch != "googlenet_paper" else 0.01,
+                        learning_rate=0.1 if has_batch_norm else 0.01,
                         lr_reference_batch_size=256, lr_step_epochs=range(8, 120, 8),
                         lr_step_factor=0.96, weight_decay=1e-4)
     c.aux_loss_weight = 0.3

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.models import layers
-from cnn_jax.models.registry import register_model
+from cnn_jax.models.registry import KeyMap, TorchvisionRef, register_model
 
 
 class _ConvSpec(NamedTuple):
@@ -55,6 +55,15 @@ TORCHVISION_NAMES = {
     "classifier.4": "fc7",
     "classifier.6": "fc8",
 }
+
+
+
+def torchvision_keys(model: nn.Module) -> KeyMap:
+    """Flax module path -> torchvision ``alexnet``'s state_dict prefix (cnn_jax.convert)."""
+    del model  # both variants share the names
+    inverse = {flax_name: torch_name for torch_name, flax_name in TORCHVISION_NAMES.items()}
+    return lambda path: inverse.get(path[0]) if len(path) == 1 else None
+
 
 INITS = ("torch", "paper")
 # torch's default Conv2d/Linear weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in));
@@ -136,11 +145,17 @@ class AlexNet(nn.Module):
                         bias_init=bias_init, name="fc8")(x)
 
 
-@register_model
+# What every AlexNet entry shares: conv1 (11x11/4, pad 2) and the three 3x3/2 pools need 63 px.
+_META = dict(family="alexnet", has_batch_norm=False, min_input_size=63, classifier=("fc8",),
+             torchvision_keys=torchvision_keys, flatten_inputs={"fc6": (6, 6)},
+             paper="Krizhevsky et al. 2012")
+
+
+@register_model(**_META, torchvision=TorchvisionRef("alexnet", 56.522, 79.066, 0.714))
 def alexnet(**kwargs) -> AlexNet:
     return AlexNet(**{**CONFIGS["alexnet"], **kwargs})
 
 
-@register_model
+@register_model(**_META)
 def alexnet_original(**kwargs) -> AlexNet:
     return AlexNet(**{**CONFIGS["alexnet_original"], **kwargs})

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.models import layers
-from cnn_jax.models.registry import register_model
+from cnn_jax.models.registry import TorchvisionRef, path_rewrites, register_model
 
 Array = jax.Array
 
@@ -45,6 +45,11 @@ STEMS = ("imagenet", "cifar")
 # weights, U(+-1/sqrt(fan_in)); zero bias.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 _linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+# torchvision's state_dict prefix of each Flax module path (features_denseblock1/denselayer1 -> features.denseblock1.denselayer1): cnn_jax.convert.
+torchvision_keys = path_rewrites(
+    (r"^features_", "features."))
 
 
 class DenseLayer(nn.Module):
@@ -178,27 +183,41 @@ def densenet_bc_cifar(depth: int = 100, growth_rate: int = 12, **kwargs) -> Dens
                        "num_init_features": 2 * growth_rate, "stem": "cifar", **kwargs})
 
 
-@register_model
+# What every DenseNet entry shares. The ImageNet stem and three transitions need 29 px
+# (torchvision's min_size); the CIFAR stem and two transitions need 4.
+_META = dict(family="densenet", has_batch_norm=True, classifier=("classifier",),
+             torchvision_keys=torchvision_keys, paper="Huang et al. 2017")
+
+
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, min_input_size=29,
+                torchvision=TorchvisionRef("densenet121", 74.434, 91.972, 2.834))
 def densenet121(**kwargs) -> DenseNet:
     return _densenet("densenet121", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, min_input_size=29,
+                torchvision=TorchvisionRef("densenet161", 77.138, 93.56, 7.728))
 def densenet161(**kwargs) -> DenseNet:
     return _densenet("densenet161", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, min_input_size=29,
+                torchvision=TorchvisionRef("densenet169", 75.6, 92.806, 3.36))
 def densenet169(**kwargs) -> DenseNet:
     return _densenet("densenet169", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, min_input_size=29,
+                torchvision=TorchvisionRef("densenet201", 76.896, 93.37, 4.291))
 def densenet201(**kwargs) -> DenseNet:
     return _densenet("densenet201", **kwargs)
 
 
-@register_model
+@register_model(**_META, min_input_size=4, default_input_size=32)
 def densenet_bc_100(**kwargs) -> DenseNet:
     """DenseNet-BC (L=100, k=12) for CIFAR, about 0.8M parameters."""
     return densenet_bc_cifar(100, 12, **kwargs)

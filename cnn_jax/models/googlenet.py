@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.models import layers
-from cnn_jax.models.registry import register_model
+from cnn_jax.models.registry import TorchvisionRef, path_rewrites, register_model
 
 Array = jax.Array
 
@@ -62,6 +62,11 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # of the BVLC reference model (uniform, variance 1 / fan_in).
 _TORCHVISION_INIT = nn.initializers.normal(0.01)
 _PAPER_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+# torchvision's state_dict prefix of each Flax module path (inception3a/branch2_0/conv -> inception3a.branch2.0.conv): cnn_jax.convert.
+torchvision_keys = path_rewrites(
+    (r"/(branch\d)_(\d+)/", r"/\1.\2/"))
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -212,13 +217,22 @@ class GoogLeNet(nn.Module):
         return x
 
 
-@register_model
+# What both entries share; the auxiliary heads' 4x4 adaptive pools flatten into their fc1.
+_META = dict(family="googlenet", classifier=("fc",), aux_classifiers=("aux1", "aux2"),
+             torchvision_keys=torchvision_keys,
+             flatten_inputs={"aux1/fc1": (4, 4), "aux2/fc1": (4, 4)}, paper="Szegedy et al. 2015")
+
+
+# torchvision's IMAGENET1K_V1 weights (acc@1, acc@5, GFLOPS), which expect transform_input=True.
+@register_model(**_META, has_batch_norm=True, min_input_size=MIN_INPUT_SIZE["torchvision"],
+                torchvision=TorchvisionRef("googlenet", 69.778, 89.530, 1.498),
+                torchvision_options={"transform_input": True})
 def googlenet(**kwargs) -> GoogLeNet:
     """torchvision-compatible GoogLeNet (6,624,904 params; 13,004,888 with ``aux_logits=True``)."""
     return GoogLeNet(**kwargs)
 
 
-@register_model
+@register_model(**_META, has_batch_norm=False, min_input_size=MIN_INPUT_SIZE["paper"])
 def googlenet_paper(**kwargs) -> GoogLeNet:
     """GoogLeNet as in Szegedy et al. 2015: true 5x5 branches, LRN, no batch norm."""
     return GoogLeNet(**{"layout": "paper", **kwargs})

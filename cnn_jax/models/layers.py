@@ -7,8 +7,6 @@ shifts every sampling grid by one pixel and breaks weight compatibility with tor
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -105,58 +103,11 @@ def flatten(x: Array) -> Array:
     return x.reshape((x.shape[0], -1))
 
 
-class Conv(nn.Module):
-    """``nn.Conv`` with torch's symmetric integer padding and ``groups``."""
-
-    features: int
-    kernel_size: IntOrPair
-    strides: IntOrPair = 1
-    padding: IntOrPair = 0
-    groups: int = 1
-    use_bias: bool = True
-    dtype: Optional[Dtype] = None
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return nn.Conv(
-            self.features,
-            pair(self.kernel_size),
-            strides=pair(self.strides),
-            padding=torch_padding(self.padding),
-            feature_group_count=self.groups,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            name="conv",
-        )(x)
-
-
-# Axis over which batch norm averages its statistics (cross-device / "sync" BN, Goyal et al. 2017).
-# A trace-time setting rather than a field on every model: the same model runs per-device or
-# global-batch BN depending only on how the train step traces it.
-_BN_AXIS_NAME: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "bn_axis_name", default=None)
-
-
-@contextlib.contextmanager
-def cross_device_batch_norm(axis_name: Optional[str]):
-    """Within this block, models traced under pmap/shard_map normalize over ``axis_name``."""
-    token = _BN_AXIS_NAME.set(axis_name)
-    try:
-        yield
-    finally:
-        _BN_AXIS_NAME.reset(token)
-
-
 def batch_norm(train: bool, dtype: Optional[Dtype] = None, name: Optional[str] = None,
                epsilon: float = 1e-5, scale_init: Callable = nn.initializers.ones) -> nn.BatchNorm:
     """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5)."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                        dtype=dtype, scale_init=scale_init, name=name,
-                        axis_name=_BN_AXIS_NAME.get() if train else None)
+                        dtype=dtype, scale_init=scale_init, name=name)
 
 
 class ConvBNAct(nn.Module):

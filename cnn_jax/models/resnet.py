@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.models import layers
-from cnn_jax.models.registry import register_model
+from cnn_jax.models.registry import TorchvisionRef, path_rewrites, register_model
 
 Array = jax.Array
 Dtype = Any
@@ -53,6 +53,12 @@ Dtype = Any
 SHORTCUTS = ("A", "B", "C")
 NORM_PLACEMENTS = ("post", "pre", "conv_relu_bn", "none")
 STEMS = ("imagenet", "cifar")
+
+
+# torchvision's state_dict prefix of each Flax module path (layer1_0/downsample_conv -> layer1.0.downsample.0): cnn_jax.convert.
+torchvision_keys = path_rewrites(
+    (r"^(layer\d+)_(\d+)/", r"\1.\2/"), (r"/downsample_conv$", "/downsample.0"),
+    (r"/downsample_bn$", "/downsample.1"))
 
 
 def _check_options(shortcut: str, norm_placement: str, zero_init_residual: bool,
@@ -256,76 +262,88 @@ def _cifar(depth: int, **kwargs) -> ResNet:
                      "stem": "cifar", "shortcut": "A", **kwargs})
 
 
-@register_model
+# What every ResNet entry shares; any input size works (the global pool takes what is left).
+_META = dict(family="resnet", has_batch_norm=True, min_input_size=1, classifier=("fc",),
+             torchvision_keys=torchvision_keys, paper="He et al. 2016")
+# The CIFAR-10 networks of Sec. 4.2: 32 px inputs, no torchvision weights.
+_CIFAR_META = dict(_META, default_input_size=32)
+
+
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, torchvision=TorchvisionRef("resnet18", 69.758, 89.078, 1.814))
 def resnet18(**kwargs) -> ResNet:
     return _imagenet("resnet18", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, torchvision=TorchvisionRef("resnet34", 73.314, 91.42, 3.664))
 def resnet34(**kwargs) -> ResNet:
     return _imagenet("resnet34", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, torchvision=TorchvisionRef("resnet50", 76.13, 92.862, 4.089))
 def resnet50(**kwargs) -> ResNet:
     return _imagenet("resnet50", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, torchvision=TorchvisionRef("resnet101", 77.374, 93.546, 7.801))
 def resnet101(**kwargs) -> ResNet:
     return _imagenet("resnet101", **kwargs)
 
 
-@register_model
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
+@register_model(**_META, torchvision=TorchvisionRef("resnet152", 78.312, 94.046, 11.514))
 def resnet152(**kwargs) -> ResNet:
     return _imagenet("resnet152", **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def resnet20(**kwargs) -> ResNet:
     return _cifar(20, **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def resnet32(**kwargs) -> ResNet:
     return _cifar(32, **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def resnet44(**kwargs) -> ResNet:
     return _cifar(44, **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def resnet56(**kwargs) -> ResNet:
     return _cifar(56, **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def resnet110(**kwargs) -> ResNet:
     return _cifar(110, **kwargs)
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def plain20(**kwargs) -> ResNet:
     return _cifar(20, **{"skip": False, **kwargs})
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def plain32(**kwargs) -> ResNet:
     return _cifar(32, **{"skip": False, **kwargs})
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def plain44(**kwargs) -> ResNet:
     return _cifar(44, **{"skip": False, **kwargs})
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def plain56(**kwargs) -> ResNet:
     return _cifar(56, **{"skip": False, **kwargs})
 
 
-@register_model
+@register_model(**_CIFAR_META)
 def plain110(**kwargs) -> ResNet:
     return _cifar(110, **{"skip": False, **kwargs})

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax.models import layers
-from cnn_jax.models.registry import register_model
+from cnn_jax.models.registry import KeyMap, TorchvisionRef, register_model
 
 Entry = Union[int, str]
 
@@ -81,6 +81,13 @@ def torchvision_names(cfg: Sequence[Entry], batch_norm: bool) -> dict[str, str]:
     return mapping
 
 
+def torchvision_keys(model: nn.Module) -> KeyMap:
+    """Flax module path -> torchvision ``vgg*``'s state_dict prefix (cnn_jax.convert)."""
+    inverse = {flax_name: torch_name
+               for torch_name, flax_name in torchvision_names(model.cfg, model.batch_norm).items()}
+    return lambda path: inverse.get(path[0]) if len(path) == 1 else None
+
+
 class VGG(nn.Module):
     """VGG (Simonyan & Zisserman 2015) with the paper's fully-convolutional evaluation as an option.
 
@@ -143,51 +150,59 @@ def _vgg(cfg: str, batch_norm: bool, /, **kwargs) -> VGG:
     return VGG(**{"cfg": CONFIGS[cfg], "batch_norm": batch_norm, **kwargs})
 
 
-@register_model
+def _meta(batch_norm: bool, torchvision: Optional[TorchvisionRef] = None) -> dict:
+    """Registry metadata of a VGG; five 2x2 pools need 32 px (224 with ``fully_conv``)."""
+    return dict(family="vgg", has_batch_norm=batch_norm, min_input_size=32, classifier=("fc8",),
+                torchvision=torchvision, torchvision_keys=torchvision_keys,
+                flatten_inputs={"fc6": (7, 7)}, paper="Simonyan & Zisserman 2015")
+
+
+# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5 and GFLOPS (MACs at 224 px).
+@register_model(**_meta(False, TorchvisionRef("vgg11", 69.020, 88.628, 7.609)))
 def vgg11(**kwargs) -> VGG:
     return _vgg("A", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(True, TorchvisionRef("vgg11_bn", 70.370, 89.810, 7.609)))
 def vgg11_bn(**kwargs) -> VGG:
     return _vgg("A", True, **kwargs)
 
 
-@register_model
+@register_model(**_meta(False))
 def vgg11_lrn(**kwargs) -> VGG:
     return _vgg("A-LRN", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(False, TorchvisionRef("vgg13", 69.928, 89.246, 11.308)))
 def vgg13(**kwargs) -> VGG:
     return _vgg("B", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(True, TorchvisionRef("vgg13_bn", 71.586, 90.374, 11.308)))
 def vgg13_bn(**kwargs) -> VGG:
     return _vgg("B", True, **kwargs)
 
 
-@register_model
+@register_model(**_meta(False, TorchvisionRef("vgg16", 71.592, 90.382, 15.47)))
 def vgg16(**kwargs) -> VGG:
     return _vgg("D", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(True, TorchvisionRef("vgg16_bn", 73.360, 91.516, 15.47)))
 def vgg16_bn(**kwargs) -> VGG:
     return _vgg("D", True, **kwargs)
 
 
-@register_model
+@register_model(**_meta(False))
 def vgg16_c(**kwargs) -> VGG:
     return _vgg("C", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(False, TorchvisionRef("vgg19", 72.376, 90.876, 19.632)))
 def vgg19(**kwargs) -> VGG:
     return _vgg("E", False, **kwargs)
 
 
-@register_model
+@register_model(**_meta(True, TorchvisionRef("vgg19_bn", 74.218, 91.842, 19.632)))
 def vgg19_bn(**kwargs) -> VGG:
     return _vgg("E", True, **kwargs)
