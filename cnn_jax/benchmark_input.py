@@ -12,7 +12,6 @@ cost of preprocessing without disk reads. ``--dataset`` times ``create_train_ite
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import time
@@ -89,31 +88,43 @@ def run_benchmark(batch_size: int = 256, image_size: int = 224, num_batches: int
                 augment=augment or "inception")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnn_jax.benchmark_input",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--batch_size", type=int, default=256, help="global batch (one device)")
-    parser.add_argument("--image_size", type=int, default=224, help="output resolution")
-    parser.add_argument("--num_batches", type=int, default=20, help="timed batches")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--augment", default=None, help="preset or field=value items (default: "
-                        "Inception random-resized crop + flip)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--source_size", default="500x375", help="synthetic JPEG WIDTHxHEIGHT")
-    parser.add_argument("--num_images", type=int, default=64, help="distinct synthetic JPEGs")
-    parser.add_argument("--dataset", default=None, help="time create_train_iterator on this "
-                        "prepared dataset instead of synthetic JPEGs")
-    parser.add_argument("--data_dir", default=None, help="TFDS data_dir for --dataset")
-    args = parser.parse_args(argv)
-    r = run_benchmark(args.batch_size, args.image_size, args.num_batches, args.warmup,
-                      args.augment, args.dtype, args.source_size, args.num_images, args.dataset,
-                      args.data_dir)
+def define_flags(fv, argv) -> None:
+    from absl import flags
+
+    from cnn_jax.configs.validation import DTYPES
+
+    del argv
+    flags.DEFINE_integer("batch_size", 256, "global batch (one device)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "output resolution", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("num_batches", 20, "timed batches", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "untimed batches first", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("augment", None, "preset or field=value items (default: Inception "
+                        "random-resized crop + flip)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "output dtype", flag_values=fv)
+    flags.DEFINE_string("source_size", "500x375", "synthetic JPEG WIDTHxHEIGHT", flag_values=fv)
+    flags.DEFINE_integer("num_images", 64, "distinct synthetic JPEGs", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_string("dataset", None, "time create_train_iterator on this prepared dataset "
+                        "instead of synthetic JPEGs", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir for --dataset", flag_values=fv)
+
+
+def run(fv) -> int:
+    r = run_benchmark(fv.batch_size, fv.image_size, fv.num_batches, fv.warmup, fv.augment,
+                      fv.dtype, fv.source_size, fv.num_images, fv.dataset, fv.data_dir)
     # Images per CPU-second is what one core sustains; it stays meaningful on a busy machine.
     print(f"input pipeline: {r['images_per_second']:.0f} images/s on {r['cores']} CPU cores "
           f"({r['images_per_cpu_second']:.0f} images per CPU-second); "
           f"decode + {r['augment']} crop + flip + normalize + batch {r['batch_size']} of "
           f"{r['image_size']}x{r['image_size']} {r['dtype']} from {r['what']}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from cnn_jax import cli
+
+    return cli.run_command("cnn_jax.benchmark_input", define_flags, run, argv)
 
 
 if __name__ == "__main__":

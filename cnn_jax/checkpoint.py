@@ -58,8 +58,14 @@ class Checkpointer:
             enable_async_checkpointing=async_save and not read_only,
             read_only=read_only, create=not read_only)
         self.directory = checkpoint_dir(workdir)
+        # The two items and their handlers (Orbax's replacement of the deprecated item_names).
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+                                    ("meta", ocp.args.JsonSave, ocp.args.JsonRestore)):
+            registry.add(item, save)
+            registry.add(item, restore)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+                                             handler_registry=registry)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

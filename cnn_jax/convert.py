@@ -18,7 +18,8 @@ rows are permuted, which also makes VGG's fully-convolutional mode right.
 GoogLeNet: torchvision's published file holds the auxiliary heads (``aux1.*``, ``aux2.*``) although
 they are not used at inference; converting to a model with ``aux_logits=False`` (the default) drops
 them, ``aux_logits=True`` requires them. The published weights expect ``transform_input=True``,
-which the command sets for GoogLeNet unless ``--model_kwargs`` says otherwise.
+which the command sets for GoogLeNet (the registry entry's ``torchvision_options``) unless
+``--model.transform_input=false`` says otherwise; ``--model.FIELD=VALUE`` sets any model option.
 
 The command writes a :class:`cnn_jax.checkpoint.Checkpointer` directory ``DIR/checkpoints/0`` whose
 ``state`` item is ``{'params', 'batch_stats'}`` (not a whole TrainState: there is no optimizer
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -386,41 +387,54 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
 # ----------------------------------------------------------------------------- command
 
 
-def main(argv=None) -> int:
-    import argparse
+def define_flags(fv, argv: List[str]) -> None:
+    """The command's flags on ``fv``; ``argv`` tells config_flags which ``--model.*`` to define."""
+    import ml_collections
+    from absl import flags
+    from ml_collections import config_flags
 
-    parser = argparse.ArgumentParser(
-        prog="python -m cnn_jax.convert",
-        description="Convert a torchvision .pth state_dict into a cnn_jax Orbax checkpoint.")
-    parser.add_argument("--arch", required=True, help="registered architecture, e.g. resnet50")
-    parser.add_argument("--torch_checkpoint", required=True, help="the .pth file")
-    parser.add_argument("--output", required=True, help="directory to write (must be empty)")
-    parser.add_argument("--num_classes", type=int, default=None,
-                        help="expected class count (default: the file's)")
-    parser.add_argument("--model_kwargs", default=None,
-                        help="model options, e.g. 'aux_logits=True' (default for googlenet: "
-                             "'transform_input=True', which torchvision's published weights need)")
-    args = parser.parse_args(argv)
+    flags.DEFINE_string("arch", None, "registered architecture, e.g. resnet50", flag_values=fv)
+    flags.DEFINE_string("torch_checkpoint", None, "the .pth file", flag_values=fv)
+    flags.DEFINE_string("output", None, "directory to write (must be empty)", flag_values=fv)
+    flags.DEFINE_integer("num_classes", None, "expected class count (default: the file's)",
+                         flag_values=fv)
+    config_flags.DEFINE_config_dict(
+        "model", ml_collections.ConfigDict(),
+        "model options, e.g. --model.aux_logits=true (GoogLeNet gets transform_input=True, which "
+        "torchvision's published weights need, unless --model.transform_input=false)",
+        flag_values=fv, lock_config=False, accept_new_attributes=True, sys_argv=argv)
 
-    from cnn_jax import configs
 
-    try:
-        kwargs = (default_model_kwargs(args.arch) if args.model_kwargs is None
-                  else configs.parse_model_kwargs(args.model_kwargs))
-        state_dict = load_torch_state_dict(args.torch_checkpoint)
-        variables = from_torch_state_dict(args.arch, state_dict, args.num_classes, **kwargs)
-        step_dir = save_converted(args.output, args.arch, variables, kwargs,
-                                  args.torch_checkpoint)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+def run(fv) -> int:
+    """Convert as the parsed flags say (bad input: a ValueError, one line from cli.run_command)."""
+    from cnn_jax.models import check_model_options
     from cnn_jax.models.layers import count_params
-    print(f"converted {args.torch_checkpoint} -> {step_dir} ({args.arch}, "
+
+    for name in ("arch", "torch_checkpoint", "output"):
+        if not fv[name].value:
+            raise ValueError(f"pass --{name}")
+    options = check_model_options(fv.arch, {**default_model_options(fv.arch),
+                                            **fv.model.to_dict()})
+    try:
+        state_dict = load_torch_state_dict(fv.torch_checkpoint)
+    except (ImportError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from e
+    variables = from_torch_state_dict(fv.arch, state_dict, fv.num_classes, **options)
+    step_dir = save_converted(fv.output, fv.arch, variables, options, fv.torch_checkpoint)
+    print(f"converted {fv.torch_checkpoint} -> {step_dir} ({fv.arch}, "
           f"{count_params(variables['params']):,} parameters)")
     return 0
 
 
-if __name__ == "__main__":
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m cnn_jax.convert --arch=... --torch_checkpoint=... --output=...``."""
     from absl import logging
+
+    from cnn_jax import cli
+
     logging.set_verbosity(logging.ERROR)  # Orbax's notes on checkpoint options are noise here
+    return cli.run_command("cnn_jax.convert", define_flags, run, argv)
+
+
+if __name__ == "__main__":
     sys.exit(main())

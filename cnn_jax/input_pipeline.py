@@ -20,7 +20,7 @@ real examples with ``mask``, so every example is counted exactly once on any dev
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf

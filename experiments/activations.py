@@ -4,18 +4,17 @@ A plain CIFAR network (He et al. 2016, Sec. 4.2: a 3x3 conv stem, three stages o
 global pooling, one dense layer; 6n + 2 weight layers) built here from ``layers.ConvBNAct`` with a
 configurable activation. For every activation and depth it records the norm of the loss gradient
 with respect to each layer's kernel on a fixed batch: at initialization both without and with
-batch norm, and, for the networks it trains (with batch norm unless ``--no-norm``), at every
+batch norm, and, for the networks it trains (with batch norm unless ``--nonorm``), at every
 evaluation during training, plus the usual training curves.
 
     python -m experiments.activations                    # depths 8 and 20 on shapes, CPU minutes
-    python -m experiments.activations --no-norm          # train the networks without batch norm
+    python -m experiments.activations --nonorm          # train the networks without batch norm
     python -m experiments.activations --depths=20,56 --widths=16,32,64 --dataset=cifar10 \\
         --epochs=30 --batch_size=128 --augment=''        # deeper, on CIFAR-10
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 
@@ -50,7 +51,7 @@ gradient norms are ||dL/dW|| of each layer's kernel for one fixed batch of 256 v
 (train mode): at initialization for every network without and with batch norm, and during
 training for the trained networks. Without batch norm none of these plain networks leaves chance
 level within the default few hundred steps on `shapes` (tried: AdamW 1e-3 and 3e-3, Nesterov SGD
-0.01 and 0.05), so by default the trained networks have batch norm (`--no-norm` trains them
+0.01 and 0.05), so by default the trained networks have batch norm (`--nonorm` trains them
 without)."""
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
@@ -348,18 +349,15 @@ def observe(runs: Sequence[common.Run], reference: Sequence[Dict[str, Any]], arg
 
 
 def add_flags(p) -> None:
-    p.add_argument("--depths", type=common.int_tuple, default=None,
-                   help="plain-net depths 6n+2 (default 8,20)")
-    p.add_argument("--activations", type=common.str_tuple, default=ACTIVATIONS,
-                   help=f"activations of cnn_jax.models.layers.ACTIVATIONS (default "
-                   f"{','.join(ACTIVATIONS)})")
+    common.define_tuple(p, "depths", None, "plain-net depths 6n+2 (default 8,20)", item=int)
+    common.define_tuple(p, "activations", ACTIVATIONS, "activations of "
+                        "cnn_jax.models.layers.ACTIVATIONS")
     common.add_widths_flag(p)
-    p.add_argument("--norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the networks with batch norm after every conv (--no-norm: "
-                   "without); gradient norms at init are recorded both ways")
-    p.add_argument("--init", choices=("gain", "lecun"), default="gain",
-                   help="gain: N(0, gain^2/fan_in) with the activation's gain; lecun: gain 1 "
-                   "for every activation")
+    flags.DEFINE_bool("norm", True, "train the networks with batch norm after every conv "
+                      "(--nonorm: without); gradient norms at init are recorded both ways",
+                      flag_values=p)
+    flags.DEFINE_enum("init", "gain", ["gain", "lecun"], "gain: N(0, gain^2/fan_in) with the "
+                      "activation's gain; lecun: gain 1 for every activation", flag_values=p)
 
 
 def build_model(args, num_classes: int, depth: int, activation: str, norm: bool,

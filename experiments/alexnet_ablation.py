@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from experiments import common  # noqa: E402
 
 NAME = "alexnet_ablation"
@@ -63,10 +65,10 @@ CAVEATS = [
 
 
 def add_flags(p) -> None:
-    p.add_argument("--full_width", action="store_true",
-                   help="the paper's widths 96-256-384-384-256 and 4096-unit fc layers")
-    p.add_argument("--fc_features", type=int, default=None,
-                   help=f"units of fc6 and fc7 (default {QUARTER_FC}; 4096 with --full_width)")
+    flags.DEFINE_bool("full_width", False, "the paper's widths 96-256-384-384-256 and 4096-unit "
+                      "fc layers", flag_values=p)
+    flags.DEFINE_integer("fc_features", None, f"units of fc6 and fc7 (default {QUARTER_FC}; 4096 "
+                         "with --full_width)", lower_bound=1, flag_values=p)
 
 
 def build_variants(args) -> List[common.Variant]:

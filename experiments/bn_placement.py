@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from experiments import common  # noqa: E402
 
 NAME = "bn_placement"
@@ -45,9 +47,10 @@ CAVEATS = [
 
 
 def add_flags(p) -> None:
-    p.add_argument("--arch", default="resnet20", help="registered CIFAR ResNet (resnet20..110)")
-    p.add_argument("--placements", type=common.str_tuple, default=PLACEMENTS,
-                   help=f"norm_placement values to compare, from {', '.join(PLACEMENTS)}")
+    flags.DEFINE_string("arch", "resnet20", "registered CIFAR ResNet (resnet20..110)",
+                        flag_values=p)
+    common.define_tuple(p, "placements", PLACEMENTS, "norm_placement values to compare, from "
+                        f"{', '.join(PLACEMENTS)}")
     common.add_widths_flag(p)
 
 

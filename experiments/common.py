@@ -16,7 +16,6 @@ seconds (the tests use it).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -27,10 +26,13 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # TensorFlow (imported later, by the input pipeline) reads this when it loads: its INFO is noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = os.path.join(REPO_ROOT, "experiments", "results")
@@ -52,42 +54,101 @@ SMOKE: Dict[str, Any] = dict(dataset="shapes/{image_size}px_n96_v32", epochs=1.0
 # ------------------------------------------------------------------------------------ flags
 
 
-def make_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """A parser with the flags every experiment shares (defaults resolved by :func:`parse`)."""
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
-    p.add_argument("--dataset", help=f"TFDS dataset, e.g. cifar10, imagenet2012 or a `shapes` "
-                   f"config (default {DEFAULTS['dataset']})")
-    p.add_argument("--data_dir", help="TFDS data_dir (default $TFDS_DATA_DIR or "
-                   "~/tensorflow_datasets)")
-    p.add_argument("--image_size", type=int, help="square training resolution")
-    p.add_argument("--epochs", type=float, help="training epochs per variant")
-    p.add_argument("--batch_size", type=int, help="global batch size")
-    p.add_argument("--learning_rate", type=float, help="peak learning rate (not batch-scaled)")
-    p.add_argument("--optimizer", choices=("sgd", "nesterov", "adamw", "lars"))
-    p.add_argument("--weight_decay", type=float)
-    p.add_argument("--warmup_epochs", type=float, help="linear warmup before the cosine decay")
-    p.add_argument("--grad_clip_norm", type=float, help="global gradient clipping (0 = off)")
-    p.add_argument("--augment", help="augmentation: 'none', '' (the dataset's default random "
-                   "crops and flips), a preset (inception, vgg, alexnet) or field=value items")
-    p.add_argument("--evals_per_epoch", type=int, help="validation points per epoch")
-    p.add_argument("--logs_per_epoch", type=int, help="training-curve points per epoch")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--variants", default="", help="comma-separated subset of variant labels")
-    p.add_argument("--out", default=None,
-                   help=f"results folder (default experiments/results/{name})")
-    p.add_argument("--workdir", default=None,
-                   help="keep each run's checkpoints and metrics.jsonl under this folder (a "
-                   "re-run resumes them); default: a temporary folder, deleted afterwards")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny dataset and networks, one epoch: checks the pipeline in seconds")
-    return p
+Args = types.SimpleNamespace  # the parsed flags of one experiment run
 
 
-def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-          defaults: Mapping[str, Any] = (), smoke: Mapping[str, Any] = ()) -> argparse.Namespace:
-    """Parse ``argv``; unset flags take the experiment's (or --smoke's) value, then DEFAULTS."""
+class _TupleParser(flags.ArgumentParser):
+    """``"8,16,32"`` -> ``(8, 16, 32)`` (``item=int``) or ``("a", "b")`` (``item=str``)."""
+
+    def __init__(self, item: Callable[[str], Any]):
+        super().__init__()
+        self.item = item
+
+    def parse(self, argument: Any) -> Tuple[Any, ...]:
+        if not isinstance(argument, str):
+            return tuple(argument)
+        return int_tuple(argument) if self.item is int else str_tuple(argument)
+
+    def flag_type(self) -> str:
+        return "comma-separated list"
+
+
+def define_tuple(fv: flags.FlagValues, name: str, default: Optional[Sequence[Any]], help: str,
+                 item: Callable[[str], Any] = str) -> None:
+    """A ``--name=a,b,c`` flag whose value is a tuple (of ints with ``item=int``)."""
+    flags.DEFINE(_TupleParser(item), name, None if default is None else ",".join(map(str, default)),
+                 help, flag_values=fv, serializer=flags.CsvListSerializer(","))
+
+
+class ExperimentFlags(flags.FlagValues):
+    """The flags of one experiment, with its command name and description (for --help)."""
+
+    def __init__(self, prog: str, description: str):
+        super().__init__()
+        # FlagValues turns attribute assignment into flag assignment; these are not flags.
+        self.__dict__["prog"], self.__dict__["description"] = prog, description
+
+
+def make_parser(name: str, description: str) -> ExperimentFlags:
+    """The absl flags every experiment shares, on a FlagValues of its own (defaults resolved by
+    :func:`parse`); an experiment's ``add_flags(fv)`` defines its own on it."""
+    fv = ExperimentFlags(f"experiments.{name}", description)
+    flags.DEFINE_string("dataset", None, f"TFDS dataset, e.g. cifar10, imagenet2012 or a `shapes` "
+                        f"config (default {DEFAULTS['dataset']})", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir (default $TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets)", flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "square training resolution", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("epochs", None, "training epochs per variant", lower_bound=0,
+                       flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "global batch size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("learning_rate", None, "peak learning rate (not batch-scaled)",
+                       flag_values=fv)
+    flags.DEFINE_enum("optimizer", None, ["sgd", "nesterov", "adamw", "lars"], "optimizer",
+                      flag_values=fv)
+    flags.DEFINE_float("weight_decay", None, "weight decay", lower_bound=0, flag_values=fv)
+    flags.DEFINE_float("warmup_epochs", None, "linear warmup before the cosine decay",
+                       lower_bound=0, flag_values=fv)
+    flags.DEFINE_float("grad_clip_norm", None, "global gradient clipping (0 = off)",
+                       lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("augment", None, "augmentation: 'none', '' (the dataset's default random "
+                        "crops and flips), a preset (inception, vgg, alexnet) or field=value items",
+                        flag_values=fv)
+    flags.DEFINE_integer("evals_per_epoch", None, "validation points per epoch", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("logs_per_epoch", None, "training-curve points per epoch",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", None, "random seed", flag_values=fv)
+    flags.DEFINE_string("variants", "", "comma-separated subset of variant labels",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, f"results folder (default experiments/results/{name})",
+                        flag_values=fv)
+    flags.DEFINE_string("workdir", None, "keep each run's checkpoints and metrics.jsonl under "
+                        "this folder (a re-run resumes them); default: a temporary folder, "
+                        "deleted afterwards", flag_values=fv)
+    flags.DEFINE_bool("smoke", False, "tiny dataset and networks, one epoch: checks the pipeline "
+                      "in seconds", flag_values=fv)
+    return fv
+
+
+def parse(parser: ExperimentFlags, argv: Optional[Sequence[str]],
+          defaults: Mapping[str, Any] = (), smoke: Mapping[str, Any] = ()) -> Args:
+    """Parse ``argv``; unset flags take the experiment's (or --smoke's) value, then DEFAULTS.
+
+    A bad flag is a one-line ``error: ...`` (SystemExit), as in every cnn_jax command.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: python -m {parser.prog} [flags]\n\n{parser.description}\n\n"
+              f"{parser.get_help()}")
+        raise SystemExit(0)
+    try:
+        extra = parser([parser.prog, *argv])
+    except flags.Error as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from None
+    if len(extra) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(extra[1:])}")
+    args = Args(**{name: parser[name].value for name in parser})
     values = {**DEFAULTS, **dict(defaults)}
     if args.smoke:
         values.update(SMOKE)
@@ -104,12 +165,11 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
 
 
 def int_tuple(text: str) -> Tuple[int, ...]:
-    """``"8,16,32"`` -> ``(8, 16, 32)`` (argparse type)."""
+    """``"8,16,32"`` -> ``(8, 16, 32)``."""
     try:
         return tuple(int(v) for v in text.replace(" ", "").strip("()").split(",") if v)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def str_tuple(text: str) -> Tuple[str, ...]:
@@ -189,13 +249,13 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-def dataset_info(args: argparse.Namespace):
+def dataset_info(args: Args):
     from cnn_jax import input_pipeline
 
     return input_pipeline.get_dataset_info(args.dataset, args.data_dir, image_size=args.image_size)
 
 
-def training_config(variant: Variant, args: argparse.Namespace, steps_per_epoch: int):
+def training_config(variant: Variant, args: Args, steps_per_epoch: int):
     """The training config of one variant: the dataset's recipe with the experiment's recipe."""
     from cnn_jax import configs
 
@@ -227,7 +287,7 @@ def training_config(variant: Variant, args: argparse.Namespace, steps_per_epoch:
     config.keep_checkpoints = 1
     config.async_checkpointing = False
     config.progress_bar = False
-    config.model_kwargs = ", ".join(f"{k}={v!r}" for k, v in variant.model_kwargs.items())
+    config.model = configs.model_config(variant.model_kwargs)
     for key, value in variant.config.items():
         setattr(config, key, value)
     return config
@@ -283,7 +343,7 @@ class Workdirs:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def train_variant(variant: Variant, args: argparse.Namespace, workdir: str, info=None) -> Run:
+def train_variant(variant: Variant, args: Args, workdir: str, info=None) -> Run:
     """Train one variant with cnn_jax.train_lib; a diverging run is recorded, not raised."""
     from cnn_jax import metrics as metrics_lib
     from cnn_jax import optim, train_lib
@@ -306,7 +366,7 @@ def train_variant(variant: Variant, args: argparse.Namespace, workdir: str, info
                time.time() - start, error)
 
 
-def run_variants(variants: Sequence[Variant], args: argparse.Namespace) -> List[Run]:
+def run_variants(variants: Sequence[Variant], args: Args) -> List[Run]:
     """Train every variant in turn (each in its own workdir)."""
     info = dataset_info(args)
     dirs = Workdirs(args.workdir)
@@ -463,7 +523,7 @@ SUMMARY_TABLE = (("variant", "variant"), ("params", "params"), ("macs", "MACs/im
                  ("wall_seconds", "wall s"), ("status", "status"))
 
 
-def setup_lines(args: argparse.Namespace, info=None) -> List[str]:
+def setup_lines(args: Args, info=None) -> List[str]:
     """The recipe, as markdown bullet points."""
     import jax
 
@@ -514,7 +574,7 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%" if math.isfinite(x) else "n/a"
 
 
-def write_standard_results(name: str, args: argparse.Namespace, runs: Sequence[Run], *,
+def write_standard_results(name: str, args: Args, runs: Sequence[Run], *,
                            title: str, intro: str, observations: Sequence[str],
                            caveats: Sequence[str], seconds: float,
                            extra_tables: Sequence[Tuple[str, str]] = (),
@@ -552,13 +612,12 @@ CIFAR_WIDTHS = (8, 16, 32)  # half the paper's 16-32-64: four times cheaper, sam
 SMOKE_WIDTHS = (4, 8, 8)
 
 
-def add_widths_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--widths", type=int_tuple, default=None,
-                        help="filters of the three CIFAR stages (paper: 16,32,64; default "
-                        f"{','.join(map(str, CIFAR_WIDTHS))})")
+def add_widths_flag(fv: flags.FlagValues) -> None:
+    define_tuple(fv, "widths", None, "filters of the three CIFAR stages (paper: 16,32,64; "
+                 f"default {','.join(map(str, CIFAR_WIDTHS))})", item=int)
 
 
-def cifar_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+def cifar_kwargs(args: Args) -> Dict[str, Any]:
     """Model overrides of the CIFAR ResNets: ``--widths``, and one block per stage in --smoke."""
     widths = tuple(args.widths) if args.widths else (SMOKE_WIDTHS if args.smoke else CIFAR_WIDTHS)
     kwargs: Dict[str, Any] = {"widths": widths}
@@ -606,9 +665,9 @@ def ranking_notes(runs: Sequence[Run]) -> List[str]:
 
 def run_standard(name: str, argv: Optional[Sequence[str]], *, title: str, intro: str,
                  caveats: Sequence[str],
-                 build_variants: Callable[[argparse.Namespace], List[Variant]],
-                 observe: Callable[[Sequence[Run], argparse.Namespace, Any], List[str]],
-                 add_flags: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                 build_variants: Callable[[Args], List[Variant]],
+                 observe: Callable[[Sequence[Run], Args, Any], List[str]],
+                 add_flags: Optional[Callable[[flags.FlagValues], None]] = None,
                  defaults: Mapping[str, Any] = (), smoke: Mapping[str, Any] = (),
                  extra_tables: Optional[Callable[[Sequence[Run]], List[Tuple[str, str]]]] = None,
                  description: str = "") -> int:

@@ -45,8 +45,8 @@ CAVEATS = [
 
 
 def add_flags(p) -> None:
-    p.add_argument("--depths", type=common.int_tuple, default=(20, 56),
-                   help=f"CIFAR depths with a registered plainN/resnetN: {CIFAR_DEPTHS}")
+    common.define_tuple(p, "depths", (20, 56), "CIFAR depths with a registered plainN/resnetN: "
+                        f"{CIFAR_DEPTHS}", item=int)
     common.add_widths_flag(p)
 
 

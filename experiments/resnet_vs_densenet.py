@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from experiments import common  # noqa: E402
 
 NAME = "resnet_vs_densenet"
@@ -49,14 +51,14 @@ CAVEATS = [
 
 
 def add_flags(p) -> None:
-    p.add_argument("--resnet", default="resnet20", help="registered CIFAR ResNet")
+    flags.DEFINE_string("resnet", "resnet20", "registered CIFAR ResNet", flag_values=p)
     common.add_widths_flag(p)
-    p.add_argument("--growth_rate", type=int, default=None,
-                   help="DenseNet growth rate k (default: 3/4 of the ResNet's first width, i.e. "
-                   "6 for widths 8,16,32 and 12 for the paper's 16,32,64)")
-    p.add_argument("--densenet_depth", type=int, default=0,
-                   help="DenseNet-BC depth 6n+4 (default 0: the depth whose parameter count is "
-                   "closest to the ResNet's)")
+    flags.DEFINE_integer("growth_rate", None, "DenseNet growth rate k (default: 3/4 of the "
+                         "ResNet's first width, i.e. 6 for widths 8,16,32 and 12 for the paper's "
+                         "16,32,64)", lower_bound=1, flag_values=p)
+    flags.DEFINE_integer("densenet_depth", 0, "DenseNet-BC depth 6n+4 (default 0: the depth "
+                         "whose parameter count is closest to the ResNet's)", lower_bound=0,
+                         flag_values=p)
 
 
 def densenet_kwargs(depth: int, growth_rate: int) -> Dict[str, object]:

@@ -9,7 +9,6 @@ others; the exit code is 1 if any failed.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -21,6 +20,8 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from experiments import common  # noqa: E402
 
 EXPERIMENTS = ("degradation", "bn_placement", "shortcuts", "activations", "alexnet_ablation",
@@ -28,16 +29,24 @@ EXPERIMENTS = ("degradation", "bn_placement", "shortcuts", "activations", "alexn
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run_all",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated experiment names")
-    parser.add_argument("--out_root", default=None, help="write <out_root>/<name>/ instead")
-    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    fv = flags.FlagValues()
+    flags.DEFINE_string("only", "", "comma-separated experiment names", flag_values=fv)
+    flags.DEFINE_string("out_root", None, "write <out_root>/<name>/ instead", flag_values=fv)
+    argv = ["experiments.run_all", *(sys.argv[1:] if argv is None else argv)]
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: python -m experiments.run_all [flags] [any experiment's flags]\n\n"
+              f"{fv.get_help()}")
+        return 0
+    try:
+        rest = fv(argv, known_only=True)[1:]  # the experiments' own flags
+    except flags.Error as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from None
+    args = fv
     names = [n for n in common.str_tuple(args.only)] or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
-        parser.error(f"unknown experiment(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(EXPERIMENTS)}")
+        raise SystemExit(f"error: unknown experiment(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(EXPERIMENTS)}")
     root = args.out_root or common.RESULTS_ROOT
     os.makedirs(root, exist_ok=True)
     status = {}

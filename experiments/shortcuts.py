@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from experiments import common  # noqa: E402
 
 NAME = "shortcuts"
@@ -42,10 +44,9 @@ CAVEATS = [
 
 
 def add_flags(p) -> None:
-    p.add_argument("--arch", default="resnet20",
-                   help="registered ResNet (CIFAR resnet20..110 or ImageNet resnet18..152)")
-    p.add_argument("--options", type=common.str_tuple, default=OPTIONS,
-                   help="shortcut options to compare (A, B, C)")
+    flags.DEFINE_string("arch", "resnet20", "registered ResNet (CIFAR resnet20..110 or ImageNet "
+                        "resnet18..152)", flag_values=p)
+    common.define_tuple(p, "options", OPTIONS, "shortcut options to compare (A, B, C)")
     common.add_widths_flag(p)
 
 
@@ -53,7 +54,9 @@ def build_variants(args) -> List[common.Variant]:
     for opt in args.options:
         if opt not in OPTIONS:
             raise ValueError(f"unknown shortcut {opt!r}; choose from {', '.join(OPTIONS)}")
-    cifar = args.arch.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"))
+    from cnn_jax.models import model_info
+
+    cifar = model_info(args.arch).default_input_size == 32  # the CIFAR nets of Sec. 4.2
     base = common.cifar_kwargs(args) if cifar else {}
     return [common.Variant(f"shortcut {opt}", args.arch, {**base, "shortcut": opt})
             for opt in args.options]

@@ -8,7 +8,6 @@ its variants here; the variant lists themselves are checked without training bel
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -167,8 +166,10 @@ def test_parse_precedence():
     args = common.parse(parser, ["--smoke", "--epochs=2", "--dataset=cifar10"])
     assert args.epochs == 2.0 and args.dataset == "cifar10"
     assert common.int_tuple("16,32,64") == (16, 32, 64)
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(ValueError, match="comma-separated integers"):
         common.int_tuple("16,x")
+    with pytest.raises(SystemExit, match="error: flag --widths=16,x: expected comma-separated"):
+        _args(degradation, ["--widths=16,x"])
 
 
 def test_default_variants_are_the_papers_comparisons():

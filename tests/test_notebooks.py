@@ -1,4 +1,6 @@
-"""Every notebook runs top to bottom (small sizes: CNN_JAX_NOTEBOOK_SMOKE=1) and matches _build.py.
+"""Every notebook source (``notebooks/*.py``, jupytext percent scripts) runs top to bottom in small
+mode (CNN_JAX_NOTEBOOK_SMOKE=1), and its paired ``.ipynb`` holds the same cells with the outputs
+of a full run.
 
 The notebooks run in a fresh ``python3`` kernel (the venv's ipykernel) with the working directory
 ``notebooks/``; ``shapes`` data goes to a temporary TFDS folder, and XLA compiles at optimization
@@ -7,52 +9,48 @@ level 0, which makes the small networks' compilation several times faster.
 
 from __future__ import annotations
 
-import importlib.util
+import glob
 import os
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need nbformat (the dev extra)")
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need nbclient (the dev extra)")
+jupytext = pytest.importorskip("jupytext", reason="notebook tests need jupytext (the dev extra)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 CELL_TIMEOUT = 300
 # notebook -> (shows markdown tables, draws figures)
-EXPECTED = {"01_model_zoo.ipynb": (True, False), "02_receptive_fields.ipynb": (True, True),
-            "03_train_and_checkpoint.ipynb": (False, True),
-            "04_ablation_results.ipynb": (True, True)}
+EXPECTED = {"01_model_zoo.py": (True, False), "02_receptive_fields.py": (True, True),
+            "03_train_and_checkpoint.py": (False, True), "04_ablation_results.py": (True, True)}
+NAMES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(NOTEBOOKS, "*.py")))
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("notebooks_build",
-                                                  os.path.join(NOTEBOOKS, "_build.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BUILD = _builder()
-NAMES = sorted(BUILD.NOTEBOOKS)
+def _source(name):
+    return jupytext.read(os.path.join(NOTEBOOKS, name))
 
 
 def test_there_are_the_four_notebooks():
-    assert NAMES == ["01_model_zoo.ipynb", "02_receptive_fields.ipynb",
-                     "03_train_and_checkpoint.ipynb", "04_ablation_results.ipynb"]
+    assert NAMES == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_matches_build_script(name):
-    """The .ipynb cells are exactly _build.py's (rebuild with `python notebooks/_build.py`)."""
-    committed = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+def test_paired_notebook_has_the_cells_and_outputs_of_a_run(name):
+    """The .ipynb holds the source's cells (``jupytext --sync notebooks/*.py`` pairs them) and the
+    outputs of a clean top-to-bottom run: every code cell ran, in order, without an error."""
+    committed = nbformat.read(os.path.join(NOTEBOOKS, name[:-3] + ".ipynb"), as_version=4)
     nbformat.validate(committed)
-    built = BUILD.build(BUILD.NOTEBOOKS[name])
+    source = _source(name)
     assert [(c.cell_type, c.source) for c in committed.cells] == \
-        [(c.cell_type, c.source) for c in built.cells]
+        [(c.cell_type, c.source) for c in source.cells]
     assert committed.metadata.kernelspec.name == "python3"
-    for cell in committed.cells:  # stored outputs, if any, come from a clean run
-        for out in cell.get("outputs", []):
-            assert out.get("output_type") != "error", (name, cell.source[:80])
+    code = [c for c in committed.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert outputs and not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "smoke mode: False" in text  # the committed outputs are a full run's
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -63,7 +61,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = BUILD.build(BUILD.NOTEBOOKS[name])  # the source of truth, without stored outputs
+    nb = _source(name)  # the source of truth, without stored outputs
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
                                      resources={"metadata": {"path": NOTEBOOKS}})
     client.execute()  # raises CellExecutionError on the first failing cell
@@ -78,7 +76,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     has_results = any(os.path.exists(os.path.join(results, d, "summary.csv"))
                       for d in (os.listdir(results) if os.path.isdir(results) else ()))
     wants_tables, wants_images = EXPECTED[name]
-    if name == "04_ablation_results.ipynb" and not has_results:
+    if name == "04_ablation_results.py" and not has_results:
         wants_tables = wants_images = False  # nothing to show before the experiments ran
     assert tables or not wants_tables, f"{name} showed no tables"
     assert images or not wants_images, f"{name} drew no figures"

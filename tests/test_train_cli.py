@@ -92,7 +92,8 @@ def test_workdir_of_another_architecture(trained, data_dir):
     _assert_one_line_error(proc, "holds a checkpoint of arch='resnet20', not 'plain20'")
 
 
-@pytest.mark.parametrize("case", ["unknown_arch", "not_prepared", "not_divisible"])
+@pytest.mark.parametrize("case", ["unknown_arch", "not_prepared", "not_divisible",
+                                  "mistyped_field"])
 def test_one_line_errors(case, tmp_path, data_dir):
     workdir = str(tmp_path / "w")
     if case == "unknown_arch":
@@ -103,10 +104,15 @@ def test_one_line_errors(case, tmp_path, data_dir):
         proc = h.run_python(["-m", "cnn_jax.train", "--arch=resnet18", f"--workdir={workdir}",
                              "--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}"])
         _assert_one_line_error(proc, "cifar10 is not prepared in")
-    else:
+    elif case == "not_divisible":
         proc = h.run_python(train_args(workdir, data_dir, "--config.batch_size=15"),
                             num_cpu_devices=2)
         _assert_one_line_error(proc, "batch_size 15 is not divisible by the 2 devices")
+    else:  # every other class of config mistake: tests/test_registry.py, in-process
+        proc = h.run_python(train_args(workdir, data_dir, "--config.learnin_rate=0.1"))
+        _assert_one_line_error(proc, "unknown config field --config.learnin_rate; did you mean "
+                                     "--config.learning_rate?")
+        assert not os.path.exists(workdir)  # checked before anything is written
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):

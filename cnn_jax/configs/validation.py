@@ -84,7 +84,7 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def _check_dir(flag: str, path: str) -> None:
+def check_dir(flag: str, path: str) -> None:
     """``path`` must be a directory or creatable as one: not a file, not under a file."""
     path = os.path.abspath(os.path.expanduser(path))
     probe = path
@@ -100,10 +100,11 @@ def _check_dir(flag: str, path: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
              check_paths: bool = True) -> None:
-    """Raise a one-line ValueError for the first problem in ``config`` (and ``workdir``)."""
+    """Raise a one-line ValueError for the first problem in ``config`` (and ``workdir``); types
+    ``config.model``'s options in place."""
     from cnn_jax import optim, parallel
     from cnn_jax.configs.common import base_config
-    from cnn_jax.models import check_model_options, list_models, model_info
+    from cnn_jax.models import check_model_options, create_model, list_models, model_info
 
     known = _flat(base_config())
     given = _flat(config)
@@ -131,7 +132,10 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         raise ValueError("no architecture given: pass --arch=<name> (e.g. --arch=resnet18)")
     if config.arch not in list_models():
         model_info(config.arch)  # the registry's error, listing the valid names
-    check_model_options(config.arch, dict(config.get("model") or {}))
+    options = check_model_options(config.arch, dict(config.get("model") or {}))
+    create_model(config.arch, **options)  # the module's own checks of option values
+    # Typed (``'4'`` -> 4), so that the checkpoint stores what the model was built with.
+    config.model = ml_collections.ConfigDict(options)
     info = model_info(config.arch)
     if config.image_size < info.min_input_size:
         raise ValueError(f"--config.image_size={config.image_size} is too small for "
@@ -153,9 +157,9 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
 
     if check_paths:
         if workdir is not None:
-            _check_dir("--workdir", workdir)
+            check_dir("--workdir", workdir)
         if config.data_dir:
-            _check_dir("--data_dir", config.data_dir)
+            check_dir("--data_dir", config.data_dir)
         if config.init_from and not os.path.isdir(os.path.expanduser(config.init_from)):
             raise ValueError(f"--config.init_from={config.init_from} is not a directory written "
                              "by python -m cnn_jax.convert")

@@ -12,36 +12,43 @@ imagenette are only checked: they must already be prepared (this project never d
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
+
+
+def define_flags(fv, argv: List[str]) -> None:
+    from absl import flags
+
+    del argv
+    flags.DEFINE_string("dataset", "shapes", "dataset name, optionally name/config",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets)", flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "shapes: pick the config for this training "
+                         "resolution (32, 64 (default) or 224)", flag_values=fv)
+
+
+def run(fv) -> int:
+    from cnn_jax.configs.validation import check_dir
+    from cnn_jax.datasets import sources  # TensorFlow import: after the flags
+
+    if fv.data_dir:
+        check_dir("--data_dir", fv.data_dir)
+    start = time.time()
+    sources.prepare(fv.dataset, fv.data_dir, fv.image_size)  # DatasetNotFoundError: a ValueError
+    if sources.split_name(fv.dataset)[0] != "fake":
+        builder = sources.get_builder(fv.dataset, fv.data_dir, fv.image_size)
+        splits = ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items())
+        print(f"{builder.info.full_name} ready in {builder.data_dir} ({splits}); "
+              f"{time.time() - start:.1f}s")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnn_jax.datasets.prepare",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="shapes", help="dataset name, optionally name/config")
-    parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: $TFDS_DATA_DIR "
-                        "or ~/tensorflow_datasets)")
-    parser.add_argument("--image_size", type=int, default=None, help="shapes: pick the config for "
-                        "this training resolution (32, 64 (default) or 224)")
-    args = parser.parse_args(argv)
+    from cnn_jax import cli
 
-    from cnn_jax.datasets import sources  # TensorFlow import: after --help
-
-    start = time.time()
-    try:
-        sources.prepare(args.dataset, args.data_dir, args.image_size)
-        if sources.split_name(args.dataset)[0] != "fake":
-            builder = sources.get_builder(args.dataset, args.data_dir, args.image_size)
-            splits = ", ".join(f"{k}={v.num_examples}" for k, v in builder.info.splits.items())
-            print(f"{builder.info.full_name} ready in {builder.data_dir} ({splits}); "
-                  f"{time.time() - start:.1f}s")
-    except ValueError as e:  # DatasetNotFoundError and bad names: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_command("cnn_jax.datasets.prepare", define_flags, run, argv)
 
 
 if __name__ == "__main__":
