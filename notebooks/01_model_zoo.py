@@ -35,7 +35,9 @@ SMOKE = setup()
 # %% [markdown]
 # ## The registry
 #
-# `list_models(pattern)` gives the names, `create_model(name, num_classes=None, **overrides)` builds one.
+# `list_models(pattern)` gives the names, `create_model(name, num_classes=None, **overrides)` builds
+# one, and `model_info(name)` is what the project knows about it: family, batch norm, minimum and
+# default input size, classifier path and torchvision's published top-1/top-5 and GFLOPs.
 
 # %%
 from cnn_jax.models import count_params, create_model, list_models, model_info, model_options
