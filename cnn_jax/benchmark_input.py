@@ -91,7 +91,7 @@ def run_benchmark(batch_size: int = 256, image_size: int = 224, num_batches: int
 def define_flags(fv, argv) -> None:
     from absl import flags
 
-    from cnn_jax.configs.validation import DTYPES
+    from cnn_jax.validation import DTYPES
 
     del argv
     flags.DEFINE_integer("batch_size", 256, "global batch (one device)", lower_bound=1,

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnn_jax import preprocessing
-from cnn_jax.configs.validation import DTYPES
+from cnn_jax.validation import DTYPES
 from cnn_jax.datasets import sources
 from cnn_jax.datasets.sources import DATASETS, DatasetNotFoundError  # noqa: F401 (re-exported)
 

@@ -153,8 +153,9 @@ def _config(**fields):
     ({"learning_rate": 0.0}, "--config.learning_rate=0.0 must be positive"),
     ({"batch_size": 0}, "--config.batch_size=0 must be positive"),
     ({"label_smoothing": 1.5}, "--config.label_smoothing=1.5 must be in [0, 1)"),
-    ({"optimizer": "adam"}, "--config.optimizer='adam' is not one of sgd, nesterov"),
-    ({"dtype": "float16"}, "--config.dtype='float16' is not one of float32, bfloat16"),
+    ({"optimizer": "adam"}, "unknown optimizer 'adam' (--config.optimizer); choose one of sgd"),
+    ({"dtype": "float16"}, "unknown dtype 'float16' (--config.dtype); choose one of float32, "
+                           "bfloat16"),
     ({"lr_step_epochs": (60.0, 30.0)}, "must be increasing epochs"),
     ({"augment": "flipp=true"}, "unknown augmentation option(s) ['flipp']"),
     ({"model.shortcut": "D"}, "shortcut"),

@@ -65,8 +65,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
              check_paths: bool = True) -> None:
-    """Check every field a run reads (see :mod:`cnn_jax.configs.validation`)."""
-    from cnn_jax.configs import validation
+    """Check every field a run reads (see :mod:`cnn_jax.validation`)."""
+    from cnn_jax import validation
 
     validation.validate(config, workdir, check_paths)
 

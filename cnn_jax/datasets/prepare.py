@@ -30,7 +30,7 @@ def define_flags(fv, argv: List[str]) -> None:
 
 
 def run(fv) -> int:
-    from cnn_jax.configs.validation import check_dir
+    from cnn_jax.validation import check_dir
     from cnn_jax.datasets import sources  # TensorFlow import: after the flags
 
     if fv.data_dir:

@@ -142,11 +142,14 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
                          f"{config.arch}: its registry entry needs at least "
                          f"{info.min_input_size} px")
 
-    choices: Dict[str, tuple] = {"optimizer": optim.OPTIMIZERS, "lr_schedule": optim.SCHEDULES,
-                                 "parallel": parallel.MODES, "dtype": DTYPES}
-    for key, valid in choices.items():
+    choices: Dict[str, tuple] = {"optimizer": ("optimizer", optim.OPTIMIZERS),
+                                 "lr_schedule": ("lr_schedule", optim.SCHEDULES),
+                                 "parallel": ("parallel mode", parallel.MODES),
+                                 "dtype": ("dtype", DTYPES)}
+    for key, (what, valid) in choices.items():
         if config[key] not in valid:
-            raise ValueError(f"--config.{key}={config[key]!r} is not one of {', '.join(valid)}")
+            raise ValueError(f"unknown {what} {config[key]!r} (--config.{key}); choose one of "
+                             f"{', '.join(valid)}")
     steps = list(config.lr_step_epochs)
     if any(e < 0 for e in steps) or steps != sorted(steps):
         raise ValueError(f"--config.lr_step_epochs={tuple(steps)} must be increasing epochs >= 0")
