@@ -414,7 +414,7 @@ def run(fv) -> int:
         if not fv[name].value:
             raise ValueError(f"pass --{name}")
     options = check_model_options(fv.arch, {**default_model_options(fv.arch),
-                                            **fv.model.to_dict()})
+                                            **fv.model.to_dict()}, flag_prefix="--model.")
     try:
         state_dict = load_torch_state_dict(fv.torch_checkpoint)
     except (ImportError, FileNotFoundError) as e:

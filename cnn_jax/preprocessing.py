@@ -37,7 +37,6 @@ IMAGENET_PCA_EIGVEC = (
 EVAL_CROP_RATIO = 0.875  # 224 / 256
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation options.

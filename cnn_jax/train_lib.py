@@ -26,9 +26,8 @@ from cnn_jax import metrics as metrics_lib
 from cnn_jax import optim
 from cnn_jax import parallel
 from cnn_jax import train_step as step_lib
-from cnn_jax.validation import DTYPES
 from cnn_jax.models import check_model_options, create_model
-
+from cnn_jax.validation import DTYPES
 
 
 class NonFiniteLossError(ValueError):

@@ -115,7 +115,8 @@ def test_model_options_are_typed_and_checked():
         check_model_options("resnet20", {"shortcutt": "C"})
     with pytest.raises(ValueError, match="num_classes is set by the training loop"):
         check_model_options("resnet20", {"num_classes": 3})
-    with pytest.raises(ValueError, match=r"growth_rate='x' does not fit 'densenet121'"):
+    with pytest.raises(ValueError, match=r"growth_rate='x' does not fit the option growth_rate of "
+                       r"'densenet121' \(a number, default 32\)"):
         check_model_options("densenet121", {"growth_rate": "x"})
 
 

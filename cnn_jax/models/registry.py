@@ -123,7 +123,8 @@ def model_options(model: nn.Module) -> List[str]:
 _RUN_FIELDS = ("num_classes", "dtype")
 
 
-def check_model_options(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+def check_model_options(name: str, options: Mapping[str, Any],
+                        flag_prefix: str = "--config.model.") -> Dict[str, Any]:
     """``options`` (e.g. from ``--config.model.*``) checked and typed against the module's fields.
 
     Strings from the command line become the field's type (``'true'`` -> True, ``'8'`` -> 8),
@@ -141,16 +142,18 @@ def check_model_options(name: str, options: Mapping[str, Any]) -> Dict[str, Any]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             why = ("is set by the training loop, not a model option" if key in _RUN_FIELDS
                    else "is not an option")
-            raise ValueError(f"--config.model.{key} {why} of {name!r}{hint}; valid options: "
+            raise ValueError(f"{flag_prefix}{key} {why} of {name!r}{hint}; valid options: "
                              f"{', '.join(valid)}")
-        out[key] = _coerce(name, key, value, getattr(model, key), hints.get(key))
+        out[key] = _coerce(name, f"{flag_prefix}{key}", value, getattr(model, key),
+                           hints.get(key))
     return out
 
 
-def _coerce(name: str, key: str, value: Any, default: Any, hint: Any) -> Any:
+def _coerce(name: str, flag: str, value: Any, default: Any, hint: Any) -> Any:
     """``value`` as the type of the field (its annotation, else its default's type)."""
     def bad(want: str) -> ValueError:
-        return ValueError(f"--config.model.{key}={value!r} does not fit {name!r}'s {key} "
+        field = flag.rsplit(".", 1)[-1]
+        return ValueError(f"{flag}={value!r} does not fit the option {field} of {name!r} "
                           f"(a {want}, default {default!r})")
 
     optional = type(None) in typing.get_args(hint)
