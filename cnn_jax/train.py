@@ -3,8 +3,9 @@
 With no other flag it trains on the built-in ``shapes`` dataset (prepared on first use) with
 ``configs/default.py``; ``--dataset=imagenet2012 --data_dir=DIR`` picks the ImageNet recipe of the
 architecture's family (``configs/imagenet_<family>.py``); ``--config=FILE`` any config file;
-``--config.FIELD=VALUE`` overrides one field. Re-running the same command resumes from the last
-checkpoint in ``--workdir``.
+``--config.FIELD=VALUE`` overrides one field and ``--config.model.FIELD=VALUE`` sets a model option
+(``--config.model.shortcut=C``); every field is checked before anything is written. Re-running the
+same command resumes from the last checkpoint in ``--workdir``.
 """
 
 import os

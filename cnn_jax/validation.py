@@ -150,6 +150,13 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         if config[key] not in valid:
             raise ValueError(f"unknown {what} {config[key]!r} (--config.{key}); choose one of "
                              f"{', '.join(valid)}")
+    import jax
+
+    devices = jax.device_count()
+    parallel.check_batch_size(config.batch_size, devices)
+    if config.eval_batch_size % devices:  # evaluation would fail only after training
+        raise ValueError(f"--config.eval_batch_size={config.eval_batch_size} is not divisible "
+                         f"by the {devices} devices; pass a multiple of {devices}")
     steps = list(config.lr_step_epochs)
     if any(e < 0 for e in steps) or steps != sorted(steps):
         raise ValueError(f"--config.lr_step_epochs={tuple(steps)} must be increasing epochs >= 0")

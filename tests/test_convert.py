@@ -24,7 +24,7 @@ import pytest
 from flax import traverse_util
 
 from cnn_jax import convert, imagenet_classes
-from cnn_jax.models import create_model
+from cnn_jax.models import create_model, model_info
 
 import _torchvision as tv
 
@@ -87,7 +87,7 @@ def test_logits_match_torchvision(arch):
     apply = _apply_fn(model)
     _assert_logits_match(apply, variables, torch_model, _images(2, 224, 224))
     _assert_logits_match(apply, variables, torch_model, _images(1, 225, 231, seed=1))
-    if arch.startswith("vgg"):  # Simonyan & Zisserman's dense-as-conv evaluation, same weights
+    if model_info(arch).family == "vgg":  # Simonyan & Zisserman's dense-as-conv evaluation, same weights
         dense_as_conv = _apply_fn(create_model(arch, fully_conv=True))
         _assert_logits_match(dense_as_conv, variables, torch_model, _images(2, 224, 224))
 
@@ -101,7 +101,7 @@ def test_logits_match_torchvision_small_input(arch):
     torch, _ = tv.import_torchvision()
     # VGG's 4096-wide head is the same in every depth and tested on vgg11_bn above; here a
     # 64-wide one keeps the test about the convolutional layers (and 100x smaller).
-    model_kwargs = {"fc_features": 64} if arch.startswith("vgg") else {}
+    model_kwargs = {"fc_features": 64} if model_info(arch).family == "vgg" else {}
     torch_model = tv.random_model(arch, vgg_fc_features=model_kwargs.get("fc_features", 0))
     head = [m for m in torch_model.modules() if isinstance(m, torch.nn.Linear)][-1]
     images = _images(1, 32, 32)
