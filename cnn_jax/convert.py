@@ -139,13 +139,9 @@ def checkpoint_num_classes(arch: str, state_dict: Mapping[str, Any]) -> Optional
 
 def expected_variables(model: Any, image_size: int = 224) -> Dict[str, Any]:
     """``{'params', 'batch_stats'}`` of ``model.init`` as ShapeDtypeStructs (no compute)."""
-    import jax
-    import jax.numpy as jnp
+    from cnn_jax.models import abstract_variables
 
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(
-        lambda x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
-                             train=False), x)
+    shapes = abstract_variables(model, image_size)
     return {c: shapes[c] for c in ("params", "batch_stats") if c in shapes}
 
 

@@ -47,16 +47,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]):
     return Markdown("\n".join(lines))
 
 
-def abstract_variables(model, size: int, train: bool = False):
-    """Shapes and dtypes of every variable of ``model`` on a ``size`` px RGB image: ``jax.eval_shape``
-    traces ``model.init`` without allocating or computing anything."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=train), x)
-
-
 def repo_root(start: str = ".") -> str:
     """The repository root: the first parent folder of ``start`` that holds ``experiments/``."""
     path = os.path.abspath(start)

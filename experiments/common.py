@@ -305,15 +305,10 @@ def model_cost(arch: str, model_kwargs: Mapping[str, Any], num_classes: int,
 def param_count(arch: str, model_kwargs: Mapping[str, Any], num_classes: int,
                 image_size: int) -> int:
     """Trainable parameters of a registered model (abstract init: no compute)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cnn_jax.models import count_params, create_model
+    from cnn_jax.models import abstract_variables, count_params, create_model
 
     model = create_model(arch, num_classes=num_classes, **dict(model_kwargs))
-    variables = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
-    return count_params(variables["params"])
+    return count_params(abstract_variables(model, image_size)["params"])
 
 
 def module_cost(model, image_size: int) -> Tuple[int, int]:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from IPython.display import display
 
-from cnn_jax.notebook import abstract_variables, setup, table
+from cnn_jax.notebook import setup, table
 
 # The test suite runs every notebook with CNN_JAX_NOTEBOOK_SMOKE=1: the same cells, tiny sizes.
 SMOKE = setup()
@@ -40,7 +40,8 @@ SMOKE = setup()
 # default input size, classifier path and torchvision's published top-1/top-5 and GFLOPs.
 
 # %%
-from cnn_jax.models import count_params, create_model, list_models, model_info, model_options
+from cnn_jax.models import (abstract_variables, count_params, create_model, list_models,
+                            model_info, model_options)
 
 names = list_models()
 print(len(names), "registered models:")
@@ -49,10 +50,10 @@ print("ResNets:", list_models("resnet*"))
 
 
 # %% [markdown]
-# Parameter counts come from an *abstract* initialization: `jax.eval_shape` traces `model.init`
-# without allocating or computing anything, so even VGG-19's 144M parameters cost only a trace. The
-# ImageNet networks have exactly torchvision's parameter counts (1000 classes, 224x224); the CIFAR
-# networks of the papers default to 10 classes and 32x32 inputs.
+# Parameter counts come from an *abstract* initialization (`abstract_variables`): `jax.eval_shape`
+# traces `model.init` without allocating or computing anything, so even VGG-19's 144M parameters
+# cost only a trace. The ImageNet networks have exactly torchvision's parameter counts (1000
+# classes, 224x224); the CIFAR networks of the papers default to 10 classes and 32x32 inputs.
 
 # %%
 shown = ["alexnet", "vgg16", "googlenet", "resnet50", "densenet121", "resnet20"] if SMOKE \

@@ -114,6 +114,18 @@ def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> n
                          f"valid options: {', '.join(valid)}") from e
 
 
+def abstract_variables(model: nn.Module, image_size: int = 224, train: bool = False) -> Any:
+    """Every variable of ``model`` on a square RGB image as ``jax.ShapeDtypeStruct``:
+    ``model.init`` traced by ``jax.eval_shape``, nothing allocated or computed (parameter counts:
+    ``count_params(abstract_variables(model)["params"])``)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(lambda x: model.init(rngs, x, train=train), x)
+
+
 def model_options(model: nn.Module) -> List[str]:
     """Names of the fields a model can be configured with (for error messages and docs)."""
     return [f.name for f in dataclasses.fields(model) if f.name not in ("parent", "name")]
