@@ -46,7 +46,8 @@ flags.DEFINE_enum("suite", None, ["gpu"], "One-shot accelerator check: every fam
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (--compare, --suite).")
 flags.DEFINE_string("output", None, "Directory for the results (--suite: default "
                     "benchmark_results; --compare: optional).")
-flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0: its default).")
+flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0: its "
+                     "default).")
 flags.DEFINE_float("time_budget_s", 450.0, "--suite: the whole suite's wall-time limit.")
 flags.DEFINE_float("kind_budget_s", 4.0, "--suite: timed seconds per train or eval step kind.")
 

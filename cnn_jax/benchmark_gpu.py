@@ -122,7 +122,8 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
     model_kwargs = parse_model_kwargs(model_kwargs)
 
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    dp = parallel.DataParallel("pmap")
+    # pmap as the train loop runs it; shard_map (same per-device step) where a jax lacks pmap.
+    dp = parallel.DataParallel("pmap" if hasattr(jax, "pmap") else "shard_map")
     n_dev = dp.num_local_devices
     model = create_model(arch, num_classes=num_classes, dtype=compute, **(model_kwargs or {}))
     image_shape = (image_size, image_size, 3)
@@ -145,7 +146,7 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
         "arch": arch, "dtype": dtype, "image_size": image_size, "num_classes": num_classes,
         "per_device_batch": per_device_batch, "devices": n_dev, "global_batch": n_dev *
         per_device_batch, "platform": device.platform, "device_kind": device.device_kind,
-        "jax": jax.__version__, "params": params, "init_s": init_s}
+        "jax": jax.__version__, "parallel": dp.mode, "params": params, "init_s": init_s}
 
     steps = {
         "eval": (dp.map(functools.partial(step_lib.eval_step, axis_name=dp.axis_name)), False),
@@ -275,10 +276,11 @@ def _progress_line(row: Dict[str, Any]) -> str:
     head = f"{row['arch']} {row['dtype']} b{row['per_device_batch']}/device"
     if "train" not in row:
         return f"{head}: {row.get('error') or row.get('skipped')}"
+    train, ev = row["train"], row["eval"]
     return (f"{head} x {row['devices']} {row['device_kind']}: train "
-            f"{row['train']['images_per_sec_per_device']:.0f} img/s/device (compile "
-            f"{row['train']['compile_s']:.0f} s), eval {row['eval']['images_per_sec_per_device']:.0f}"
-            f" img/s/device ({row['wall_s']:.0f} s)")
+            f"{train['images_per_sec_per_device']:.0f} img/s/device (compile "
+            f"{train['compile_s']:.0f} s), eval {ev['images_per_sec_per_device']:.0f} "
+            f"img/s/device ({row['wall_s']:.0f} s)")
 
 
 def _num(x, fmt="{:,.0f}") -> str:

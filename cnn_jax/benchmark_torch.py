@@ -220,6 +220,18 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[s
     return result
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> Dict[str, Any]:
     """Versions, threads and CPU: what a reader needs to reproduce a table."""
     import jax
@@ -227,8 +239,7 @@ def environment() -> Dict[str, Any]:
     torch, torchvision = import_torch()
     return {"jax": jax.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_devices": len(jax.devices("cpu")), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine()}
+            "cpu_count": os.cpu_count(), "processor": cpu_name()}
 
 
 def run_compare(rows: Sequence[tuple], steps: int = 5, warmup: int = 2, torch_threads: int = 0,
@@ -270,7 +281,9 @@ def markdown(result: Dict[str, Any]) -> str:
     steps = {(r["steps"], r["warmup"]) for r in result["rows"]}
     lines = [f"cnn_jax (jax {env['jax']}, XLA:CPU) vs torch {env['torch']} (torchvision "
              f"{env['torchvision']}, {env['torch_threads']} threads, channels-last), "
-             f"{env['processor']}; median step of "
+             f"{env['processor']} ({env['cpu_count']} CPUs, 1-min load average up to "
+             f"{max([r['load_average_1min'] for r in result['rows']], default=0):.1f}); "
+             f"median step of "
              + ", ".join(f"{s} after {w} warm-up" for s, w in sorted(steps))
              + ", alternating; ratio = torch step time / cnn_jax step time (> 1: cnn_jax faster)."
              " bfloat16: cnn_jax bf16 compute with fp32 params vs torch fp32 under CPU autocast.",
