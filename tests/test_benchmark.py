@@ -140,12 +140,36 @@ def test_gpu_suite_keeps_to_its_time_budget(tmp_path):
                                      launch=launch, clock=lambda: now[0])
     rows = result["rows"]
     assert [(r["arch"], r["dtype"]) for r in rows] == [
-        ("resnet50", "bfloat16"), ("resnet50", "float32"), ("vgg16", "bfloat16"),
+        ("resnet50", "bfloat16"), ("vgg16", "bfloat16"), ("resnet50", "float32"),
         ("vgg16", "float32")]
     assert timeouts == [180, 145, 45]  # 260 - 15 reserved - elapsed, capped at row_timeout_s
     assert [r.get("error") for r in rows[:3]] == ["boom"] * 3
-    assert "time budget" in rows[3]["skipped"] and rows[2]["per_device_batch"] == 128
+    assert "time budget" in rows[3]["skipped"] and rows[1]["per_device_batch"] == 128
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| vgg16 | float32 | 128 | time budget (260 s) spent |" in table
     with pytest.raises(ValueError, match="leaves no time"):
         benchmark_gpu.run_suite(str(tmp_path), time_budget_s=10)
+
+
+def test_gpu_suite_table_of_a_gpu_row(tmp_path, monkeypatch):
+    """What a GPU row (allocator peaks, XLA FLOPs) looks like in the table, without a GPU."""
+    monkeypatch.setattr(benchmark_gpu, "forward_flops", lambda arch, size, *a: 8e9)
+    kind = {"compile_s": 20.0, "steps": 20, "step_ms": 50.0, "images_per_sec_per_device": 5120.0,
+            "images_per_sec": 5120.0, "xla_flops_per_device_step": 6e12,
+            "tflops_per_device": 120.0, "peak_mib": 30 * 1024.0, "xla_estimate_mib": 1.0,
+            "peak_source": "device memory_stats"}
+
+    def launch(spec, timeout_s):
+        return {**spec, "devices": 1, "global_batch": 256, "platform": "gpu",
+                "device_kind": "NVIDIA H200", "jax": "0.11.0", "forward_flops_per_image": 4e9,
+                "train": dict(kind), "eval": dict(kind, compile_s=5.0)}
+
+    result = benchmark_gpu.run_suite(str(tmp_path), ["resnet50"], ["bfloat16"],
+                                     progress=lambda line: None, launch=launch)
+    (row,) = result["rows"]
+    assert row["flop_share_images_per_sec"] == 14000  # half resnet50's FLOPs: twice the images
+    assert row["train_vs_share"] == pytest.approx(5120 / 14000)
+    lines = (tmp_path / "gpu_suite.md").read_text().splitlines()
+    assert lines[0].startswith("1 x NVIDIA H200 (gpu, jax 0.11.0)")
+    assert lines[-1] == ("| resnet50 | bfloat16 | 256 | 5,120 | 5,120 | 20.0 s | 5.0 s | 30.0 GiB"
+                         " | 30.0 GiB | 4.00 | 120.0 | 14,000 | 0.37 |")
