@@ -177,6 +177,7 @@ def _archs() -> List[str]:
 
 
 def _write(directory: str, name: str, result: dict, table: str) -> None:
+    """``directory/name.json`` and ``directory/name.md``."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -185,6 +186,7 @@ def _write(directory: str, name: str, result: dict, table: str) -> None:
 
 
 def main_compare() -> None:
+    """``--compare=torch``: the rows the flags pick, table (or JSON) on stdout."""
     from cnn_jax import benchmark_torch
 
     if FLAGS.model_kwargs:
@@ -204,6 +206,7 @@ def main_compare() -> None:
 
 
 def main_suite() -> None:
+    """``--suite=gpu``: every row in its own process; JSON and table in --output."""
     from cnn_jax import benchmark_gpu
 
     output = FLAGS.output or "benchmark_results"

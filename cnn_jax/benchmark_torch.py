@@ -150,8 +150,9 @@ class _TorchSide:
                                                  num_classes=row.num_classes,
                                                  **TORCH_KWARGS.get(row.arch, {}))
         except ValueError:
-            raise ValueError(f"torchvision has no model {row.arch!r} to compare with; "
-                             f"compare one of {', '.join(r.arch for r in DEFAULT_ROWS)}") from None
+            raise ValueError(f"torchvision has no model {row.arch!r} to compare with; pick a "
+                             f"model both have, e.g. {', '.join(r.arch for r in DEFAULT_ROWS)}"
+                             ) from None
         self.params = sum(p.numel() for p in model.parameters())
         self.model = model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -189,8 +190,8 @@ class _TorchSide:
 def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[str, Any]:
     """Alternate cnn_jax's and torch's train steps, then their eval steps; medians and ratios."""
     torch, torchvision = import_torch()
+    torch_side = _TorchSide(torch, torchvision, row, dtype)  # first: it fails fast on a bad arch
     jax_side = _JaxSide(row, dtype)
-    torch_side = _TorchSide(torch, torchvision, row, dtype)
     if jax_side.params != torch_side.params:
         raise ValueError(f"{row.arch}: cnn_jax has {jax_side.params:,} parameters, torchvision "
                          f"{torch_side.params:,}; the networks differ, so the timing would not "
