@@ -209,9 +209,15 @@ def main_suite() -> None:
     """``--suite=gpu``: every row in its own process; JSON and table in --output."""
     from cnn_jax import benchmark_gpu
 
+    from cnn_jax.configs import parse_model_kwargs
+    from cnn_jax.models import create_model
+
+    archs = _archs() or list(benchmark_gpu.FAMILY_BATCH)
+    for arch in archs:  # bad options fail here in one line, not in every row's process
+        create_model(arch, **parse_model_kwargs(FLAGS.model_kwargs))
     output = FLAGS.output or "benchmark_results"
     result = benchmark_gpu.run_suite(
-        output, _archs(), [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_gpu.DTYPES,
+        output, archs, [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_gpu.DTYPES,
         _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, FLAGS.model_kwargs,
         FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
         FLAGS.time_budget_s, progress=lambda line: print(line, file=sys.stderr, flush=True))

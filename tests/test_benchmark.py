@@ -81,11 +81,15 @@ def test_compare_torch_one_row(tmp_path):
     assert "resnet18 32px b2 bfloat16: train" in proc.stderr  # the progress line
 
 
-def test_compare_rejects_model_kwargs():
+def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
                          "--model_kwargs=widths=(8, 16, 32, 64)"])
     assert proc.returncode != 0
     assert h.last_line(proc.stderr).startswith("error: --model_kwargs changes the network")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--suite=gpu", "--arch=resnet50",
+                         "--model_kwargs=colour=2", f"--output={tmp_path}"])
+    assert proc.returncode != 0 and not os.listdir(tmp_path)
+    assert h.last_line(proc.stderr).startswith("error: 'resnet50' has no option 'colour'")
 
 
 def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
@@ -149,6 +153,11 @@ def test_gpu_suite_keeps_to_its_time_budget(tmp_path):
     assert "| vgg16 | float32 | 128 | time budget (260 s) spent |" in table
     with pytest.raises(ValueError, match="leaves no time"):
         benchmark_gpu.run_suite(str(tmp_path), time_budget_s=10)
+
+
+def test_gpu_suite_row_process_failure_is_a_row_error():
+    row = benchmark_gpu.launch_row({"arch": "resnet50"}, timeout_s=60)  # a spec missing fields
+    assert row["arch"] == "resnet50" and row["error"] == "KeyError: 'per_device_batch'"
 
 
 def test_gpu_suite_table_of_a_gpu_row(tmp_path, monkeypatch):
