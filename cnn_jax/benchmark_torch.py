@@ -13,6 +13,8 @@ cross-entropy and top-5 (torch under ``eval()`` and ``torch.no_grad()``). torch 
 The two are timed ALTERNATELY in one process (cnn_jax step, torch step, cnn_jax step, ...), so
 machine noise and thermal state hit both alike; each side's number is the median step time after
 the warm-up steps. ``ratio`` = torch step time / cnn_jax step time: above 1 cnn_jax is faster.
+Both start from the same weights (torch's random init, converted by :mod:`cnn_jax.convert`)
+and see the same batch.
 """
 
 from __future__ import annotations
@@ -98,29 +100,32 @@ def alternate(fns: Sequence[Callable[[], Any]], warmup: int, steps: int) -> List
 
 
 class _JaxSide:
-    """The project's compiled train and eval steps on device-resident random data (CPU)."""
+    """The project's compiled train and eval steps on device-resident random data (CPU), from
+    the torch model's own weights (via :mod:`cnn_jax.convert`): both sides start equal, and no
+    jitted random init has to compile."""
 
-    def __init__(self, row: Row, dtype: str):
+    def __init__(self, row: Row, dtype: str, torch_state_dict, images, labels):
         import jax
         import jax.numpy as jnp
+        import numpy as np
         import optax
 
-        from cnn_jax import train_step as step_lib
+        from cnn_jax import convert, train_step as step_lib
         from cnn_jax.models import count_params, create_model
 
         self._jax = jax
         compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
         device = jax.devices("cpu")[0]  # the comparison is on the CPU, whatever else is there
         model = create_model(row.arch, num_classes=row.num_classes, dtype=compute)
+        variables = convert.from_torch_state_dict(row.arch, torch_state_dict, row.num_classes)
+        self.params = count_params(variables["params"])
         tx = optax.sgd(0.01, momentum=0.9)
-        image_shape = (row.image_size, row.image_size, 3)
+        create = jax.jit(lambda params, stats, rng: step_lib.TrainState.create(
+            apply_fn=model.apply, params=params, tx=tx, batch_stats=stats, rng=rng))
         with jax.default_device(device):
-            state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape,
-                                                compute)
-        self.params = count_params(state.params)
-        key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
-        batch = {"image": jax.random.normal(key_x, (row.batch_size,) + image_shape, compute),
-                 "label": jax.random.randint(key_y, (row.batch_size,), 0, row.num_classes)}
+            state = create(variables["params"], variables.get("batch_stats", {}),
+                           jax.random.key_data(jax.random.key(0)))
+        batch = {"image": np.asarray(images).astype(compute), "label": np.asarray(labels)}
         self.state, self.batch = jax.device_put((state, batch), device)
         train = jax.jit(functools.partial(step_lib.train_step, label_smoothing=0.0),
                         donate_argnums=(0,))
@@ -142,7 +147,7 @@ class _JaxSide:
 class _TorchSide:
     """torchvision's network with the same train and eval step, channels-last, on the CPU."""
 
-    def __init__(self, torch, torchvision, row: Row, dtype: str):
+    def __init__(self, torch, torchvision, row: Row, dtype: str, images, labels):
         self.torch = torch
         torch.manual_seed(0)
         try:
@@ -156,10 +161,10 @@ class _TorchSide:
         self.params = sum(p.numel() for p in model.parameters())
         self.model = model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(row.batch_size, 3, row.image_size, row.image_size,
-                             generator=gen).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, row.num_classes, (row.batch_size,), generator=gen)
+        # NHWC memory seen as NCHW is channels-last already (contiguous() then copies nothing).
+        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last)
+        self.y = torch.from_numpy(labels).long()
         self.k = min(5, row.num_classes)
         self.autocast = dtype == "bfloat16"
 
@@ -189,9 +194,14 @@ class _TorchSide:
 
 def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[str, Any]:
     """Alternate cnn_jax's and torch's train steps, then their eval steps; medians and ratios."""
+    import numpy as np
+
     torch, torchvision = import_torch()
-    torch_side = _TorchSide(torch, torchvision, row, dtype)  # first: it fails fast on a bad arch
-    jax_side = _JaxSide(row, dtype)
+    rng = np.random.default_rng(1)  # the same batch for both
+    images = rng.standard_normal((row.batch_size, row.image_size, row.image_size, 3), np.float32)
+    labels = rng.integers(0, row.num_classes, row.batch_size).astype(np.int32)
+    torch_side = _TorchSide(torch, torchvision, row, dtype, images, labels)
+    jax_side = _JaxSide(row, dtype, torch_side.model.state_dict(), images, labels)
     if jax_side.params != torch_side.params:
         raise ValueError(f"{row.arch}: cnn_jax has {jax_side.params:,} parameters, torchvision "
                          f"{torch_side.params:,}; the networks differ, so the timing would not "
