@@ -40,10 +40,13 @@ JPEG_QUALITY = 95
 
 
 class _CustomConfigFilter(logging.Filter):
-    """Every folder is a custom TFDS config by design; TFDS's warning about it is noise."""
+    """Every folder is a custom TFDS config by design, prepared on first use: TFDS's warnings
+    about a custom config and a not yet written dataset_info.json are noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Using custom data configuration: FolderConfig" not in record.getMessage()
+        message = record.getMessage()
+        return not ("Using custom data configuration: FolderConfig" in message or (
+            "has no dataset_info.json" in message and ImageFolderRecords.name in message))
 
 
 logging.getLogger("absl").addFilter(_CustomConfigFilter())

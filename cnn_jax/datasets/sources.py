@@ -109,7 +109,7 @@ def spec(name: str, builder: Any = None) -> DatasetSpec:
 def _generic_spec(name: str, builder: Any) -> DatasetSpec:
     """Splits, features and encoding of a prepared TFDS image-classification dataset."""
     info = builder.info
-    features = info.features
+    features = dict(info.features.items())
     keys = tuple(info.supervised_keys or ())
     if len(keys) == 2 and isinstance(keys[0], str) and isinstance(keys[1], str):
         image_key, label_key = keys
