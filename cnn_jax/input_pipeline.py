@@ -80,7 +80,7 @@ def get_dataset_info(name: str, data_dir: Optional[str], image_size: Optional[in
             cfg = builder.builder_config
             return DatasetInfo(name, len(sources.shapes.CLASSES), cfg.num_train,
                                cfg.num_validation, tuple(sources.shapes.CLASSES))
-    builder = sources.get_builder(name, data_dir, image_size)
+    builder = sources.get_builder(name, data_dir, image_size, rescan=True)  # a run starts here
     spec = sources.spec(name, builder)
     label = builder.info.features[spec.label_key]
     return DatasetInfo(name, label.num_classes,

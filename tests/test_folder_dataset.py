@@ -89,10 +89,19 @@ def test_changed_folder_is_prepared_again(tmp_path, capsys):
     f.write_image(os.path.join(root, "train", "cat", "new.png"), f.pixels(0, 7, 20, 20))
     assert input_pipeline.get_dataset_info(name, data_dir).num_train_examples == 5
     assert "prepared" in capsys.readouterr().out
+    # The iterators keep the listing of the run's start (get_dataset_info) while files change.
     os.remove(os.path.join(root, "train", "dog", "train_0.png"))
+    evals = input_pipeline.create_eval_iterator(name, data_dir, 2, 8, num_local_devices=1,
+                                                process_index=0, process_count=1)
+    assert sum(b["mask"].sum() for b in evals) == 2
+    assert "prepared" not in capsys.readouterr().out
     assert input_pipeline.get_dataset_info(name, data_dir).num_train_examples == 4
-    # Only the current preparation is kept.
-    assert len(os.listdir(os.path.join(data_dir, folder.ImageFolderRecords.name))) == 1
+    # Earlier preparations stay (another run may read them) and are named.
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("prepared "))
+    earlier = line.split("earlier preparation(s) of this folder, to delete when no run reads "
+                         "them: ")[1].split(", ")
+    assert len(earlier) == 2 and all(os.path.isdir(p) for p in earlier)
+    assert len(os.listdir(os.path.join(data_dir, folder.ImageFolderRecords.name))) == 3
     # A relative path names the same dataset (checkpoints record the absolute one).
     assert input_pipeline.canonical_name(f"folder:{os.path.relpath(root)}") == name
 

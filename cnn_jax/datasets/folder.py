@@ -17,7 +17,11 @@ preparation prints how many and which, and ``info.metadata['skipped']`` keeps th
 
 The TFDS config name holds a fingerprint of the directory listing (relative paths, sizes and
 modification times), so a folder whose files are added, removed or rewritten is prepared again
-instead of being read stale; the previous preparation of the same folder is deleted then.
+instead of being read stale. Within one process the listing is read once per dataset (by
+:func:`cnn_jax.input_pipeline.get_dataset_info`, at the start of a run), so the training and
+evaluation of a run read the same preparation even if files change meanwhile. Earlier
+preparations are not deleted (another run may still read them): the line printed on preparing
+names them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import io
 import logging
 import os
 import re
-import shutil
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import tensorflow_datasets as tfds
@@ -245,16 +248,18 @@ def prepare(name: str, data_dir: str, folder: Optional[FolderScan] = None) -> Im
     if builder.skipped:
         shown = "; ".join(builder.skipped[:3]) + ("; ..." if len(builder.skipped) > 3 else "")
         line += f"; skipped {len(builder.skipped)} unreadable file(s): {shown}"
+    stale = _earlier_preparations(builder)
+    if stale:
+        line += (f"; earlier preparation(s) of this folder, to delete when no run reads them: "
+                 f"{', '.join(stale)}")
     print(line, flush=True)
-    _remove_stale(builder)
     return make_builder(name, data_dir, builder.folder)
 
 
-def _remove_stale(builder: ImageFolderRecords) -> None:
-    """Delete earlier preparations of the same folder (other listings of the same path)."""
-    base = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))  # .../<name>
+def _earlier_preparations(builder: ImageFolderRecords) -> List[str]:
+    """Directories of other listings of the same folder path."""
+    base = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))  # .../<builder name>
     prefix = builder.folder.config_name[:-12]
-    for entry in os.scandir(base):
-        if entry.is_dir() and entry.name.startswith(prefix) and \
-                entry.name != builder.folder.config_name:
-            shutil.rmtree(entry.path, ignore_errors=True)
+    return sorted(e.path for e in os.scandir(base)
+                  if e.is_dir() and e.name.startswith(prefix)
+                  and e.name != builder.folder.config_name)

@@ -194,16 +194,18 @@ def _not_prepared_error(name: str, data_dir: Optional[str]) -> DatasetNotFoundEr
 
 
 def get_builder(name: str, data_dir: Optional[str], image_size: Optional[int] = None,
-                prepare_shapes: bool = False):
+                prepare_shapes: bool = False, rescan: bool = False):
     """The prepared TFDS builder of ``name``; ``shapes`` is generated on demand if asked to.
 
-    Raises ``DatasetNotFoundError`` when the dataset is not prepared in ``data_dir``.
+    ``folder:DIR`` is always prepared on demand (local files, offline); ``rescan`` lists the
+    folder again instead of using this process's earlier listing. Raises
+    ``DatasetNotFoundError`` when the dataset is not prepared in ``data_dir``.
     """
     base, _ = split_name(name)
     if base == "fake":
         raise ValueError("'fake' has no TFDS builder")
-    if base == "folder":  # local files: always prepared on demand (offline, idempotent)
-        return _prepare_folder(name, data_dir)
+    if base == "folder":
+        return _prepare_folder(name, data_dir, rescan)
     try:
         builder = make_builder(name, data_dir, image_size)
     except tfds.core.registered.DatasetNotFoundError as e:  # unknown TFDS name or config
@@ -231,9 +233,16 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _prepare_folder(name: str, data_dir: Optional[str]):
+# folder:DIR -> the listing this process uses (see cnn_jax.datasets.folder on change detection).
+_FOLDER_SCANS: Dict[str, Any] = {}
+
+
+def _prepare_folder(name: str, data_dir: Optional[str], rescan: bool = False):
     data_dir = resolve_data_dir(data_dir)
-    scan = folder.scan(name)
+    key = folder.canonical_name(name)
+    if rescan or key not in _FOLDER_SCANS:
+        _FOLDER_SCANS[key] = folder.scan(name)
+    scan = _FOLDER_SCANS[key]
     builder = folder.make_builder(name, data_dir, scan)
     if builder.is_prepared():
         return builder
@@ -248,7 +257,7 @@ def prepare(name: str, data_dir: Optional[str], image_size: Optional[int] = None
         return
     data_dir = resolve_data_dir(data_dir)
     if base == "folder":
-        _prepare_folder(name, data_dir)
+        _prepare_folder(name, data_dir, rescan=True)
         return
     if base not in ("shapes", "imagenet2012"):
         get_builder(name, data_dir)  # only checks: these are never downloaded here
