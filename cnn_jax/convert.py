@@ -400,7 +400,7 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
 
 def fit_pretrained(pretrained: Mapping[str, Any], variables: Mapping[str, Any], arch: str,
                    directory: str) -> Tuple[Dict[str, Any], List[str]]:
-    """``variables`` with every array of ``pretrained`` that fits; see :func:`init_from_converted`."""
+    """``variables`` filled with the arrays of ``pretrained`` that fit (init_from_converted)."""
     from flax import traverse_util
 
     from cnn_jax import configs

@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 def evaluate_checkpoint(workdir: str, arch: str = None, checkpoint: str = "latest",
                         data_dir: str = None, batch_size: int = 0, parallel_mode: str = None,
                         protocol: str = "center"):
-    """(metrics, step, config) of a checkpoint in ``workdir``: top-1/top-5/loss on the eval split."""
+    """(metrics, step, config) of ``workdir``'s checkpoint: top-1/top-5/loss on the eval split."""
     from cnn_jax import loading, protocols
 
     if protocol not in protocols.PROTOCOLS:

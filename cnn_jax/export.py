@@ -5,8 +5,9 @@
 
 Both take a float32 batch ``[batch, image_size, image_size, 3]`` (NHWC, already normalized with the
 ``mean``/``std`` in ``OUT/cnn_jax_meta.json``) and return float32 logits ``[batch, classes]``; the
-batch dimension is symbolic, so any batch size runs without re-exporting. ``cnn_jax_meta.json``
-also holds the architecture, image size, centre-crop ratio and class names.
+batch dimension is symbolic, so any batch size runs without re-exporting, and the computation is
+lowered for CPU, CUDA and TPU (``--platforms``), whatever machine exports it.
+``cnn_jax_meta.json`` also holds the architecture, image size, centre-crop ratio and class names.
 
 - ``stablehlo``: ``OUT/model.jax_exported`` is ``jax.export``'s serialization (weights embedded as
   constants): ``jax.export.deserialize(open(p, 'rb').read()).call(images)``; ``OUT/model.mlir`` is
@@ -28,6 +29,8 @@ from absl import app, flags  # noqa: E402
 from cnn_jax import cli  # noqa: E402
 
 FORMATS = ("stablehlo", "saved_model")
+# Lowered for all three, so an export made on a CPU machine serves on GPU/TPU and vice versa.
+PLATFORMS = ("cpu", "cuda", "tpu")
 META_FILE = "cnn_jax_meta.json"
 FLAGS = flags.FLAGS
 
@@ -49,7 +52,7 @@ def _check_output(output: str) -> str:
     return output
 
 
-def export_stablehlo(loaded: Any, output: str) -> str:
+def export_stablehlo(loaded: Any, output: str, platforms=PLATFORMS) -> str:
     """``jax.export`` with a symbolic batch dimension; returns the serialized file's path."""
     import jax
     import jax.numpy as jnp
@@ -61,7 +64,7 @@ def export_stablehlo(loaded: Any, output: str) -> str:
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
     batch, = jax.export.symbolic_shape("batch")
-    exported = jax.export.export(jax.jit(logits))(
+    exported = jax.export.export(jax.jit(logits), platforms=tuple(platforms))(
         jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32))
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "model.jax_exported")
@@ -72,7 +75,7 @@ def export_stablehlo(loaded: Any, output: str) -> str:
     return path
 
 
-def export_saved_model(loaded: Any, output: str) -> str:
+def export_saved_model(loaded: Any, output: str, platforms=PLATFORMS) -> str:
     """A TF SavedModel (``jax2tf``, symbolic batch, weights as variables); returns its path."""
     import jax
     import jax.numpy as jnp
@@ -86,7 +89,7 @@ def export_saved_model(loaded: Any, output: str) -> str:
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
     to_tf = jax2tf.convert(logits, polymorphic_shapes=[None, f"(b, {s}, {s}, 3)"],
-                           with_gradient=False)
+                           with_gradient=False, native_serialization_platforms=tuple(platforms))
     module = tf.Module()
     module.variables_tree = tf.nest.map_structure(
         lambda x: tf.Variable(x, trainable=False), jax.tree_util.tree_map(
@@ -99,17 +102,24 @@ def export_saved_model(loaded: Any, output: str) -> str:
     return output
 
 
-def export(workdir: str, output: str, fmt: str = "stablehlo", checkpoint: str = "latest") -> str:
+def export(workdir: str, output: str, fmt: str = "stablehlo", checkpoint: str = "latest",
+           platforms=PLATFORMS) -> str:
     """Export ``workdir``'s checkpoint as ``fmt`` into the new directory ``output``."""
     from cnn_jax import loading
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    platforms = tuple(platforms)
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(f"--platforms must be some of {','.join(PLATFORMS)}, got "
+                         f"{','.join(platforms)}")
     output = _check_output(output)
     loaded = loading.load(workdir, checkpoint)
-    path = (export_stablehlo if fmt == "stablehlo" else export_saved_model)(loaded, output)
+    path = (export_stablehlo if fmt == "stablehlo" else export_saved_model)(loaded, output,
+                                                                            platforms)
     with open(os.path.join(output, META_FILE), "w") as f:
-        json.dump(export_meta(loaded), f, indent=1)
+        json.dump({**export_meta(loaded), "platforms": list(platforms)}, f, indent=1)
     return path
 
 
@@ -119,6 +129,7 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val top-1) or a step.")
     flags.DEFINE_enum("format", "stablehlo", list(FORMATS), "What to write.")
     flags.DEFINE_string("output", None, "New (or empty) directory to write.")
+    flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for.")
 
 
 def main(argv):
@@ -127,7 +138,8 @@ def main(argv):
         if not FLAGS.workdir or not FLAGS.output:
             raise ValueError("pass --workdir=DIR (a training run's or cnn_jax.convert's output) "
                              "and --output=OUT")
-        path = export(FLAGS.workdir, FLAGS.output, FLAGS.format, FLAGS.checkpoint)
+        path = export(FLAGS.workdir, FLAGS.output, FLAGS.format, FLAGS.checkpoint,
+                      FLAGS.platforms)
     print(f"exported {FLAGS.workdir} ({FLAGS.format}, batch dimension symbolic) -> {path}",
           flush=True)
 

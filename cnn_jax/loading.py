@@ -69,7 +69,7 @@ def _config_of(meta: Mapping[str, Any]):
 
 
 def class_names(meta: Mapping[str, Any], num_classes: int) -> Tuple[str, ...]:
-    """Names stored with the checkpoint; ImageNet's for 1000 classes or synset names; else indices."""
+    """The checkpoint's class names; ImageNet's for 1000 classes or synsets; else 'class i'."""
     from cnn_jax import imagenet_classes
 
     names = tuple(meta.get("class_names") or ())
@@ -159,10 +159,4 @@ def top_k(probs: np.ndarray, k: int) -> List[Tuple[int, float]]:
     """``k`` (class index, probability) pairs of one probability vector, most probable first."""
     order = np.argsort(-np.asarray(probs), kind="stable")[:k]
     return [(int(i), float(probs[i])) for i in order]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, np.float64)
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 

@@ -23,7 +23,7 @@ usual cross-entropy).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import tensorflow as tf
 
@@ -209,6 +209,3 @@ def evaluate(model: Any, variables: Dict[str, Any], config: Any, protocol: str =
             totals[k] += float(sums[k])
     return step_lib.summarize_eval(totals)
 
-
-__all__: Sequence[str] = ("PROTOCOLS", "evaluate", "ten_crop_views", "multiscale_views",
-                          "average_log_probs", "relative_cost")

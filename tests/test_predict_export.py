@@ -131,7 +131,8 @@ def test_export_reloads_with_the_same_logits(run, tmp_path, fmt):
     x = np.random.default_rng(0).standard_normal((3, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     want = np.asarray(loaded.model.apply(loaded.variables, x, train=False))
     if fmt == "stablehlo":
-        exported = jax.export.deserialize(open(os.path.join(out, "model.jax_exported"), "rb").read())
+        with open(os.path.join(out, "model.jax_exported"), "rb") as fh:
+            exported = jax.export.deserialize(fh.read())
         assert "batch" in str(exported.in_avals[0].shape[0])  # symbolic batch dimension
         run_model = lambda images: np.asarray(exported.call(images))  # noqa: E731
     else:

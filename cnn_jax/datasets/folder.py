@@ -84,7 +84,7 @@ def folder_root(name: str) -> str:
 
 
 def canonical_name(name: str) -> str:
-    """``folder:rel/dir`` -> ``folder:/abs/rel/dir``, so a checkpoint's dataset works from any cwd."""
+    """``folder:rel/dir`` -> ``folder:/abs/rel/dir``: a checkpoint's dataset works from any cwd."""
     return PREFIX + folder_root(name) if is_folder(name) else name
 
 
@@ -139,8 +139,8 @@ def scan(name: str) -> FolderScan:
         raise FolderError(f"{train_dir} has no class folders{where}: put each class's images in "
                           f"{train_dir}/<class>/")
     if len(classes["train"]) == 1:
-        raise FolderError(f"{root} has a single class ({classes['train'][0]!r}): a classifier needs "
-                          "at least two class folders in train/")
+        raise FolderError(f"{root} has a single class ({classes['train'][0]!r}): a classifier "
+                          "needs at least two class folders in train/")
     for a, b in (splits, splits[::-1]):
         only = sorted(set(classes[a]) - set(classes[b]))
         if only:
