@@ -124,8 +124,10 @@ def load(workdir: str, checkpoint: str = "latest", arch: Optional[str] = None,
         else:
             model = train_lib.build_model(config, num_classes)
             size = int(meta.get("image_size", config.image_size))
+            key = jax.random.key(0)  # train=True: every head has parameters, as in training
             shapes = jax.eval_shape(lambda: model.init(
-                jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=True))
+                {"params": key, "dropout": key}, np.zeros((1, size, size, 3), np.float32),
+                train=True))
             target = {k: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), v)
                       for k, v in shapes.items() if k in ("params", "batch_stats")}
             target.setdefault("batch_stats", {})
