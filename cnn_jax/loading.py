@@ -91,6 +91,17 @@ def _dataset_preprocessing(dataset: str) -> Tuple[tuple, tuple, float]:
     return spec.mean, spec.std, spec.eval_crop_ratio
 
 
+def variable_shapes(model: Any, image_size: int) -> Dict[str, Any]:
+    """Shapes of ``params`` (and ``batch_stats``) as training creates them, computing nothing."""
+    import jax
+
+    key = jax.random.key(0)  # train=True: every head has parameters, as in training
+    shapes = jax.eval_shape(lambda: model.init(
+        {"params": key, "dropout": key}, np.zeros((1, image_size, image_size, 3), np.float32),
+        train=True))
+    return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+
+
 def load(workdir: str, checkpoint: str = "latest", arch: Optional[str] = None,
          dtype: Optional[str] = "float32") -> Loaded:
     """Model, variables and preprocessing of ``workdir``'s checkpoint (see the module docstring).
@@ -123,13 +134,9 @@ def load(workdir: str, checkpoint: str = "latest", arch: Optional[str] = None,
             model = model.clone(dtype=train_lib.model_dtype(config.dtype))
         else:
             model = train_lib.build_model(config, num_classes)
-            size = int(meta.get("image_size", config.image_size))
-            key = jax.random.key(0)  # train=True: every head has parameters, as in training
-            shapes = jax.eval_shape(lambda: model.init(
-                {"params": key, "dropout": key}, np.zeros((1, size, size, 3), np.float32),
-                train=True))
+            shapes = variable_shapes(model, int(meta.get("image_size", config.image_size)))
             target = {k: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), v)
-                      for k, v in shapes.items() if k in ("params", "batch_stats")}
+                      for k, v in shapes.items()}
             target.setdefault("batch_stats", {})
             variables = inference_variables(checkpointer.restore_subtree(target, step))
     finally:

@@ -52,6 +52,14 @@ def test_checkpoint_records_what_inference_needs(run):
         loading.load(os.path.dirname(run[1][0]))
 
 
+def test_variable_shapes_of_nets_with_dropout_and_aux_heads():
+    """Shapes are traced in training mode (dropout rng given), so auxiliary heads are included."""
+    model = create_model("googlenet", num_classes=3, aux_logits=True)
+    shapes = loading.variable_shapes(model, 64)
+    assert {"aux1", "aux2", "fc"} <= set(shapes["params"]) and "batch_stats" in shapes
+    assert shapes["params"]["fc"]["kernel"].shape == (1024, 3)
+
+
 def test_predict_batches_and_matches_the_model(run):
     from cnn_jax import predict
 
