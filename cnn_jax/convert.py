@@ -348,17 +348,23 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
     the returned ``(variables, reinitialized_paths)``. Any other difference is an error, as is an
     ``arch`` other than the checkpoint's.
     """
+    _, pretrained, meta = load_converted(directory)
+    if arch is not None and arch != meta["arch"]:
+        raise ValueError(f"{directory} holds {meta['arch']!r} weights, not {arch!r}")
+    return fit_pretrained(pretrained, variables, meta["arch"], directory)
+
+
+def fit_pretrained(pretrained: Mapping[str, Any], variables: Mapping[str, Any], arch: str,
+                   directory: str) -> Tuple[Dict[str, Any], List[str]]:
+    """``variables`` filled with the arrays of ``pretrained`` that fit (init_from_converted)."""
     from flax import traverse_util
 
     from cnn_jax.models import model_info
 
-    _, pretrained, meta = load_converted(directory)
-    if arch is not None and arch != meta["arch"]:
-        raise ValueError(f"{directory} holds {meta['arch']!r} weights, not {arch!r}")
     fresh = traverse_util.flatten_dict({k: v for k, v in variables.items()
                                         if k in ("params", "batch_stats")})
     loaded = traverse_util.flatten_dict(pretrained)
-    info = model_info(meta["arch"])
+    info = model_info(arch)
     heads = [tuple(info.classifier)] + [tuple(a.split("/")) for a in info.aux_classifiers]
     out, reinitialized, problems = {}, [], []
     for path, value in fresh.items():

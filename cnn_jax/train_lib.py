@@ -168,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     t_start = time.time()
     configs_lib.validate(config, workdir)  # every field, before anything is written
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = config.copy_and_resolve_references()
+    config.dataset = input_pipeline.canonical_name(config.dataset)  # folder:DIR -> absolute DIR
     is_main = jax.process_index() == 0
     dp = parallel.DataParallel(config.parallel)
     parallel.check_batch_size(config.batch_size, dp.num_devices)
@@ -175,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                            image_size=config.image_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing)
-    meta = checkpoint_meta(config, info.num_classes)
+    meta = {**checkpoint_meta(config, info.num_classes), **info.checkpoint_meta()}
     ckpt_lib.check_compatible(checkpointer.read_meta(), meta, checkpointer.directory)
 
     _prepare_shapes(config)
@@ -187,10 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     host_state = setup.host_state
     if checkpointer.latest_step() is not None:
         host_state, _, _ = checkpointer.restore(host_state)
-    elif config.init_from:  # fine-tune imported weights (cnn_jax.convert); a new head if needed
-        from cnn_jax import convert
+    elif config.init_from:  # fine-tune a workdir's or imported weights; a new head if needed
+        from cnn_jax import loading
 
-        variables, _ = convert.init_from_converted(
+        variables, _ = loading.init_from(
             config.init_from, {"params": host_state.params, "batch_stats": host_state.batch_stats},
             arch=config.arch)
         host_state = host_state.replace(params=variables["params"],

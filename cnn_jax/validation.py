@@ -171,6 +171,6 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         if config.data_dir:
             check_dir("--data_dir", config.data_dir)
         if config.init_from and not os.path.isdir(os.path.expanduser(config.init_from)):
-            raise ValueError(f"--config.init_from={config.init_from} is not a directory written "
-                             "by python -m cnn_jax.convert")
+            raise ValueError(f"--config.init_from={config.init_from} is not a directory: pass a "
+                             "training workdir or the output of python -m cnn_jax.convert")
 

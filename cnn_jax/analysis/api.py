@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from cnn_jax.analysis.results import Analysis, LayerInfo, Totals
 from cnn_jax.analysis.trace import _Call, _CallRecorder, _Field, _Row, _snake, _Walker
+from cnn_jax.models.layers import implementation
 
 # --------------------------------------------------------------------------------------------
 # Public entry points.
@@ -64,7 +65,8 @@ def analyze(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3), *,
     apply, variables, x = _prepare(model, input_shape, train, variables, dtype, rngs, call_kwargs)
 
     def traced(v, inp):
-        with nn.intercept_methods(recorder):
+        # XLA's convolution primitives carry the window geometry the receptive-field rules read.
+        with nn.intercept_methods(recorder), implementation("xla"):
             return apply(v, inp)
 
     closed = jax.make_jaxpr(traced)(variables, x)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
-import ml_collections
+if TYPE_CHECKING:  # only annotations: keeps parse_model_kwargs importable without ml_collections
+    import ml_collections
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "default.py")
@@ -53,6 +54,8 @@ def load(path: str, arch: str = "") -> ml_collections.ConfigDict:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
     """Set flattened ``--config.a.b=value`` overrides on ``config``, new fields included (so that
     :func:`validate` can name a mistyped one)."""
+    import ml_collections
+
     for path, value in overrides.items():
         *parents, leaf = path.split(".")
         node = config
@@ -73,6 +76,8 @@ def validate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
 
 def model_config(options: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Model options as the config's ``model`` field (``--config.model.shortcut=C``)."""
+    import ml_collections
+
     return ml_collections.ConfigDict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in dict(options).items()})
 

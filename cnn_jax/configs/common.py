@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Model options, checked against the module's fields: --config.model.shortcut=C,
     # --config.model.widths='(8, 16, 32)'. Empty = the registered architecture as it is.
     c.model = ml_collections.ConfigDict()
-    c.init_from = ""  # a directory written by `python -m cnn_jax.convert`: fine-tune those weights
+    c.init_from = ""  # a training workdir or cnn_jax.convert output: fine-tune its latest weights
 
     # Data (cnn_jax.input_pipeline).
     c.dataset = "imagenet2012"
