@@ -60,10 +60,11 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         # The two items and their handlers (Orbax's replacement of the deprecated item_names).
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
-                                    ("meta", ocp.args.JsonSave, ocp.args.JsonRestore)):
-            registry.add(item, save)
-            registry.add(item, restore)
+        for item, kinds in (("state", (ocp.args.StandardSave, ocp.args.StandardRestore,
+                                       ocp.args.PyTreeRestore)),  # restore_subtree's partial read
+                            ("meta", (ocp.args.JsonSave, ocp.args.JsonRestore))):
+            for kind in kinds:
+                registry.add(item, kind)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=registry)
 
