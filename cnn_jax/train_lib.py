@@ -169,8 +169,8 @@ def _prepare_shapes(config: ml_collections.ConfigDict) -> None:
         return
     if jax.process_index() == 0:
         quiet = not verbose()
-        builder = input_pipeline.sources.get_builder(config.dataset, config.data_dir or None,
-                                                     config.image_size)
+        builder = input_pipeline.sources.make_builder(config.dataset, config.data_dir or None,
+                                                      config.image_size)
         if quiet and not builder.is_prepared():
             print(f"generating the {config.dataset} dataset in {builder.data_dir} "
                   "(once; nothing is downloaded)", file=sys.stderr, flush=True)
