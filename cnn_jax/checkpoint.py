@@ -16,6 +16,7 @@ evaluation, prediction and export.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -78,6 +79,15 @@ class Checkpointer:
             read_only=read_only, create=not read_only)
         self.workdir = os.path.abspath(workdir)
         self.directory = checkpoint_dir(workdir)
+        # (step, error, where it was moved): checkpoints whose JSON files do not parse, which
+        # Orbax's manager cannot even open; the writable manager moves them aside first.
+        self.damaged: List[Tuple[int, str, str]] = []
+        for step, error in _unparsable_steps(self.directory):
+            if read_only:
+                raise ValueError(f"checkpoint {step} in {self.directory} is unreadable ({error}); "
+                                 "re-run the training command once (it moves the checkpoint "
+                                 f"aside to {DAMAGED_DIR}/)")
+            self.damaged.append((step, error, self._move(step)))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
@@ -127,6 +137,11 @@ class Checkpointer:
 
     def move_aside(self, step: int) -> str:
         """Move the directory of ``step`` to ``<workdir>/checkpoints.damaged/`` (kept, not deleted)."""
+        dest = self._move(step)
+        self.manager.reload()
+        return dest
+
+    def _move(self, step: int) -> str:
         src = os.path.join(self.directory, str(int(step)))
         dest_root = os.path.join(self.workdir, DAMAGED_DIR)
         dest = os.path.join(dest_root, str(int(step)))
@@ -137,7 +152,6 @@ class Checkpointer:
         if jax.process_index() == 0 and os.path.exists(src):
             os.makedirs(dest_root, exist_ok=True)
             shutil.move(src, dest)
-        self.manager.reload()
         return dest
 
     def wait_until_finished(self) -> None:
@@ -146,6 +160,31 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_JSON_FILES = ("_CHECKPOINT_METADATA", os.path.join("metrics", "metrics"),
+               os.path.join("meta", "metadata"), os.path.join("state", "_METADATA"))
+
+
+def _unparsable_steps(directory: str) -> List[Tuple[int, str]]:
+    """Step directories with a JSON file that does not parse (cut short by a crash)."""
+    if not os.path.isdir(directory):
+        return []
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if not name.isdigit():
+            continue
+        for rel in _JSON_FILES:
+            path = os.path.join(directory, name, rel)
+            if not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except (ValueError, OSError) as e:
+                out.append((int(name), f"{rel}: {_first_line(e)}"))
+                break
+    return out
 
 
 def _best_metric(metrics: Dict[str, Any], name: str = BEST_METRIC) -> float:
@@ -294,7 +333,7 @@ def restore_for_training(checkpointer: Checkpointer, target: Any, expected_meta:
     Unreadable checkpoints are moved aside, each reported in one line; a checkpoint of another
     architecture/dataset or model raises :class:`CheckpointMismatchError`.
     """
-    damaged = []
+    damaged = list(checkpointer.damaged)
     for step in sorted(checkpointer.all_steps(), reverse=True):
         try:
             meta = checkpointer.read_meta(step)

@@ -241,6 +241,10 @@ def _best_so_far(workdir: str, up_to_step: int, split: str = "eval"
     return {"top1": top["top1"], "step": top["step"]}
 
 
+def _ema_view(state: step_lib.TrainState) -> step_lib.TrainState:
+    return state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
+
+
 def _num_params(params: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
@@ -328,8 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         ema_warmup=bool(config.get("ema_warmup", True)), mixup_alpha=mixup_alpha,
         cutmix_alpha=cutmix_alpha, grad_accum_steps=accum), donate_argnums=(0,))
     p_eval_step = dp.map(functools.partial(step_lib.eval_step, axis_name=dp.axis_name))
-    p_eval_ema = dp.map(functools.partial(step_lib.eval_step, axis_name=dp.axis_name,
-                                          use_ema=True)) if ema_decay else None
+    # The EMA is evaluated by the same compiled step, on a view of the state with the EMA
+    # variables in place of the raw ones.
+    p_eval_ema = (lambda st, b: p_eval_step(_ema_view(st), b)) if ema_decay else None
     p_sync = dp.map(functools.partial(step_lib.sync_batch_stats, axis_name=dp.axis_name),
                     donate_argnums=(0,))
     state = dp.replicate(host_state)
