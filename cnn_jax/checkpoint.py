@@ -323,7 +323,8 @@ def state_from_raw(target: Any, raw: Dict[str, Any], meta: Dict[str, Any],
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def restore_for_training(checkpointer: Checkpointer, target: Any, expected_meta: Dict[str, Any],

@@ -53,10 +53,13 @@ def _save(workdir, steps, state):
     c.close()
 
 
-def _damage(step_dir):
-    """Truncate every file of a checkpoint, as a crash mid-write without atomic renames does."""
+def _damage(step_dir, data_only=False):
+    """Truncate every file of a checkpoint, as a crash mid-write without atomic renames does
+    (``data_only``: only the array data, so that the JSON files still parse)."""
     for root, _, files in os.walk(step_dir):
         for f in files:
+            if data_only and ("METADATA" in f or os.path.basename(root) in ("meta", "metrics")):
+                continue
             path = os.path.join(root, f)
             size = os.path.getsize(path)
             with open(path, "r+b") as fh:
@@ -73,11 +76,12 @@ def _restore(workdir, target):
         c.close()
 
 
-def test_unreadable_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path):
+@pytest.mark.parametrize("data_only", [False, True], ids=["all_files", "array_data"])
+def test_unreadable_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, data_only):
     workdir = str(tmp_path)
     state = _state()
     _save(workdir, [1, 2], state)
-    _damage(os.path.join(workdir, "checkpoints", "2"))
+    _damage(os.path.join(workdir, "checkpoints", "2"), data_only)
     restored, step, notices, left = _restore(workdir, state)
     assert step == 1 and int(restored.step) == 1 and left == [1]
     moved = os.path.join(workdir, ckpt_lib.DAMAGED_DIR, "2")
