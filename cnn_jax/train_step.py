@@ -215,7 +215,7 @@ def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = No
         "loss": loss,
         "cross_entropy": ce,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
