@@ -16,7 +16,7 @@ the same augmented batches as an uninterrupted one.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import tensorflow as tf
 
@@ -308,18 +308,3 @@ def check_mix_options(mixup_alpha: float, cutmix_alpha: float) -> None:
     for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
         if value < 0:
             raise ValueError(f"--config.{name} must be >= 0 (0 = off), got {value}")
-
-
-def describe(auto_augment: str, random_erasing_p: float, mixup_alpha: float = 0.0,
-             cutmix_alpha: float = 0.0) -> Optional[str]:
-    """A short description of the modern augmentations that are on (None if none)."""
-    parts = []
-    if auto_augment:
-        parts.append(auto_augment)
-    if random_erasing_p:
-        parts.append(f"random erasing p={random_erasing_p:g}")
-    if mixup_alpha:
-        parts.append(f"mixup alpha={mixup_alpha:g}")
-    if cutmix_alpha:
-        parts.append(f"CutMix alpha={cutmix_alpha:g}")
-    return ", ".join(parts) or None

@@ -136,7 +136,7 @@ class Checkpointer:
         return restored["state"]
 
     def move_aside(self, step: int) -> str:
-        """Move the directory of ``step`` to ``<workdir>/checkpoints.damaged/`` (kept, not deleted)."""
+        """Move the directory of ``step`` to ``<workdir>/checkpoints.damaged/`` (kept)."""
         dest = self._move(step)
         self.manager.reload()
         return dest

@@ -4,7 +4,6 @@ from a workdir, and one end-to-end run with every new training option."""
 import functools
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
