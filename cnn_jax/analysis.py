@@ -70,6 +70,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from cnn_jax.models.layers import implementation
+
 
 __all__ = ["LayerInfo", "Totals", "Analysis", "analyze", "xla_flops", "format_analysis",
            "FORMATS"]
@@ -604,7 +606,8 @@ def analyze(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3), *,
     apply, variables, x = _prepare(model, input_shape, train, variables, dtype, rngs, call_kwargs)
 
     def traced(v, inp):
-        with nn.intercept_methods(recorder):
+        # XLA's convolution primitives carry the window geometry the receptive-field rules read.
+        with nn.intercept_methods(recorder), implementation("xla"):
             return apply(v, inp)
 
     closed = jax.make_jaxpr(traced)(variables, x)

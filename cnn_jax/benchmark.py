@@ -4,12 +4,19 @@
 step kind, compile time, images/second (and the process's CPU time per step) and peak memory: the
 device's ``memory_stats()`` where the backend has them (GPU), otherwise XLA's ``memory_analysis()``
 of the compiled step (arguments + outputs + temporaries - donated aliases).
+
+``--compare=torch``: against torchvision's same network in PyTorch on the same CPU, alternating
+(:mod:`cnn_jax.benchmark_torch`). ``--suite=gpu``: fp32 and bf16 of every family over all local
+accelerators within a time budget (:mod:`cnn_jax.benchmark_gpu`). Neither this module nor those
+import TensorFlow or ml_collections (a GPU machine may have neither).
 """
 
 import functools
 import json
 import os
+import sys
 import time
+from typing import Any, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -18,15 +25,41 @@ from absl import app, flags  # noqa: E402
 from cnn_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet50.")
-flags.DEFINE_integer("batch_size", 32, "Images per step (on one device).")
-flags.DEFINE_integer("image_size", 224, "Square input resolution.")
-flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay fp32).")
-flags.DEFINE_integer("steps", 10, "Timed steps (after one untimed warm-up step).")
+flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet50 (--compare, --suite: "
+                    "a comma-separated list picks rows; default: all rows).")
+flags.DEFINE_integer("batch_size", 32, "Images per step (on one device; --compare and --suite: "
+                     "overrides every row's batch, per device for --suite).")
+flags.DEFINE_integer("image_size", 224, "Square input resolution (--compare: overrides the rows').")
+flags.DEFINE_integer("num_classes", 1000, "Classifier outputs (--compare: overrides the rows').")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay fp32; "
+                  "--compare and --suite run both unless given).")
+flags.DEFINE_integer("steps", 10, "Timed steps after the warm-up (--compare: default 5; --suite: "
+                     "at most this many, default 20, within --kind_budget_s).")
 flags.DEFINE_bool("eval", True, "Also time the eval step.")
 flags.DEFINE_string("model_kwargs", "", "Extra model fields, e.g. 'aux_logits=False'.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+flags.DEFINE_enum("compare", None, ["torch"], "Compare with torchvision's same network in "
+                  "PyTorch on the same CPU, alternating steps; default rows: issue 10's six, "
+                  "float32 and bfloat16.")
+flags.DEFINE_enum("suite", None, ["gpu"], "One-shot accelerator check: every family, fp32 and "
+                  "bf16, pmap over all local devices; writes JSON and markdown to --output.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (--compare, --suite).")
+flags.DEFINE_string("output", None, "Directory for the results (--suite: default "
+                    "benchmark_results; --compare: optional).")
+flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0: its "
+                     "default).")
+flags.DEFINE_float("time_budget_s", 450.0, "--suite: the whole suite's wall-time limit.")
+flags.DEFINE_float("kind_budget_s", 4.0, "--suite: timed seconds per train or eval step kind.")
+
+
+def model_dtype(name: str) -> Any:
+    """The compute dtype of a ``--dtype`` name (train_lib's would import TensorFlow)."""
+    import jax.numpy as jnp
+
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[name]
 
 
 def _mib(n) -> float:
@@ -83,7 +116,6 @@ def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 10
 
     from cnn_jax import configs, train_step as step_lib
     from cnn_jax.models import count_params, create_model
-    from cnn_jax.train_lib import model_dtype
 
     device = jax.devices()[0]
     model = create_model(arch, num_classes=num_classes, dtype=model_dtype(dtype),
@@ -127,9 +159,81 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _given(name: str):
+    """A flag's value if given on the command line, else None (the rows' own value)."""
+    return FLAGS[name].value if FLAGS[name].present else None
+
+
+def _archs() -> List[str]:
+    """The --arch list, each a registered name."""
+    from cnn_jax.models import list_models
+
+    archs = [a.strip() for a in (FLAGS.arch or "").split(",") if a.strip()]
+    unknown = [a for a in archs if a not in list_models()]
+    if unknown:
+        raise ValueError(f"unknown architecture {unknown[0]!r}; valid names: "
+                         f"{', '.join(list_models())}")
+    return archs
+
+
+def _write(directory: str, name: str, result: dict, table: str) -> None:
+    """``directory/name.json`` and ``directory/name.md``."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(directory, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+
+
+def main_compare() -> None:
+    """``--compare=torch``: the rows the flags pick, table (or JSON) on stdout."""
+    from cnn_jax import benchmark_torch
+
+    if FLAGS.model_kwargs:
+        raise ValueError("--model_kwargs changes the network; --compare=torch times the stock "
+                         "networks that torchvision also builds")
+    rows = benchmark_torch.select_rows(
+        _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"),
+        [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_torch.DTYPES)
+    steps = FLAGS.steps if FLAGS["steps"].present else 5
+    result = benchmark_torch.run_compare(rows, steps, FLAGS.warmup, FLAGS.torch_threads,
+                                         progress=lambda line: print(line, file=sys.stderr,
+                                                                     flush=True))
+    table = benchmark_torch.markdown(result)
+    if FLAGS.output:
+        _write(FLAGS.output, "compare_torch", result, table)
+    print(json.dumps(result) if FLAGS.json else table, flush=True)
+
+
+def main_suite() -> None:
+    """``--suite=gpu``: every row in its own process; JSON and table in --output."""
+    from cnn_jax import benchmark_gpu
+
+    from cnn_jax.configs import parse_model_kwargs
+    from cnn_jax.models import create_model
+
+    archs = _archs() or list(benchmark_gpu.FAMILY_BATCH)
+    for arch in archs:  # bad options fail here in one line, not in every row's process
+        create_model(arch, **parse_model_kwargs(FLAGS.model_kwargs))
+    output = FLAGS.output or "benchmark_results"
+    result = benchmark_gpu.run_suite(
+        output, archs, [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_gpu.DTYPES,
+        _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, FLAGS.model_kwargs,
+        FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
+        FLAGS.time_budget_s, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(result) if FLAGS.json else benchmark_gpu.markdown(result), flush=True)
+    print(f"wrote {os.path.join(output, 'gpu_suite.json')} and gpu_suite.md", file=sys.stderr)
+
+
 def main(argv):
     cli.setup(argv)
     with cli.one_line_errors():
+        if FLAGS.compare and FLAGS.suite:
+            raise ValueError("pass --compare=torch or --suite=gpu, not both")
+        if FLAGS.compare:
+            return main_compare()
+        if FLAGS.suite:
+            return main_suite()
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
         r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,

@@ -154,6 +154,13 @@ class Checkpointer:
             shutil.move(src, dest)
         return dest
 
+    def restore_subtree(self, target: Dict[str, Any], step: int) -> Dict[str, Any]:
+        """Only the ``state`` entries named in ``target`` (e.g. params and batch_stats, for
+        inference): the optimizer state is not read."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+        return dict(restored["state"])
+
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
 
@@ -370,6 +377,12 @@ def load_variables(workdir: str, step: Union[None, int, str] = None, ema: bool =
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train one with "
                                     f"`python -m cnn_jax.train --workdir={workdir}`")
         if step == "best":
+            best_metric = ((checkpointer.read_meta(steps[0]) or {}).get("config") or {}).get(
+                "best_metric", BEST_METRIC)
+            if best_metric != BEST_METRIC and best_metric in BEST_METRICS:  # the run's choice
+                checkpointer.close()
+                checkpointer = Checkpointer(workdir, read_only=True, async_save=False,
+                                            best_metric=best_metric)
             best = checkpointer.best_step()
             candidates = [best if best is not None else steps[0]]
         elif step is None or step == "latest":

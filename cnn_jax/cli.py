@@ -26,14 +26,40 @@ def quiet_tensorflow(argv: Sequence[str]) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+DEFAULT_COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax", "xla")
+
+flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs on disk, so that a "
+                  "repeated or resumed run does not compile them again.")
+flags.DEFINE_string("compilation_cache_dir",
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE_DIR,
+                    "Where --compilation_cache keeps them ($JAX_COMPILATION_CACHE_DIR).")
+
+
+def enable_compilation_cache(directory: str = DEFAULT_COMPILATION_CACHE_DIR,
+                             min_compile_seconds: float = 0.5) -> None:
+    """JAX's persistent compilation cache in ``directory``, for programs that took at least
+    ``min_compile_seconds`` to compile (smaller ones cost more to look up than to rebuild)."""
+    import jax
+
+    if os.path.isfile(directory):
+        raise ValueError(f"--compilation_cache_dir {directory} is a file; pass a directory "
+                         "(or --nocompilation_cache)")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+
+
 def setup(argv: Sequence[str]) -> None:
     """Reject stray positional arguments; keep absl's INFO lines and TFDS's notices out unless
-    --verbosity is given (the progress bars and results say what matters)."""
+    --verbosity is given (the progress bars and results say what matters); turn on the
+    compilation cache."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
         py_logging.getLogger("absl").addFilter(_NoiseFilter())
+    if flags.FLAGS.compilation_cache:
+        with one_line_errors():
+            enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
 
 
 @contextlib.contextmanager

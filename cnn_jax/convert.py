@@ -392,17 +392,23 @@ def init_from_converted(directory: str, variables: Mapping[str, Any], arch: Opti
     the returned ``(variables, reinitialized_paths)``. Any other difference is an error, as is an
     ``arch`` other than the checkpoint's.
     """
+    _, pretrained, meta = load_converted(directory)
+    if arch is not None and arch != meta["arch"]:
+        raise ValueError(f"{directory} holds {meta['arch']!r} weights, not {arch!r}")
+    return fit_pretrained(pretrained, variables, meta["arch"], directory)
+
+
+def fit_pretrained(pretrained: Mapping[str, Any], variables: Mapping[str, Any], arch: str,
+                   directory: str) -> Tuple[Dict[str, Any], List[str]]:
+    """``variables`` filled with the arrays of ``pretrained`` that fit (init_from_converted)."""
     from flax import traverse_util
 
     from cnn_jax import configs
 
-    _, pretrained, meta = load_converted(directory)
-    if arch is not None and arch != meta["arch"]:
-        raise ValueError(f"{directory} holds {meta['arch']!r} weights, not {arch!r}")
     fresh = traverse_util.flatten_dict({k: v for k, v in variables.items()
                                         if k in ("params", "batch_stats")})
     loaded = traverse_util.flatten_dict(pretrained)
-    heads = {_HEAD_MODULES.get(configs.family(meta["arch"])), "aux1", "aux2"}
+    heads = {_HEAD_MODULES.get(configs.family(arch)), "aux1", "aux2"}
     out, reinitialized, problems = {}, [], []
     for path, value in fresh.items():
         name = "/".join(path)

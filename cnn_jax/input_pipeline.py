@@ -47,14 +47,29 @@ class DatasetInfo(NamedTuple):
     num_classes: int
     num_train_examples: int
     num_eval_examples: int
+    class_names: Tuple[str, ...] = ()
+    # The evaluation preprocessing, recorded in checkpoints for predict/export.
+    mean: Tuple[float, ...] = preprocessing.IMAGENET_MEAN
+    std: Tuple[float, ...] = preprocessing.IMAGENET_STD
+    eval_crop_ratio: float = preprocessing.EVAL_CROP_RATIO
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        """What a checkpoint stores so that inference needs no dataset: names, normalization."""
+        return {"class_names": list(self.class_names), "mean": list(self.mean),
+                "std": list(self.std), "eval_crop_ratio": float(self.eval_crop_ratio)}
+
+
+def canonical_name(name: str) -> str:
+    """The dataset name a checkpoint records (``folder:DIR`` with an absolute path)."""
+    return sources.canonical_name(name)
 
 
 def get_dataset_info(name: str, data_dir: Optional[str], image_size: Optional[int] = None
                      ) -> DatasetInfo:
     """Classes and split sizes of ``name``; ``image_size`` selects the `shapes` config.
 
-    An unprepared `shapes` config is described without generating it; other unprepared datasets
-    raise ``DatasetNotFoundError``.
+    An unprepared `shapes` config is described without generating it; ``folder:DIR`` is prepared
+    (once per listing); other unprepared datasets raise ``DatasetNotFoundError``.
     """
     base, config = sources.split_name(name)
     if base == "fake":
@@ -64,12 +79,15 @@ def get_dataset_info(name: str, data_dir: Optional[str], image_size: Optional[in
         if not builder.is_prepared():
             cfg = builder.builder_config
             return DatasetInfo(name, len(sources.shapes.CLASSES), cfg.num_train,
-                               cfg.num_validation)
-    builder = sources.get_builder(name, data_dir, image_size)
-    spec = sources.spec(name)
-    return DatasetInfo(name, builder.info.features["label"].num_classes,
+                               cfg.num_validation, tuple(sources.shapes.CLASSES))
+    builder = sources.get_builder(name, data_dir, image_size, rescan=True)  # a run starts here
+    spec = sources.spec(name, builder)
+    label = builder.info.features[spec.label_key]
+    return DatasetInfo(name, label.num_classes,
                        builder.info.splits[spec.train_split].num_examples,
-                       builder.info.splits[spec.eval_split].num_examples)
+                       builder.info.splits[spec.eval_split].num_examples,
+                       tuple(label.names), tuple(spec.mean), tuple(spec.std),
+                       spec.eval_crop_ratio)
 
 
 def prepare_dataset(name: str, data_dir: Optional[str], image_size: Optional[int] = None) -> None:
@@ -164,12 +182,13 @@ def _records(instructions, order_seed: Optional[tf.Tensor] = None,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _parse(builder):
-    decoders = {"image": tfds.decode.SkipDecoding()}  # keep the encoded bytes for the crop
+def _parse(builder, spec: sources.DatasetSpec):
+    features = builder.info.features
+    decoders = {spec.image_key: tfds.decode.SkipDecoding()}  # keep the encoded bytes for the crop
 
     def parse(serialized):
-        example = builder.info.features.deserialize_example(serialized, decoders=decoders)
-        return example["image"], tf.cast(example["label"], tf.int32)
+        example = features.deserialize_example(serialized, decoders=decoders)
+        return example[spec.image_key], tf.cast(example[spec.label_key], tf.int32)
 
     return parse
 
@@ -245,12 +264,13 @@ def create_train_iterator(
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     per_process = devices * per_device
     base, _ = sources.split_name(name)
-    spec = sources.spec(name)
-    augment_cfg = preprocessing.parse_augment(augment, spec.augment_defaults)
     if base == "fake":
+        preprocessing.parse_augment(augment)  # bad options fail here too
         return _fake_train(per_device, devices, image_size, dtype, seed, start_step, process_index)
 
     builder = sources.get_builder(name, data_dir, image_size, prepare_shapes=True)
+    spec = sources.spec(name, builder)
+    augment_cfg = preprocessing.parse_augment(augment, spec.augment_defaults)
     split = tfds.split_for_jax_process(spec.train_split, process_index=process_index,
                                        process_count=process_count, drop_remainder=True)
     instructions, n = _file_instructions(builder, split)
@@ -274,7 +294,7 @@ def create_train_iterator(
     start_epoch, offset = divmod(start_step * per_process, n)
     records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
     ds = train_dataset_from_records(
-        records, _parse(builder), per_process_batch=per_process, num_devices=devices,
+        records, _parse(builder, spec), per_process_batch=per_process, num_devices=devices,
         image_size=image_size, seed_root=augment_root, jpeg=spec.jpeg, augment=augment_cfg,
         mean=spec.mean, std=spec.std, dtype=dtype, prefetch=prefetch)
     return _to_numpy(ds)
@@ -313,34 +333,39 @@ def create_eval_iterator(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     prefetch: int = tf.data.AUTOTUNE,
+    views_fn: Optional[Any] = None,
 ) -> Iterator[Batch]:
     """One pass over the evaluation split: ``dict(image, label, mask=[D, b] bool)``.
 
     Process ``i`` reads the ``i``-th contiguous part of the split; every process yields the same
     number of batches (padding with ``mask=False`` examples), as collective ops need.
+    ``views_fn(image_bytes, spec) -> {key: tensor}`` replaces the centre crop (the test-time
+    protocols of :mod:`cnn_jax.protocols`); padding examples are zeros of the same shapes.
     """
     _check_args(image_size, dtype)
     devices, per_device, process_index, process_count = _layout(
         global_batch_size, num_local_devices, process_index, process_count)
     per_process = devices * per_device
     base, _ = sources.split_name(name)
-    spec = sources.spec(name)
     if base == "fake":
         return _fake_eval(per_device, devices, image_size, dtype, process_index, process_count)
 
     builder = sources.get_builder(name, data_dir, image_size, prepare_shapes=True)
+    spec = sources.spec(name, builder)
     total = builder.info.splits[spec.eval_split].num_examples
     parts = _eval_parts(total, process_count)
     start, end = parts[process_index]
     num_batches = math.ceil(max(e - s for s, e in parts) / per_process)
-    parse = _parse(builder)
+    parse = _parse(builder, spec)
+    if views_fn is None:
+        def views_fn(image_bytes, spec):
+            return {"image": preprocessing.preprocess_for_eval(
+                image_bytes, image_size, jpeg=spec.jpeg, crop_ratio=spec.eval_crop_ratio,
+                mean=spec.mean, std=spec.std, dtype=dtype)}
 
     def preprocess(serialized):
         image_bytes, label = parse(serialized)
-        image = preprocessing.preprocess_for_eval(
-            image_bytes, image_size, jpeg=spec.jpeg, crop_ratio=spec.eval_crop_ratio,
-            mean=spec.mean, std=spec.std, dtype=dtype)
-        return {"image": image, "label": label, "mask": tf.constant(True)}
+        return {**views_fn(image_bytes, spec), "label": label, "mask": tf.constant(True)}
 
     if end > start:
         instructions, n = _file_instructions(builder, f"{spec.eval_split}[{start}:{end}]")
@@ -349,13 +374,20 @@ def create_eval_iterator(
     else:  # more processes than examples
         n, ds = 0, None
     padding = tf.data.Dataset.from_tensors({
-        "image": tf.zeros([image_size, image_size, 3], preprocessing.DTYPES[dtype]),
+        **{k: tf.zeros(v.shape, v.dtype) for k, v in _views_spec(views_fn, spec).items()},
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }).repeat(num_batches * per_process - n)
     ds = padding if ds is None else ds.concatenate(padding)
     ds = ds.batch(per_process, drop_remainder=True).map(_to_devices(devices))
     return _to_numpy(ds.prefetch(prefetch).with_options(_options()))
+
+
+def _views_spec(views_fn, spec) -> Dict[str, tf.TensorSpec]:
+    """Shapes and dtypes of ``views_fn``'s outputs, traced on a placeholder (nothing decoded)."""
+    fn = tf.function(lambda b: views_fn(b, spec))
+    concrete = fn.get_concrete_function(tf.TensorSpec([], tf.string))
+    return {k: tf.TensorSpec(v.shape, v.dtype) for k, v in concrete.structured_outputs.items()}
 
 
 def _fake_eval(per_device, devices, image_size, dtype, process_index, process_count):

@@ -258,6 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     """
     t_start = time.time()
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = config.copy_and_resolve_references()
+    config.dataset = input_pipeline.canonical_name(config.dataset)  # folder:DIR -> absolute DIR
     is_main = jax.process_index() == 0
     dp = parallel.DataParallel(config.parallel)
     parallel.check_batch_size(config.batch_size, dp.num_devices)
@@ -285,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                          async_save=config.async_checkpointing,
                                          best_metric=best_metric)
-    meta = checkpoint_meta(config, info.num_classes)
+    meta = {**checkpoint_meta(config, info.num_classes), **info.checkpoint_meta()}
 
     _prepare_shapes(config)
     setup = create_setup(config, info)
@@ -298,10 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         checkpointer, setup.host_state, meta, notices.append)
     if host_state is None:
         host_state = setup.host_state
-        if config.init_from:  # fine-tune imported weights (cnn_jax.convert); a new head if needed
-            from cnn_jax import convert
+        if config.init_from:  # fine-tune a workdir's or imported weights; a new head if needed
+            from cnn_jax import loading
 
-            variables, _ = convert.init_from_converted(
+            variables, _ = loading.init_from(
                 config.init_from,
                 {"params": host_state.params, "batch_stats": host_state.batch_stats},
                 arch=config.arch)

@@ -69,7 +69,10 @@ def init_variables(model: nn.Module, rng: Array, image_shape: Tuple[int, int, in
     params_rng, dropout_rng = jax.random.split(rng)
     dummy = jnp.zeros((1,) + tuple(image_shape), dtype)
     init = jax.jit(functools.partial(model.init, train=True))
-    return dict(init({"params": params_rng, "dropout": dropout_rng}, dummy))
+    # The partitionable threefry (JAX's default) makes XLA:CPU compile init 2x slower (resnet18:
+    # 10 s vs 4.7 s); a one-image init never runs sharded, so the classic bit stream is used.
+    with jax.threefry_partitionable(False):
+        return dict(init({"params": params_rng, "dropout": dropout_rng}, dummy))
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,

@@ -358,7 +358,7 @@ def test_missing_torch_is_a_clear_error(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- predict
 
 
-def test_predict_prints_top5_with_names(converted_resnet18, tmp_path, capsys):
+def test_predict_gives_top5_with_names(converted_resnet18, tmp_path):
     from PIL import Image
 
     from cnn_jax import predict
@@ -367,23 +367,24 @@ def test_predict_prints_top5_with_names(converted_resnet18, tmp_path, capsys):
     pixels = np.random.default_rng(5).integers(0, 256, (300, 260, 3), dtype=np.uint8)
     path = str(tmp_path / "noise.jpg")
     Image.fromarray(pixels).save(path, quality=95)
-    assert predict.main(["--arch=resnet18", f"--checkpoint={out}", path]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    result = predict.predict(out, [path], arch="resnet18")
+    assert result["step"] == 0 and result["results"][0]["image"] == path
+    lines = predict.format_text(result).splitlines()
     assert lines[0] == path and len(lines) == 6
     names = imagenet_classes.class_names()
     # The same preprocessed image through torchvision's model gives the same five classes.
     ref = tv.torch_logits(_reference("resnet18"), predict.load_image(path, 224)[None])[0]
     for rank, (line, index) in enumerate(zip(lines[1:], np.argsort(-ref)[:5]), start=1):
         assert line.strip().startswith(f"{rank}.")
-        assert line.endswith(f"{names[index]}  (class {index})"), line
+        assert line.endswith(f"%  {names[index]}"), line
 
 
-def test_predict_refuses_another_arch(converted_resnet18, tmp_path, capsys):
+def test_predict_refuses_another_arch(converted_resnet18):
     from cnn_jax import predict
 
     _, out = converted_resnet18
-    assert predict.main(["--arch=resnet50", f"--checkpoint={out}", "x.jpg"]) == 1
-    assert "holds 'resnet18' weights, not 'resnet50'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds a checkpoint of arch='resnet18', not 'resnet50'"):
+        predict.predict(out, ["x.jpg"], arch="resnet50")
 
 
 def test_imagenet_class_names():

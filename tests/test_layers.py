@@ -76,9 +76,9 @@ def test_lrn_matches_paper_formula():
 
 def test_conv_uses_symmetric_padding_for_stride_2():
     # torch pads 1 on every side for a 3x3/2 conv; Flax's 'SAME' would pad (0, 1) on an even input.
-    conv = layers.Conv(1, 3, strides=2, padding=1, use_bias=False)
+    conv = layers.Conv2d(1, 3, strides=2, padding=1, use_bias=False)
     x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)
-    v = {"params": {"conv": {"kernel": jnp.ones((3, 3, 1, 1))}}}
+    v = {"params": {"kernel": jnp.ones((3, 3, 1, 1))}}
     y = conv.apply(v, x)
     chex.assert_shape(y, (1, 2, 2, 1))
     assert y[0, 0, 0, 0] == 1.0  # the top-left pixel is inside the first (padded) window
@@ -86,8 +86,8 @@ def test_conv_uses_symmetric_padding_for_stride_2():
 
 def test_grouped_conv_param_count():
     x = jnp.zeros((1, 8, 8, 4))
-    full = layers.Conv(8, 3, padding=1).init(jax.random.key(0), x)
-    grouped = layers.Conv(8, 3, padding=1, groups=2).init(jax.random.key(0), x)
+    full = layers.Conv2d(8, 3, padding=1).init(jax.random.key(0), x)
+    grouped = layers.Conv2d(8, 3, padding=1, feature_group_count=2).init(jax.random.key(0), x)
     assert layers.count_params(grouped) == 3 * 3 * 2 * 8 + 8
     assert layers.count_params(full) == 3 * 3 * 4 * 8 + 8
 

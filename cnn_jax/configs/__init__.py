@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-import ml_collections
+if TYPE_CHECKING:  # only annotations: keeps parse_model_kwargs importable without ml_collections
+    import ml_collections
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "default.py")

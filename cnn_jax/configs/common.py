@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.arch = ""  # set from --arch
     c.model_kwargs = ""  # extra model fields, e.g. "dropout_rate=0.3"
-    c.init_from = ""  # a directory written by `python -m cnn_jax.convert`: fine-tune those weights
+    c.init_from = ""  # a training workdir or cnn_jax.convert output: fine-tune its latest weights
 
     # Data (cnn_jax.input_pipeline).
     c.dataset = "imagenet2012"

@@ -5,6 +5,7 @@
   python -m cnn_jax.datasets.prepare --dataset=shapes/32px_n2000_v500
   python -m cnn_jax.datasets.prepare --dataset=imagenet2012 --data_dir=/data/tfds
       (needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/)
+  python -m cnn_jax.datasets.prepare --dataset=folder:~/pets   (train/<class>/, val/<class>/)
 
 ``--data_dir`` defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets. cifar10, cifar100 and
 imagenette are only checked: they must already be prepared (this project never downloads).

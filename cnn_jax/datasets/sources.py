@@ -1,8 +1,11 @@
 """Where each dataset comes from: TFDS builders, preparation, and clear errors when data is missing.
 
 Nothing here downloads: ``shapes`` is generated locally, ``imagenet2012`` is prepared from the
-manually downloaded archives, and ``cifar10``/``cifar100``/``imagenette`` must already be prepared
-in ``data_dir`` (e.g. copied from a machine where ``tfds build`` ran).
+manually downloaded archives, ``folder:DIR`` is prepared from an image folder
+(:mod:`cnn_jax.datasets.folder`), and ``cifar10``/``cifar100``/``imagenette`` or any other TFDS
+image-classification dataset (``oxford_flowers102``, ...) must already be prepared in ``data_dir``
+(e.g. copied from a machine where ``tfds build`` ran); their splits, class count and class names
+come from the prepared ``DatasetInfo``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow_datasets as tfds
 
 from cnn_jax import preprocessing
-from cnn_jax.datasets import shapes
+from cnn_jax.datasets import folder, shapes
 
 DATASETS: Tuple[str, ...] = ("shapes", "imagenet2012", "cifar10", "cifar100", "imagenette", "fake")
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -37,6 +40,8 @@ class DatasetSpec:
     std: Tuple[float, float, float] = preprocessing.IMAGENET_STD
     eval_crop_ratio: float = preprocessing.EVAL_CROP_RATIO
     augment_defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    image_key: str = "image"
+    label_key: str = "label"
 
 
 # Small images get milder random-resized crops: below ~25% of a 32-64 px image little is left.
@@ -68,16 +73,68 @@ def resolve_data_dir(data_dir: Optional[str]) -> str:
 
 
 def split_name(name: str) -> Tuple[str, Optional[str]]:
-    """``"shapes/32px"`` -> ``("shapes", "32px")``; checks the base name is known."""
+    """``"shapes/32px"`` -> ``("shapes", "32px")``; ``"folder:DIR"`` -> ``("folder", "/abs/DIR")``.
+
+    A base name outside :data:`DATASETS` is a TFDS dataset name, checked when it is opened.
+    """
+    if folder.is_folder(name):
+        return "folder", folder.folder_root(name)
     base, _, config = name.partition("/")
-    if base not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
-                         "(optionally with a TFDS config, e.g. 'shapes/32px')")
+    if not base or not all(c.isalnum() or c in "_.:" for c in base):
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+                         "folder:DIR or a prepared TFDS dataset (optionally with a config, e.g. "
+                         "'shapes/32px')")
     return base, config or None
 
 
-def spec(name: str) -> DatasetSpec:
-    return SPECS[split_name(name)[0]]
+def canonical_name(name: str) -> str:
+    """The name a checkpoint records: image folders get their absolute path."""
+    return folder.canonical_name(name)
+
+
+def is_builtin(name: str) -> bool:
+    return split_name(name)[0] in DATASETS
+
+
+def spec(name: str, builder: Any = None) -> DatasetSpec:
+    """How to read ``name``; datasets other than the built-ins need their (prepared) builder."""
+    base, _ = split_name(name)
+    if base in SPECS:
+        return SPECS[base]
+    if base == "folder":
+        return DatasetSpec(eval_split=builder.folder.eval_split)
+    return _generic_spec(name, builder)
+
+
+def _generic_spec(name: str, builder: Any) -> DatasetSpec:
+    """Splits, features and encoding of a prepared TFDS image-classification dataset."""
+    info = builder.info
+    features = dict(info.features.items())
+    keys = tuple(info.supervised_keys or ())
+    if len(keys) == 2 and isinstance(keys[0], str) and isinstance(keys[1], str):
+        image_key, label_key = keys
+    else:
+        image_key = next((k for k, f in features.items()
+                          if isinstance(f, tfds.features.Image)), None)
+        label_key = next((k for k, f in features.items()
+                          if isinstance(f, tfds.features.ClassLabel)), None)
+    if not (isinstance(features.get(image_key), tfds.features.Image)
+            and isinstance(features.get(label_key), tfds.features.ClassLabel)):
+        raise ValueError(f"{name} is not an image-classification dataset (it needs an Image and a "
+                         f"ClassLabel feature; it has {', '.join(features.keys())})")
+    splits = list(info.splits.keys())
+    if "train" not in splits:
+        raise ValueError(f"{name} has no 'train' split (splits: {', '.join(splits)})")
+    eval_split = next((s for s in ("validation", "val", "test") if s in splits), None)
+    if eval_split is None:
+        raise ValueError(f"{name} has no validation or test split (splits: {', '.join(splits)})")
+    image = features[image_key]
+    small = all(isinstance(d, int) and d <= 64 for d in image.shape[:2])
+    return DatasetSpec(
+        eval_split=eval_split, jpeg=image.encoding_format == "jpeg",
+        eval_crop_ratio=1.0 if small else preprocessing.EVAL_CROP_RATIO,
+        augment_defaults=_SMALL_IMAGE_AUGMENT if small else {},
+        image_key=image_key, label_key=label_key)
 
 
 def shapes_config_for(image_size: Optional[int]) -> str:
@@ -100,6 +157,8 @@ def make_builder(name: str, data_dir: Optional[str], image_size: Optional[int]):
     data_dir = resolve_data_dir(data_dir)
     if base == "shapes":
         return shapes.Shapes(config=config or shapes_config_for(image_size), data_dir=data_dir)
+    if base == "folder":
+        return folder.make_builder(name, data_dir)
     return tfds.builder(name, data_dir=data_dir)
 
 
@@ -124,6 +183,10 @@ def _not_prepared_error(name: str, data_dir: Optional[str]) -> DatasetNotFoundEr
         return DatasetNotFoundError(
             f"{name} is not prepared in {data_dir}: run `python -m cnn_jax.datasets.prepare "
             f"--dataset={name} --data_dir={data_dir}` (seconds, offline)")
+    if base not in DATASETS and base not in tfds.list_builders(with_community_datasets=False):
+        return DatasetNotFoundError(
+            f"unknown dataset {name!r}: not one of {', '.join(DATASETS)}, not folder:DIR, and "
+            f"neither a TFDS dataset nor prepared in {data_dir}")
     return DatasetNotFoundError(
         f"{name} is not prepared in {data_dir} and is never downloaded at run time: on a machine "
         f"with internet run `tfds build {name} --data_dir=<dir>` and copy <dir>/{base} to "
@@ -131,17 +194,23 @@ def _not_prepared_error(name: str, data_dir: Optional[str]) -> DatasetNotFoundEr
 
 
 def get_builder(name: str, data_dir: Optional[str], image_size: Optional[int] = None,
-                prepare_shapes: bool = False):
+                prepare_shapes: bool = False, rescan: bool = False):
     """The prepared TFDS builder of ``name``; ``shapes`` is generated on demand if asked to.
 
-    Raises ``DatasetNotFoundError`` when the dataset is not prepared in ``data_dir``.
+    ``folder:DIR`` is always prepared on demand (local files, offline); ``rescan`` lists the
+    folder again instead of using this process's earlier listing. Raises
+    ``DatasetNotFoundError`` when the dataset is not prepared in ``data_dir``.
     """
     base, _ = split_name(name)
     if base == "fake":
         raise ValueError("'fake' has no TFDS builder")
+    if base == "folder":
+        return _prepare_folder(name, data_dir, rescan)
     try:
         builder = make_builder(name, data_dir, image_size)
-    except tfds.core.registered.DatasetNotFoundError as e:  # unknown TFDS config etc.
+    except tfds.core.registered.DatasetNotFoundError as e:  # unknown TFDS name or config
+        if base not in DATASETS and base not in tfds.list_builders(with_community_datasets=False):
+            raise _not_prepared_error(name, data_dir) from None
         raise DatasetNotFoundError(f"{name}: {e}".splitlines()[0]) from None
     if not builder.is_prepared():
         if base == "shapes" and prepare_shapes:
@@ -164,12 +233,32 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# folder:DIR -> the listing this process uses (see cnn_jax.datasets.folder on change detection).
+_FOLDER_SCANS: Dict[str, Any] = {}
+
+
+def _prepare_folder(name: str, data_dir: Optional[str], rescan: bool = False):
+    data_dir = resolve_data_dir(data_dir)
+    key = folder.canonical_name(name)
+    if rescan or key not in _FOLDER_SCANS:
+        _FOLDER_SCANS[key] = folder.scan(name)
+    scan = _FOLDER_SCANS[key]
+    builder = folder.make_builder(name, data_dir, scan)
+    if builder.is_prepared():
+        return builder
+    with _file_lock(os.path.join(data_dir, f".{folder.ImageFolderRecords.name}.prepare.lock")):
+        return folder.prepare(name, data_dir, scan)  # another process may have finished it
+
+
 def prepare(name: str, data_dir: Optional[str], image_size: Optional[int] = None) -> None:
     """Prepare ``name`` in ``data_dir`` (idempotent); see the module docstring for each source."""
     base, _ = split_name(name)
     if base == "fake":
         return
     data_dir = resolve_data_dir(data_dir)
+    if base == "folder":
+        _prepare_folder(name, data_dir, rescan=True)
+        return
     if base not in ("shapes", "imagenet2012"):
         get_builder(name, data_dir)  # only checks: these are never downloaded here
         return

@@ -110,11 +110,11 @@ class AlexNet(nn.Module):
         for spec, width in zip(_CONVS, self.widths):
             kernel_init, bias_init = inits(spec.name)
             check_fits(x, spec.kernel - 2 * spec.padding)
-            x = nn.Conv(width, (spec.kernel, spec.kernel), strides=(spec.stride, spec.stride),
-                        padding=layers.torch_padding(spec.padding),
-                        feature_group_count=self.groups if spec.tower_split else 1,
-                        dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init,
-                        name=spec.name)(x)
+            x = layers.Conv2d(width, (spec.kernel, spec.kernel), strides=(spec.stride, spec.stride),
+                              padding=layers.torch_padding(spec.padding),
+                              feature_group_count=self.groups if spec.tower_split else 1,
+                              dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init,
+                              name=spec.name)(x)
             x = act(x)
             if spec.lrn and self.use_lrn:
                 x = layers.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0,

@@ -61,8 +61,8 @@ class DenseLayer(nn.Module):
         def bottleneck(module: DenseLayer, inputs: Sequence[Array]) -> Array:
             x = jnp.concatenate(inputs, axis=-1)
             x = nn.relu(layers.batch_norm(train, module.dtype, "norm1")(x))
-            return nn.Conv(module.bn_size * module.growth_rate, (1, 1), use_bias=False,
-                           dtype=module.dtype, kernel_init=_conv_init, name="conv1")(x)
+            return layers.Conv2d(module.bn_size * module.growth_rate, (1, 1), use_bias=False,
+                                 dtype=module.dtype, kernel_init=_conv_init, name="conv1")(x)
 
         if self.memory_efficient:
             # Only the inputs (each layer's own k channels) are saved for the backward pass; the
@@ -71,8 +71,8 @@ class DenseLayer(nn.Module):
             bottleneck = nn.remat(bottleneck)
         x = bottleneck(self, list(inputs))
         x = nn.relu(layers.batch_norm(train, self.dtype, "norm2")(x))
-        x = nn.Conv(self.growth_rate, (3, 3), padding=layers.torch_padding(1), use_bias=False,
-                    dtype=self.dtype, kernel_init=_conv_init, name="conv2")(x)
+        x = layers.Conv2d(self.growth_rate, (3, 3), padding=layers.torch_padding(1), use_bias=False,
+                          dtype=self.dtype, kernel_init=_conv_init, name="conv2")(x)
         return nn.Dropout(self.drop_rate, deterministic=not train, name="dropout")(x)
 
 
@@ -105,8 +105,8 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = nn.relu(layers.batch_norm(train, self.dtype, "norm")(x))
-        x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                    kernel_init=_conv_init, name="conv")(x)
+        x = layers.Conv2d(self.features, (1, 1), use_bias=False, dtype=self.dtype,
+                          kernel_init=_conv_init, name="conv")(x)
         return layers.avg_pool(x, 2, 2)
 
 
@@ -134,16 +134,16 @@ class DenseNet(nn.Module):
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
 
         if self.stem == "imagenet":
-            x = nn.Conv(self.num_init_features, (7, 7), strides=(2, 2),
-                        padding=layers.torch_padding(3), use_bias=False, dtype=self.dtype,
-                        kernel_init=_conv_init, name="features_conv0")(x)
+            x = layers.Conv2d(self.num_init_features, (7, 7), strides=(2, 2),
+                              padding=layers.torch_padding(3), use_bias=False, dtype=self.dtype,
+                              kernel_init=_conv_init, name="features_conv0")(x)
             x = nn.relu(layers.batch_norm(train, self.dtype, "features_norm0")(x))
             x = layers.max_pool(x, 3, 2, padding=1)
         else:
             # The first dense layer's BN-ReLU follows directly (the paper's CIFAR networks).
-            x = nn.Conv(self.num_init_features, (3, 3), padding=layers.torch_padding(1),
-                        use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
-                        name="features_conv0")(x)
+            x = layers.Conv2d(self.num_init_features, (3, 3), padding=layers.torch_padding(1),
+                              use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
+                              name="features_conv0")(x)
 
         num_features = self.num_init_features
         for i, num_layers in enumerate(self.block_config):

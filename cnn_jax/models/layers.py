@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,40 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 # Kaiming-normal with fan_out, torchvision's init for conv layers of ReLU networks (He et al. 2015).
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# --- Fast CPU formulations -------------------------------------------------------------------
+# XLA:CPU runs 1x1 convolutions 2-4x slower than the same product as a matrix multiply, the weight
+# gradient of a 3x3 convolution 2-4x slower than its forward pass, and the gradient of an
+# overlapping max pool (select-and-scatter) 4x slower than the same gradient written as masks over
+# strided slices (measured in ../shared/perf and `python -m cnn_jax.benchmark`). On CPU the layers
+# below therefore compute these with matrix products and slices, through ``jax.custom_vjp`` where
+# only the gradient changes. GPUs and TPUs keep XLA's own ops (cuDNN / the MXU are fast there).
+# Parameters are untouched, and values and gradients equal XLA's ops (tests/test_fast_layers.py).
+
+IMPLEMENTATIONS = ("auto", "xla", "fast")
+_IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar("implementation",
+                                                                     default="auto")
+
+
+@contextlib.contextmanager
+def implementation(impl: str):
+    """Within this block (at trace time) layers use ``impl``: 'auto' (the fast formulations on
+    CPU, XLA's ops elsewhere), 'xla' (always ``lax.conv_general_dilated`` / ``reduce_window``) or
+    'fast' (always the matmul and slice formulations)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown layer implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    token = _IMPLEMENTATION.set(impl)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
+
+
+def use_fast_formulations() -> bool:
+    """Whether layers traced now use the fast formulations (see ``implementation``)."""
+    impl = _IMPLEMENTATION.get()
+    return impl == "fast" or (impl == "auto" and jax.default_backend() == "cpu")
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:
@@ -68,7 +103,51 @@ def max_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair 
     (kh, kw), (sh, sw), (ph, pw) = pair(window), pair(stride), pair(padding)
     eh = _ceil_extra(x.shape[1], kh, sh, ph) if ceil_mode else 0
     ew = _ceil_extra(x.shape[2], kw, sw, pw) if ceil_mode else 0
-    return nn.max_pool(x, (kh, kw), (sh, sw), padding=((ph, ph + eh), (pw, pw + ew)))
+    padding = ((ph, ph + eh), (pw, pw + ew))
+    if use_fast_formulations():
+        return _max_pool_slice_grad(x, (kh, kw), (sh, sw), padding)
+    return _xla_max_pool(x, (kh, kw), (sh, sw), padding)
+
+
+def _xla_max_pool(x: Array, window, strides, padding) -> Array:
+    return nn.max_pool(x, window, strides, padding=padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_slice_grad(x: Array, window, strides, padding) -> Array:
+    return _xla_max_pool(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    y = _xla_max_pool(x, window, strides, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+    # Each output's gradient goes to the first input of its window that equals the maximum (as
+    # XLA's select-and-scatter and torch do): one mask per window tap, placed back with lax.pad.
+    x, y = residuals
+    (kh, kw), (sh, sw) = window, strides
+    n, ho, wo, c = y.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
+    hp, wp = xp.shape[1], xp.shape[2]
+    unclaimed = jnp.ones(y.shape, bool)
+    zero = jnp.zeros((), g.dtype)
+    dxp = jnp.zeros(xp.shape, g.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hi, hj = i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1
+            tap = jax.lax.slice(xp, (0, i, j, 0), (n, hi, hj, c), (1, sh, sw, 1))
+            hit = unclaimed & (tap == y)
+            unclaimed = unclaimed & ~hit
+            dxp = dxp + jax.lax.pad(jnp.where(hit, g, zero), zero,
+                                    ((0, 0, 0), (i, hp - hi, sh - 1), (j, wp - hj, sw - 1),
+                                     (0, 0, 0)))
+    (t, b), (l, r) = padding
+    return (dxp[:, t:hp - b, l:wp - r],)
+
+
+_max_pool_slice_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def avg_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair = 0) -> Array:
@@ -105,14 +184,194 @@ def flatten(x: Array) -> Array:
     return x.reshape((x.shape[0], -1))
 
 
-class Conv(nn.Module):
-    """``nn.Conv`` with torch's symmetric integer padding and ``groups``."""
+# --- Convolutions ---------------------------------------------------------------------------
+
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: Array, kernel: Array, strides: Tuple[int, int], padding: Padding,
+              groups: int = 1) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=_DIMENSION_NUMBERS,
+                                        feature_group_count=groups)
+
+
+def _out_size(size: int, k: int, s: int, pad: Tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - k) // s + 1
+
+
+class _Geometry(NamedTuple):
+    """Static shape facts of one convolution: which kernel taps ever see the unpadded input."""
+
+    kernel_hw: Tuple[int, int]
+    strides: Tuple[int, int]
+    padding: Padding
+    in_hw: Tuple[int, int]
+    out_hw: Tuple[int, int]
+
+    @property
+    def live_taps(self) -> List[Tuple[int, int]]:
+        # A tap whose every row (or column) lands in the zero padding contributes nothing: at
+        # 1x1 inputs a padded 3x3 conv is just its centre tap.
+        def live(i: int, d: int) -> bool:
+            lo = self.padding[d][0]
+            return any(lo <= i + r * self.strides[d] < lo + self.in_hw[d]
+                       for r in range(self.out_hw[d]))
+
+        kh, kw = self.kernel_hw
+        return [(i, j) for i in range(kh) if live(i, 0) for j in range(kw) if live(j, 1)]
+
+    def tap_window(self, i: int, j: int, n: int, c: int):
+        """(start, limit, strides) of tap (i, j)'s input window in the padded input."""
+        (sh, sw), (ho, wo) = self.strides, self.out_hw
+        return (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+
+    def padded_hw(self) -> Tuple[int, int]:
+        return tuple(self.in_hw[d] + sum(self.padding[d]) for d in (0, 1))
+
+
+def _geometry(x_shape, kernel_shape, strides, padding) -> _Geometry:
+    kh, kw = kernel_shape[:2]
+    h, w = x_shape[1:3]
+    out = (_out_size(h, kh, strides[0], padding[0]), _out_size(w, kw, strides[1], padding[1]))
+    return _Geometry((kh, kw), strides, padding, (h, w), out)
+
+
+def _pad_input(x: Array, geo: _Geometry) -> Array:
+    return jnp.pad(x, ((0, 0), geo.padding[0], geo.padding[1], (0, 0)))
+
+
+def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
+    """``a @ b`` (``contract_a=0``: ``a.T @ b``), accumulated in float32 so bf16 stays accurate."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _taps_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
+    """The convolution as a sum over live kernel taps of (strided input window) @ kernel[i, j]."""
+    n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
+    xp = _pad_input(x, geo)
+    y = sum(_dot(jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c), kernel[i, j])
+            for i, j in geo.live_taps)
+    return y.reshape((n,) + geo.out_hw + (o,)).astype(x.dtype)
+
+
+def _taps_input_grad(g: Array, kernel: Array, geo: _Geometry, x_shape, dtype) -> Array:
+    """Transpose of ``_taps_forward`` in x: each tap's g @ kernel[i, j].T padded back in place."""
+    n, c, o = x_shape[0], x_shape[-1], kernel.shape[-1]
+    (sh, sw), (hp, wp) = geo.strides, geo.padded_hw()
+    g2 = g.reshape(-1, o)
+    dxp = 0
+    for i, j in geo.live_taps:
+        _, limit, _ = geo.tap_window(i, j, n, c)
+        t = _dot(g2, kernel[i, j].T).reshape((n,) + geo.out_hw + (c,))
+        dxp = dxp + jax.lax.pad(t, jnp.zeros((), t.dtype),
+                                ((0, 0, 0), (i, hp - limit[1], sh - 1), (j, wp - limit[2], sw - 1),
+                                 (0, 0, 0)))
+    (t0, _), (l0, _) = geo.padding
+    h, w = geo.in_hw
+    return dxp[:, t0:t0 + h, l0:l0 + w].astype(dtype)
+
+
+# Below this many input channels the weight gradient is one matmul over im2col patches (the
+# stem: 3 channels); above, one matmul per kernel tap reads the input without a k*k-fold copy.
+_IM2COL_MAX_CHANNELS = 16
+# At or below this many output positions (7x7) the forward pass and the input gradient are sums
+# of per-tap matmuls too: XLA:CPU's convolution is 10-30x slower than them at 2x2 and 1x1 (the
+# last stages of networks run on 32 px inputs), and no faster at 7x7.
+_TAPS_MAX_OUTPUT_POSITIONS = 49
+
+
+def _taps_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -> Array:
+    """d(conv)/d(kernel) as matrix products: per tap, (strided input window).T @ g."""
+    kh, kw, c, o = kernel_shape
+    n = x.shape[0]
+    g2 = g.reshape(-1, o)
+    xp = _pad_input(x, geo)
+    live = geo.live_taps
+    windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c) for i, j in live]
+    if c < _IM2COL_MAX_CHANNELS:
+        per_tap = _dot(jnp.concatenate(windows, axis=-1), g2, contract_a=0).reshape(-1, c, o)
+    else:
+        per_tap = jnp.stack([_dot(t, g2, contract_a=0) for t in windows])
+    if len(live) == kh * kw:
+        return per_tap.reshape(kernel_shape)
+    dw = jnp.zeros(kernel_shape, per_tap.dtype)  # taps that only ever see padding
+    for k, (i, j) in enumerate(live):
+        dw = dw.at[i, j].set(per_tap[k])
+    return dw
+
+
+def _small_output(geo: _Geometry) -> bool:
+    return geo.out_hw[0] * geo.out_hw[1] <= _TAPS_MAX_OUTPUT_POSITIONS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_fast(x: Array, kernel: Array, strides: Tuple[int, int], padding: Padding) -> Array:
+    geo = _geometry(x.shape, kernel.shape, strides, padding)
+    if _small_output(geo):
+        return _taps_forward(x, kernel, geo)
+    return _xla_conv(x, kernel, strides, padding)
+
+
+def _conv_fast_fwd(x, kernel, strides, padding):
+    return _conv_fast(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_fast_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    geo = _geometry(x.shape, kernel.shape, strides, padding)
+    if _small_output(geo):
+        dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
+    else:  # XLA's transposed convolution is as fast as the forward pass here
+        _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
+        (dx,) = input_vjp(g)
+    dw = _taps_weight_grad(x, g, kernel.shape, geo)
+    return dx, dw.astype(kernel.dtype)
+
+
+_conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
+def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
+           groups: int = 1) -> Array:
+    """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
+    matrix products and other weight gradients sums of per-tap matrix products.
+
+    ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
+    """
+    strides = pair(strides)
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            raise ValueError(f"padding {padding!r}: use torch-style integers or 'VALID'")
+        padding = ((0, 0), (0, 0))
+    elif isinstance(padding, int) or isinstance(padding[0], int):
+        padding = torch_padding(padding)
+    padding = tuple(tuple(p) for p in padding)
+    kh, kw = kernel.shape[:2]
+    if groups != 1 or not use_fast_formulations():
+        return _xla_conv(x, kernel, strides, padding, groups)
+    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+        # A 1x1 convolution is a matrix product over the channels of the strided positions.
+        if strides != (1, 1):
+            x = x[:, ::strides[0], ::strides[1]]
+        n, h, w, c = x.shape
+        return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+    return _conv_fast(x, kernel, strides, padding)
+
+
+class Conv2d(nn.Module):
+    """Drop-in ``nn.Conv`` (same parameters and initializers) computed with ``conv2d``.
+
+    ``padding`` is torch's symmetric integer padding (or Flax-style ``(lo, hi)`` pairs).
+    """
 
     features: int
     kernel_size: IntOrPair
     strides: IntOrPair = 1
-    padding: IntOrPair = 0
-    groups: int = 1
+    padding: Any = 0
+    feature_group_count: int = 1
     use_bias: bool = True
     dtype: Optional[Dtype] = None
     kernel_init: Callable = nn.initializers.lecun_normal()
@@ -120,18 +379,17 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return nn.Conv(
-            self.features,
-            pair(self.kernel_size),
-            strides=pair(self.strides),
-            padding=torch_padding(self.padding),
-            feature_group_count=self.groups,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            name="conv",
-        )(x)
+        kh, kw = pair(self.kernel_size)
+        groups = self.feature_group_count
+        if x.shape[-1] % groups:
+            raise ValueError(f"{x.shape[-1]} input channels do not split into {groups} groups")
+        kernel = self.param("kernel", self.kernel_init,
+                            (kh, kw, x.shape[-1] // groups, self.features), jnp.float32)
+        bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv2d(x, kernel, self.strides, self.padding, groups)
+        return y if bias is None else y + bias
 
 
 # Axis over which batch norm averages its statistics (cross-device / "sync" BN, Goyal et al. 2017).
@@ -175,11 +433,11 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        x = nn.Conv(
+        x = Conv2d(
             self.features,
-            pair(self.kernel_size),
-            strides=pair(self.strides),
-            padding=torch_padding(self.padding),
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
             feature_group_count=self.groups,
             use_bias=not self.use_norm,  # BN's shift makes a conv bias redundant
             dtype=self.dtype,

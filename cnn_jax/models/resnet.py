@@ -104,7 +104,7 @@ class _ResidualBlock(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         place = self.norm_placement
         use_norm = place != "none"
-        conv = partial(nn.Conv, use_bias=not use_norm, dtype=self.dtype,
+        conv = partial(layers.Conv2d, use_bias=not use_norm, dtype=self.dtype,
                        kernel_init=layers.kaiming_normal_fan_out)
         norm = partial(layers.batch_norm, train, self.dtype)
         zero_last = self.zero_init_residual
@@ -210,7 +210,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         place = self.norm_placement
-        conv = partial(nn.Conv, use_bias=place == "none", dtype=self.dtype,
+        conv = partial(layers.Conv2d, use_bias=place == "none", dtype=self.dtype,
                        kernel_init=layers.kaiming_normal_fan_out)
         norm = partial(layers.batch_norm, train, self.dtype)
         block_cls = partial(BLOCKS[self.block], shortcut=self.shortcut, norm_placement=place,

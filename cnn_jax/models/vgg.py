@@ -116,8 +116,8 @@ class VGG(nn.Module):
             else:
                 _, features, kernel = _parse(entry)
                 # torchvision's vgg*_bn keep the conv bias in front of BN (its counts include it).
-                x = nn.Conv(features, (kernel, kernel), padding=layers.torch_padding(kernel // 2),
-                            dtype=self.dtype, kernel_init=_conv_init, name=name)(x)
+                x = layers.Conv2d(features, (kernel, kernel), padding=layers.torch_padding(kernel // 2),
+                                  dtype=self.dtype, kernel_init=_conv_init, name=name)(x)
                 if self.batch_norm:
                     x = layers.batch_norm(train, self.dtype, name.replace("conv", "bn"))(x)
                 x = nn.relu(x)

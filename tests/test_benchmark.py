@@ -1,0 +1,184 @@
+"""The benchmark harnesses: ``--compare=torch`` and ``--suite=gpu`` (run here on CPU devices)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from cnn_jax import benchmark_gpu, benchmark_torch
+
+import _train_helpers as h
+
+# The random init's values do not matter to a timing harness, and with threefry's partitionable
+# mode (jax's default) XLA:CPU compiles a model's init ~6x slower (measured: 22 s vs 3.7 s for a
+# tiny resnet20 on the loaded 2-core machine), which would dominate these tests.
+FAST_INIT = {"JAX_THREEFRY_PARTITIONABLE": "0"}
+
+# Makes the packages the GPU machine lacks unimportable (in the suite and its row processes).
+BLOCKER = '''
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked: the GPU machine does not have it")
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def test_select_rows_defaults_and_overrides():
+    rows = benchmark_torch.select_rows()
+    assert len(rows) == 12 and {d for _, d in rows} == {"float32", "bfloat16"}
+    assert rows[0] == (benchmark_torch.Row("resnet50", 224, 16, 1000), "float32")
+    assert (benchmark_torch.Row("resnet18", 32, 64, 10), "bfloat16") in rows
+    assert (benchmark_torch.Row("vgg16", 224, 8, 1000), "float32") in rows
+    rows = benchmark_torch.select_rows(["resnet18", "resnet34"], batch_size=2, dtypes=["bfloat16"])
+    assert rows == [(benchmark_torch.Row("resnet18", 32, 2, 10), "bfloat16"),
+                    (benchmark_torch.Row("resnet34", 224, 2, 1000), "bfloat16")]
+    with pytest.raises(ValueError, match="unknown dtype"):
+        benchmark_torch.select_rows(dtypes=["float16"])
+
+
+def test_alternate_interleaves_after_warmup():
+    calls = []
+    times = benchmark_torch.alternate([lambda: calls.append("a"), lambda: calls.append("b")],
+                                      warmup=1, steps=3)
+    assert calls == ["a", "b"] * 4
+    assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None
+                    or importlib.util.find_spec("torchvision") is None,
+                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+def test_compare_torch_one_row(tmp_path):
+    # One torch thread: two spin-waiting OpenMP threads on a busy 2-core machine take 10x longer.
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
+                         "--batch_size=2", "--steps=1", "--warmup=1", "--dtype=bfloat16",
+                         "--torch_threads=1", "--json", f"--output={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(h.last_line(proc.stdout))
+    assert result == json.loads((tmp_path / "compare_torch.json").read_text())
+    env = result["environment"]
+    assert env["torch"] and env["torchvision"] and env["torch_threads"] == 1
+    (row,) = result["rows"]
+    assert (row["arch"], row["image_size"], row["batch_size"], row["num_classes"],
+            row["dtype"]) == ("resnet18", 32, 2, 10, "bfloat16")
+    assert row["params"] == 11_181_642  # torchvision's resnet18(num_classes=10), checked equal
+    assert "autocast" in row["torch_peer"]
+    for kind in ("train", "eval"):
+        r = row[kind]
+        assert len(r["cnn_jax_step_ms"]) == len(r["torch_step_ms"]) == 1
+        assert r["cnn_jax_ms"] > 0 and r["torch_ms"] > 0 and r["cnn_jax_compile_s"] > 0
+        assert r["ratio"] == pytest.approx(r["torch_ms"] / r["cnn_jax_ms"])
+        assert r["cnn_jax_images_per_sec"] == pytest.approx(2e3 / r["cnn_jax_ms"])
+        assert r["torch_images_per_sec"] == pytest.approx(2e3 / r["torch_ms"])
+        assert r["faster"] == ("cnn_jax" if r["ratio"] > 1 else "torch")
+    table = (tmp_path / "compare_torch.md").read_text()
+    assert "| resnet18 (10 classes) | 32 | 2 | bfloat16 |" in table
+    assert f"**{row['train']['ratio']:.2f}**" in table and "torch step time / cnn_jax" in table
+    assert "resnet18 32px b2 bfloat16: train" in proc.stderr  # the progress line
+
+
+def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
+                         "--model_kwargs=widths=(8, 16, 32, 64)"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr).startswith("error: --model_kwargs changes the network")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--suite=gpu", "--arch=resnet50",
+                         "--model_kwargs=colour=2", f"--output={tmp_path}"])
+    assert proc.returncode != 0 and not os.listdir(tmp_path)
+    assert h.last_line(proc.stderr).startswith("error: 'resnet50' has no option 'colour'")
+
+
+def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
+    """The suite end to end at a tiny size, pmap over 8 CPU devices, with TF & co. unimportable."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=benchmark_gpu.FORBIDDEN))
+    out = tmp_path / "out"
+    proc = h.run_python(
+        ["-m", "cnn_jax.benchmark", "--suite=gpu", f"--arch={h.TINY_ARCH}",
+         f"--model_kwargs={h.TINY_MODEL_KWARGS}", "--image_size=32", "--num_classes=10",
+         "--batch_size=2", "--steps=2", "--warmup=1", "--kind_budget_s=0.1", "--dtype=float32",
+         f"--output={out}", "--json"], num_cpu_devices=8,
+        PYTHONPATH=os.pathsep.join([str(site), h.REPO]), **FAST_INIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(h.last_line(proc.stdout))
+    assert result == json.loads((out / "gpu_suite.json").read_text())
+    assert result["forbidden_modules"] == []
+    (row,) = result["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["forbidden_modules"] == []
+    assert (row["arch"], row["dtype"], row["devices"], row["global_batch"], row["platform"]) == (
+        h.TINY_ARCH, "float32", 8, 16, "cpu")
+    for kind in ("train", "eval"):
+        r = row[kind]
+        assert r["compile_s"] > 0 and 2 <= r["steps"] <= 2 and r["step_ms"] > 0
+        assert r["images_per_sec"] == pytest.approx(8 * r["images_per_sec_per_device"])
+        assert r["peak_mib"] is None and r["xla_estimate_mib"] > 0  # CPU: no allocator stats
+    assert row["train"]["xla_flops_per_device_step"] > 0
+    target = result["target"]
+    assert target["forward_flops_per_image"] == pytest.approx(8.18e9, rel=0.01)  # resnet50
+    assert row["flop_share_images_per_sec"] == pytest.approx(
+        7000 * target["forward_flops_per_image"] / row["forward_flops_per_image"])
+    assert row["train_vs_share"] == pytest.approx(
+        row["train"]["images_per_sec_per_device"] / row["flop_share_images_per_sec"])
+    table = (out / "gpu_suite.md").read_text()
+    assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and "8 x cpu" in table
+
+
+def test_gpu_suite_keeps_to_its_time_budget(tmp_path):
+    """Rows start only while time is left; a row's process gets at most the time left."""
+    now = [0.0]
+    timeouts = []
+
+    def launch(spec, timeout_s):
+        timeouts.append(timeout_s)
+        now[0] += 100.0
+        return {**spec, "error": "boom"}
+
+    result = benchmark_gpu.run_suite(str(tmp_path), ["resnet50", "vgg16"], time_budget_s=260,
+                                     row_timeout_s=180, progress=lambda line: None,
+                                     launch=launch, clock=lambda: now[0])
+    rows = result["rows"]
+    assert [(r["arch"], r["dtype"]) for r in rows] == [
+        ("resnet50", "bfloat16"), ("vgg16", "bfloat16"), ("resnet50", "float32"),
+        ("vgg16", "float32")]
+    assert timeouts == [180, 145, 45]  # 260 - 15 reserved - elapsed, capped at row_timeout_s
+    assert [r.get("error") for r in rows[:3]] == ["boom"] * 3
+    assert "time budget" in rows[3]["skipped"] and rows[1]["per_device_batch"] == 128
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "| vgg16 | float32 | 128 | time budget (260 s) spent |" in table
+    with pytest.raises(ValueError, match="leaves no time"):
+        benchmark_gpu.run_suite(str(tmp_path), time_budget_s=10)
+
+
+def test_gpu_suite_row_process_failure_is_a_row_error():
+    row = benchmark_gpu.launch_row({"arch": "resnet50"}, timeout_s=60)  # a spec missing fields
+    assert row["arch"] == "resnet50" and row["error"] == "KeyError: 'per_device_batch'"
+
+
+def test_gpu_suite_table_of_a_gpu_row(tmp_path, monkeypatch):
+    """What a GPU row (allocator peaks, XLA FLOPs) looks like in the table, without a GPU."""
+    monkeypatch.setattr(benchmark_gpu, "forward_flops", lambda arch, size, *a: 8e9)
+    kind = {"compile_s": 20.0, "steps": 20, "step_ms": 50.0, "images_per_sec_per_device": 5120.0,
+            "images_per_sec": 5120.0, "xla_flops_per_device_step": 6e12,
+            "tflops_per_device": 120.0, "peak_mib": 30 * 1024.0, "xla_estimate_mib": 1.0,
+            "peak_source": "device memory_stats"}
+
+    def launch(spec, timeout_s):
+        return {**spec, "devices": 1, "global_batch": 256, "platform": "gpu",
+                "device_kind": "NVIDIA H200", "jax": "0.11.0", "forward_flops_per_image": 4e9,
+                "train": dict(kind), "eval": dict(kind, compile_s=5.0)}
+
+    result = benchmark_gpu.run_suite(str(tmp_path), ["resnet50"], ["bfloat16"],
+                                     progress=lambda line: None, launch=launch)
+    (row,) = result["rows"]
+    assert row["flop_share_images_per_sec"] == 14000  # half resnet50's FLOPs: twice the images
+    assert row["train_vs_share"] == pytest.approx(5120 / 14000)
+    lines = (tmp_path / "gpu_suite.md").read_text().splitlines()
+    assert lines[0].startswith("1 x NVIDIA H200 (gpu, jax 0.11.0)")
+    assert lines[-1] == ("| resnet50 | bfloat16 | 256 | 5,120 | 5,120 | 20.0 s | 5.0 s | 30.0 GiB"
+                         " | 30.0 GiB | 4.00 | 120.0 | 14,000 | 0.37 |")

@@ -1,0 +1,147 @@
+"""The fast CPU formulations (matmul convolutions, slice-mask max-pool gradients) against XLA's ops.
+
+Every model trains through them on CPU, so values and gradients must equal
+``lax.conv_general_dilated`` / ``reduce_window``'s within fp32 rounding, for every geometry the
+families use: 1x1 (strided), 3x3 at large and at 1x1/2x2 spatial sizes (where taps only ever see
+padding), the 7x7/2 and 11x11/4 stems, asymmetric and 'VALID' padding, grouped convs, bf16.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax.models import create_model, layers
+
+
+def _both(fn, *args):
+    """``fn(*args)`` traced with XLA's ops and with the fast formulations."""
+    out = []
+    for impl in ("xla", "fast"):
+        with layers.implementation(impl):
+            out.append(jax.jit(fn)(*args))
+    return out
+
+
+def _assert_close(ref, got, rtol):
+    for r, g in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+        assert r.dtype == g.dtype and r.shape == g.shape
+        r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
+        np.testing.assert_allclose(g, r, rtol=0, atol=rtol * max(np.abs(r).max(), 1e-6))
+
+
+CONV_CASES = {
+    # name: (input NHWC, kernel, stride, padding)
+    "1x1": ((2, 9, 9, 8), 1, 1, 0),
+    "1x1_stride2": ((2, 9, 9, 8), 1, 2, 0),
+    "3x3": ((2, 10, 10, 20), 3, 1, 1),
+    "3x3_stride2": ((2, 15, 15, 20), 3, 2, 1),
+    "3x3_at_1x1": ((2, 1, 1, 20), 3, 1, 1),
+    "3x3_at_2x2": ((2, 2, 2, 20), 3, 1, 1),
+    "3x3_stride2_at_2x2": ((2, 2, 2, 20), 3, 2, 1),
+    "3x3_valid": ((2, 5, 6, 4), 3, 1, "VALID"),
+    "5x5": ((2, 12, 12, 6), 5, 1, 2),
+    "stem_7x7_stride2": ((2, 20, 20, 3), 7, 2, 3),
+    "stem_11x11_stride4": ((2, 31, 31, 3), 11, 4, 2),
+    "asymmetric_padding": ((2, 9, 9, 20), 3, 1, ((0, 1), (2, 0))),
+}
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
+    shape, k, stride, padding = CONV_CASES[case]
+    x = jax.random.normal(jax.random.key(0), shape, dtype)
+    w = (jax.random.normal(jax.random.key(1), (k, k, shape[-1], 7)) * 0.3).astype(dtype)
+
+    def loss(x, w):
+        y = layers.conv2d(x, w, stride, padding)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    ref, got = _both(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), x, w)
+    _assert_close(ref, got, rtol)
+
+
+def test_conv2d_grouped_falls_back_to_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=2)
+    for got in _both(lambda x, w: layers.conv2d(x, w, 1, 1, groups=2), x, w):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_matmuls_on_cpu_and_xla_says_convolution():
+    x, w = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 1, 4, 8))
+
+    def primitives(impl):
+        with layers.implementation(impl):
+            jaxpr = jax.make_jaxpr(lambda x, w: layers.conv2d(x, w))(x, w)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    assert jax.default_backend() == "cpu" and layers.use_fast_formulations()
+    assert "conv_general_dilated" not in primitives("auto")
+    assert "dot_general" in primitives("auto")
+    assert "conv_general_dilated" in primitives("xla")
+
+
+def test_unknown_implementation_is_one_line_error():
+    with pytest.raises(ValueError, match="unknown layer implementation 'cudnn'; choose one of"):
+        with layers.implementation("cudnn"):
+            pass
+
+
+def test_conv2d_module_has_nn_conv_parameters():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    ours = layers.Conv2d(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="c")
+    flax_conv = nn.Conv(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="c")
+    v_ours, v_flax = ours.init(jax.random.key(1), x), flax_conv.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(v_ours, v_flax)  # names, shapes, dtypes and init values
+    np.testing.assert_allclose(ours.apply(v_ours, x), flax_conv.apply(v_flax, x), atol=1e-5)
+    bf16 = layers.Conv2d(5, 3, padding=1, dtype=jnp.bfloat16).init_with_output(jax.random.key(1), x)
+    assert bf16[0].dtype == jnp.bfloat16 and bf16[1]["params"]["kernel"].dtype == jnp.float32
+
+
+POOL_CASES = [((2, 9, 9, 3), 3, 2, 1, False), ((2, 10, 10, 3), 3, 2, 0, True),
+              ((2, 8, 8, 4), 2, 2, 0, False), ((2, 7, 7, 2), 3, 1, 1, True),
+              ((2, 13, 13, 2), 3, 2, 0, False)]
+
+
+@pytest.mark.parametrize("shape,window,stride,padding,ceil_mode", POOL_CASES)
+def test_max_pool_gradient_equals_xla_with_ties(shape, window, stride, padding, ceil_mode):
+    x = jax.random.normal(jax.random.key(0), shape)
+    x = jnp.round(nn.relu(x) * 2) / 2  # after ReLU most windows hold tied maxima
+    assert len(np.unique(np.asarray(x))) < x.size // 4
+
+    def loss(x):
+        y = layers.max_pool(x, window, stride, padding, ceil_mode=ceil_mode)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape)), y
+
+    ref, got = _both(jax.value_and_grad(loss, has_aux=True), x)
+    chex.assert_trees_all_equal(ref, got)  # the first maximum of each window gets the gradient
+
+
+# One model per kind of layer mix (bottleneck + strided 1x1 + stem + max pool; dense concatenation +
+# transitions + average pool; grouped 11x11/4 stem + LRN); every single geometry is checked above.
+@pytest.mark.parametrize("arch,size,overrides", [
+    ("resnet50", 32, dict(widths=(4, 8, 8, 16), stage_sizes=(1, 1, 1, 1))),
+    ("densenet_bc_100", 16, dict(block_config=(2, 2, 2))),
+    ("alexnet_original", 67, dict(widths=(8, 16, 16, 16, 8), fc_features=16)),
+])
+def test_model_gradients_equal_xla(arch, size, overrides):
+    model = create_model(arch, num_classes=5, **overrides)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    with layers.implementation("xla"):
+        variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+        logits = out[0] if isinstance(out, tuple) else out
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+    ref, got = _both(jax.value_and_grad(loss), variables["params"])
+    _assert_close(ref, got, 1e-4)
