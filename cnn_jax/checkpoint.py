@@ -154,13 +154,6 @@ class Checkpointer:
             shutil.move(src, dest)
         return dest
 
-    def restore_subtree(self, target: Dict[str, Any], step: int) -> Dict[str, Any]:
-        """Only the ``state`` entries named in ``target`` (e.g. params and batch_stats, for
-        inference): the optimizer state is not read."""
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-        return dict(restored["state"])
-
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
 

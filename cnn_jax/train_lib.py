@@ -100,14 +100,6 @@ def create_setup(config: ml_collections.ConfigDict, info: Any) -> Setup:
                  total_steps, k)
 
 
-def load_variables(workdir: str, step=None, ema: bool = False):
-    """The raw or EMA variables of a workdir's checkpoint: ``(variables, meta, step)``.
-
-    See :func:`cnn_jax.checkpoint.load_variables` (``step``: int, ``"best"`` or latest).
-    """
-    return ckpt_lib.load_variables(workdir, step, ema)
-
-
 def parse_profile_steps(text: str) -> Optional[Tuple[int, int]]:
     """``"START:END"`` -> (START, END): trace the steps after step START up to step END."""
     if not text:

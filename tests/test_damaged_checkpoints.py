@@ -12,7 +12,7 @@ import pytest
 
 import _train_helpers as h
 from cnn_jax import checkpoint as ckpt_lib
-from cnn_jax import input_pipeline, metrics as metrics_lib, train_lib
+from cnn_jax import input_pipeline, loading, metrics as metrics_lib, train_lib
 from cnn_jax import train_step as ts
 from test_checkpoint import tiny_config
 
@@ -138,7 +138,7 @@ def test_load_variables_raw_ema_and_best(tmp_path):
     state = _state(ema=True)
     state = state.replace(ema_params=jax.tree_util.tree_map(lambda p: p - 1.0, state.params))
     _save(str(tmp_path), [1, 2], state)
-    raw, meta, step = train_lib.load_variables(str(tmp_path))
+    raw, meta, step = ckpt_lib.load_variables(str(tmp_path))
     assert step == 2 and meta["arch"] == "tiny" and set(raw) == {"params", "batch_stats"}
     jax.tree_util.tree_map(np.testing.assert_array_equal, raw["params"], state.params)
     ema, _, _ = ckpt_lib.load_variables(str(tmp_path), step="best", ema=True)
@@ -245,8 +245,8 @@ def test_loop_options_end_to_end_with_a_crash_and_a_damaged_checkpoint(data_dir,
     c = ckpt_lib.Checkpointer(workdir, read_only=True, best_metric="ema_top1")
     assert c.latest_step() == 4
     c.close()
-    ema, meta, step = train_lib.load_variables(workdir, ema=True)
-    raw, _, _ = train_lib.load_variables(workdir)
-    assert step == 4 and meta["config"]["ema_decay"] == 0.9
-    assert not np.allclose(jax.tree_util.tree_leaves(ema["params"])[0],
-                           jax.tree_util.tree_leaves(raw["params"])[0])
+    # What evaluate, predict and export read with --ema (and without).
+    ema, raw = loading.load(workdir, "best", ema=True), loading.load(workdir, "best")
+    assert ema.step == raw.step == 4 and ema.meta["config"]["ema_decay"] == 0.9
+    assert not np.allclose(jax.tree_util.tree_leaves(ema.variables["params"])[0],
+                           jax.tree_util.tree_leaves(raw.variables["params"])[0])
