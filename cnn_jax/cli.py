@@ -1,11 +1,29 @@
 """What the command-line tools share: absl set-up and one-line errors for bad input."""
 
 import contextlib
+import logging as py_logging
 import os
 import sys
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from absl import app, flags, logging
+
+# TFDS warnings that say nothing to act on: generated `shapes` variants have no registered config
+# and no dataset_info.json until prepared.
+_TFDS_NOISE = ("Using custom data configuration", "has no dataset_info.json")
+
+
+class _NoiseFilter(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in _TFDS_NOISE)
+
+
+def quiet_tensorflow(argv: Sequence[str]) -> None:
+    """Hide TensorFlow's C++ INFO and WARNING lines (oneDNN notices...) unless --verbosity is
+    given; call before TensorFlow is imported."""
+    if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax", "xla")
@@ -31,12 +49,14 @@ def enable_compilation_cache(directory: str = DEFAULT_COMPILATION_CACHE_DIR,
 
 
 def setup(argv: Sequence[str]) -> None:
-    """Reject stray positional arguments; keep absl's INFO lines out unless --verbosity is given
-    (the progress bars and results say what matters); turn on the compilation cache."""
+    """Reject stray positional arguments; keep absl's INFO lines and TFDS's notices out unless
+    --verbosity is given (the progress bars and results say what matters); turn on the
+    compilation cache."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        py_logging.getLogger("absl").addFilter(_NoiseFilter())
     if flags.FLAGS.compilation_cache:
         with one_line_errors():
             enable_compilation_cache(flags.FLAGS.compilation_cache_dir)

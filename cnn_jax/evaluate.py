@@ -20,14 +20,14 @@ FLAGS = flags.FLAGS
 
 def evaluate_checkpoint(workdir: str, arch: str = None, checkpoint: str = "latest",
                         data_dir: str = None, batch_size: int = 0, parallel_mode: str = None,
-                        protocol: str = "center"):
+                        protocol: str = "center", ema: bool = False):
     """(metrics, step, config) of ``workdir``'s checkpoint: top-1/top-5/loss on the eval split."""
     from cnn_jax import loading, protocols
 
     if protocol not in protocols.PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of "
                          f"{', '.join(protocols.PROTOCOLS)}")
-    loaded = loading.load(workdir, checkpoint, arch, dtype=None)
+    loaded = loading.load(workdir, checkpoint, arch, dtype=None, ema=ema)
     config = loaded.config
     if data_dir:
         config.data_dir = data_dir
@@ -51,6 +51,7 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "TFDS data_dir, if not the one used for training.")
     flags.DEFINE_integer("batch_size", 0, "Global eval batch (default: the training config's).")
     flags.DEFINE_string("parallel", None, "pmap or shard_map (default: the training config's).")
+    flags.DEFINE_bool("ema", False, "Evaluate the EMA of the weights (--config.ema_decay).")
 
 
 def main(argv):
@@ -61,8 +62,9 @@ def main(argv):
         workdir = FLAGS.workdir or os.path.join("workdir", FLAGS.arch)
         metrics, step, config = evaluate_checkpoint(workdir, FLAGS.arch, FLAGS.checkpoint,
                                                     FLAGS.data_dir, FLAGS.batch_size,
-                                                    FLAGS.parallel, FLAGS.protocol)
-    protocol = "" if FLAGS.protocol == "center" else f", {FLAGS.protocol}"
+                                                    FLAGS.parallel, FLAGS.protocol, FLAGS.ema)
+    protocol = ("" if FLAGS.protocol == "center" else f", {FLAGS.protocol}") + (
+        ", EMA weights" if FLAGS.ema else "")
     print(f"{config.arch} step {step} on {config.dataset} eval split ({metrics['count']} images, "
           f"{config.image_size}px{protocol}): top-1 {100 * metrics['top1']:.2f}%, "
           f"top-5 {100 * metrics['top5']:.2f}%, loss {metrics['loss']:.4f}", flush=True)

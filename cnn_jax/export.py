@@ -103,7 +103,7 @@ def export_saved_model(loaded: Any, output: str, platforms=PLATFORMS) -> str:
 
 
 def export(workdir: str, output: str, fmt: str = "stablehlo", checkpoint: str = "latest",
-           platforms=PLATFORMS) -> str:
+           platforms=PLATFORMS, ema: bool = False) -> str:
     """Export ``workdir``'s checkpoint as ``fmt`` into the new directory ``output``."""
     from cnn_jax import loading
 
@@ -115,7 +115,7 @@ def export(workdir: str, output: str, fmt: str = "stablehlo", checkpoint: str = 
         raise ValueError(f"--platforms must be some of {','.join(PLATFORMS)}, got "
                          f"{','.join(platforms)}")
     output = _check_output(output)
-    loaded = loading.load(workdir, checkpoint)
+    loaded = loading.load(workdir, checkpoint, ema=ema)
     path = (export_stablehlo if fmt == "stablehlo" else export_saved_model)(loaded, output,
                                                                             platforms)
     with open(os.path.join(output, META_FILE), "w") as f:
@@ -130,6 +130,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", "stablehlo", list(FORMATS), "What to write.")
     flags.DEFINE_string("output", None, "New (or empty) directory to write.")
     flags.DEFINE_list("platforms", list(PLATFORMS), "Platforms to lower for.")
+    flags.DEFINE_bool("ema", False, "Export the EMA of the weights (--config.ema_decay).")
 
 
 def main(argv):
@@ -139,7 +140,7 @@ def main(argv):
             raise ValueError("pass --workdir=DIR (a training run's or cnn_jax.convert's output) "
                              "and --output=OUT")
         path = export(FLAGS.workdir, FLAGS.output, FLAGS.format, FLAGS.checkpoint,
-                      FLAGS.platforms)
+                      FLAGS.platforms, FLAGS.ema)
     print(f"exported {FLAGS.workdir} ({FLAGS.format}, batch dimension symbolic) -> {path}",
           flush=True)
 

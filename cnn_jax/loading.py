@@ -1,9 +1,9 @@
 """Load a model and its weights from any workdir: a training run's or ``cnn_jax.convert``'s.
 
 :func:`load` is the one place where predict, evaluate, export and fine-tuning get a checkpoint's
-variables (so that a later choice of weights, e.g. an exponential moving average, plugs in once,
-in :func:`inference_variables`). Everything inference needs comes from what the checkpoint
-stored: the architecture and model options (the config), the class count and names, the image
+variables (raw or, with ``ema=True``, the exponential moving average of the weights; training
+runs through :func:`cnn_jax.checkpoint.load_variables`). Everything inference needs comes from
+what the checkpoint stored: the architecture and model options (the config), the class count and names, the image
 size and the evaluation preprocessing (normalization and centre-crop ratio; checkpoints written
 before these were recorded fall back to the dataset's).
 """
@@ -54,14 +54,6 @@ def resolve_step(checkpointer: ckpt_lib.Checkpointer, checkpoint: str = "latest"
     raise ValueError(f"--checkpoint must be 'latest', 'best' or a step number, got {checkpoint!r}")
 
 
-def inference_variables(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """The variables to run from a restored state: its params and BN statistics."""
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return variables
-
-
 def _config_of(meta: Mapping[str, Any]):
     import ml_collections
 
@@ -100,22 +92,33 @@ def variable_shapes(model: Any, image_size: int) -> Dict[str, Any]:
     return {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
 
 
+def _open(workdir: str) -> ckpt_lib.Checkpointer:
+    """A read-only Checkpointer that ranks 'best' by the run's own best-checkpoint metric."""
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    latest = checkpointer.latest_step()
+    config = ((checkpointer.read_meta(latest) or {}).get("config") or {}) if latest else {}
+    metric = config.get("best_metric", ckpt_lib.BEST_METRIC)
+    if metric == ckpt_lib.BEST_METRIC or metric not in ckpt_lib.BEST_METRICS:
+        return checkpointer
+    checkpointer.close()
+    return ckpt_lib.Checkpointer(workdir, read_only=True, best_metric=metric)
+
+
 def load(workdir: str, checkpoint: str = "latest", arch: Optional[str] = None,
-         dtype: Optional[str] = "float32") -> Loaded:
+         dtype: Optional[str] = "float32", ema: bool = False) -> Loaded:
     """Model, variables and preprocessing of ``workdir``'s checkpoint (see the module docstring).
 
     ``arch``, when given, must be the checkpoint's architecture. ``dtype``: the model's compute
-    dtype (parameters stay float32); None keeps the training config's.
+    dtype (parameters stay float32); None keeps the training config's. ``ema``: the exponential
+    moving average of the weights and BN statistics (``--config.ema_decay``) instead.
     """
-    import jax
-
     from cnn_jax import convert, train_lib
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
         raise ValueError(f"{workdir} holds no checkpoints/ folder: pass the --workdir of a "
                          "training run (python -m cnn_jax.train) or of python -m cnn_jax.convert")
-    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+    checkpointer = _open(workdir)
     try:
         step = resolve_step(checkpointer, checkpoint)
         meta = checkpointer.read_meta(step)
@@ -128,17 +131,17 @@ def load(workdir: str, checkpoint: str = "latest", arch: Optional[str] = None,
         if dtype:
             config.dtype = dtype
         if convert.is_converted(meta):
+            if ema:
+                raise ValueError(f"{workdir} holds converted weights, which have no EMA: leave "
+                                 "out --ema")
             model, variables, meta = convert.load_converted(workdir)
             model = model.clone(dtype=train_lib.model_dtype(config.dtype))
         else:
             model = train_lib.build_model(config, num_classes)
-            shapes = variable_shapes(model, int(meta.get("image_size", config.image_size)))
-            target = {k: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), v)
-                      for k, v in shapes.items()}
-            target.setdefault("batch_stats", {})
-            variables = inference_variables(checkpointer.restore_subtree(target, step))
     finally:
         checkpointer.close()
+    if not convert.is_converted(meta):
+        variables, _, _ = ckpt_lib.load_variables(workdir, step, ema=ema)
     mean, std, ratio = _dataset_preprocessing(meta.get("dataset", ""))
     return Loaded(model, variables, meta, config, step, class_names(meta, num_classes),
                   int(meta.get("image_size", config.image_size)),

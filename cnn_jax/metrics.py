@@ -72,6 +72,69 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def discard_after(workdir: str, step: int) -> None:
+    """Drop what a run logged after ``step`` (the step a resume starts from) and repeated records.
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again; without
+    this, ``metrics.jsonl`` and TensorBoard would show them twice. ``metrics.jsonl`` keeps one
+    record per (split, step), the last; the TensorBoard event files keep the events up to
+    ``step``. Each file is rewritten next to itself and renamed over it, so a crash leaves either
+    the old or the new file.
+    """
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+        records: Dict[Any, str] = {}
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by the kill
+                    continue
+                if int(record.get("step", 0)) <= step:
+                    records.pop((record.get("split"), record.get("step")), None)
+                    records[(record.get("split"), record.get("step"))] = line.rstrip("\n")
+        _replace(path, "".join(line + "\n" for line in records.values()).encode())
+    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+        if name.startswith("events.out.tfevents"):
+            _truncate_events(os.path.join(workdir, name), step)
+
+
+def _replace(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _truncate_events(path: str, step: int) -> None:
+    """Keep the events of a TensorBoard event file up to ``step`` (and none twice)."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    kept, seen, changed = [], set(), False
+    try:
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = event_pb2.Event.FromString(record)
+            tags = tuple(v.tag for v in event.summary.value)
+            key = (event.step, tags)
+            if event.HasField("summary") and (event.step > step or key in seen):
+                changed = True
+                continue
+            seen.add(key)
+            kept.append(record)
+    except tf.errors.DataLossError:  # the last record was cut short by the kill
+        changed = True
+    if not changed:
+        return
+    # Not "*tfevents*": TensorBoard must not read the half-written copy.
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path).replace(
+        "tfevents", "rewrite"))
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for record in kept:
+            writer.write(record)
+    os.replace(tmp, path)
+
+
 def read_metrics(workdir: str, split: Optional[str] = None) -> list:
     """The records of ``<workdir>/metrics.jsonl`` (optionally of one split), oldest first."""
     path = os.path.join(workdir, METRICS_FILE)
@@ -116,12 +179,14 @@ def format_duration(seconds: float) -> str:
 
 def summary_line(arch: str, dataset: str, step: int, seconds: float,
                  eval_metrics: Optional[Mapping[str, float]], best: Optional[Mapping[str, Any]],
-                 workdir: str) -> str:
+                 workdir: str, ema_metrics: Optional[Mapping[str, float]] = None) -> str:
     """The final one-line summary of a run."""
     parts = [f"{arch} on {dataset}: {step} steps in {format_duration(seconds)}"]
     if eval_metrics:
         parts.append(f"val top-1 {100 * eval_metrics['top1']:.2f}%, "
                      f"top-5 {100 * eval_metrics['top5']:.2f}%, loss {eval_metrics['loss']:.4f}")
+    if ema_metrics:
+        parts.append(f"EMA top-1 {100 * ema_metrics['top1']:.2f}%")
     if best:
         parts.append(f"best top-1 {100 * best['top1']:.2f}% at step {best['step']}")
     parts.append(f"workdir {workdir}")

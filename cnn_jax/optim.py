@@ -93,9 +93,23 @@ def create_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, moment
     return tx
 
 
+def accumulate(tx: optax.GradientTransformation, grad_accum_steps: int
+               ) -> optax.GradientTransformation:
+    """``tx`` applied to the mean gradient of every ``grad_accum_steps`` calls (optax.MultiSteps);
+    the calls in between leave the parameters unchanged. 1 = ``tx`` itself."""
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"--config.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    return tx if k == 1 else optax.MultiSteps(tx, every_k_schedule=k)
+
+
 def from_config(config: Any, steps_per_epoch: int, total_steps: int, global_batch_size: int
                 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer and schedule of a training config (epochs converted to steps)."""
+    """The optimizer and schedule of a training config (epochs converted to steps).
+
+    Steps here are optimizer updates; with ``config.grad_accum_steps`` = k > 1 the optimizer is
+    wrapped in ``optax.MultiSteps`` and each update takes k micro-batches of ``batch / k``.
+    """
     peak = peak_learning_rate(config, global_batch_size)
     warmup = int(round(float(config.warmup_epochs) * steps_per_epoch))
     boundaries = [int(round(float(e) * steps_per_epoch)) for e in (config.lr_step_epochs or ())]
@@ -108,7 +122,7 @@ def from_config(config: Any, steps_per_epoch: int, total_steps: int, global_batc
         grad_clip_norm=float(config.grad_clip_norm), adam_b1=float(config.adam_b1),
         adam_b2=float(config.adam_b2), adam_eps=float(config.adam_eps),
         lars_trust_coefficient=float(config.lars_trust_coefficient))
-    return tx, schedule
+    return accumulate(tx, int(config.get("grad_accum_steps", 1) or 1)), schedule
 
 
 def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:

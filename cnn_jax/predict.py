@@ -50,7 +50,7 @@ def load_image(path: str, image_size: int, crop_ratio: float = 0.875, mean=None,
 
 
 def predict(workdir: str, images: Sequence[str], checkpoint: str = "latest", k: int = 5,
-            batch_size: int = 32, arch: str = None) -> Dict[str, Any]:
+            batch_size: int = 32, arch: str = None, ema: bool = False) -> Dict[str, Any]:
     """Top-``k`` classes of each image: ``{'arch', 'step', 'workdir', 'results': [{'image',
     'predictions': [{'rank', 'index', 'name', 'probability'}]}]}``."""
     import jax
@@ -61,7 +61,7 @@ def predict(workdir: str, images: Sequence[str], checkpoint: str = "latest", k: 
         raise ValueError("pass one or more image files after the flags")
     if k < 1 or batch_size < 1:
         raise ValueError(f"--top_k and --batch_size must be positive, got {k} and {batch_size}")
-    loaded = loading.load(workdir, checkpoint, arch)
+    loaded = loading.load(workdir, checkpoint, arch, ema=ema)
     model, variables = loaded.model, loaded.variables
     apply = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False).astype("float32")))
     batch_size = min(batch_size, len(images))
@@ -98,6 +98,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 5, "Classes to print per image.")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+    flags.DEFINE_bool("ema", False, "Use the EMA of the weights (--config.ema_decay).")
 
 
 def main(argv):
@@ -109,7 +110,7 @@ def main(argv):
         if not workdir:
             raise ValueError("pass --workdir=DIR (a training run's or cnn_jax.convert's output)")
         output = predict(workdir, argv[1:], checkpoint, FLAGS.top_k, FLAGS.batch_size,
-                         FLAGS.arch)
+                         FLAGS.arch, FLAGS.ema)
     print(json.dumps(output) if FLAGS.format == "json" else format_text(output), flush=True)
 
 

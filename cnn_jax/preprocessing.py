@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from cnn_jax import augment as augment_lib
+
 # ImageNet channel statistics on [0, 1] RGB (the torchvision constants).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,8 +58,20 @@ class AugmentConfig:
     # Antialiased resizing (PIL/torchvision style) costs ~40% of the pipeline's CPU time; random
     # crops are downscaled by < 2x, where plain bilinear (as the TF reference pipelines) is fine.
     antialias: bool = False
+    # Modern recipes (cnn_jax.augment): "trivial_augment" (TrivialAugmentWide) or "rand_augment"
+    # on the crop, and random erasing of the normalized image with this probability (0 = off).
+    auto_augment: str = ""
+    rand_augment_num_ops: int = 2
+    rand_augment_magnitude: int = 9
+    random_erasing: float = 0.0
 
     def __post_init__(self):
+        if self.auto_augment not in augment_lib.AUTO_AUGMENTS:
+            raise ValueError(f"unknown auto_augment {self.auto_augment!r}; use 'trivial_augment' "
+                             "or 'rand_augment' (or leave it empty)")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got "
+                             f"{self.random_erasing}")
         if self.crop not in ("random_resized", "scale_jitter", "center"):
             raise ValueError(f"unknown crop {self.crop!r}; use 'random_resized', 'scale_jitter' or "
                              "'center'")
@@ -76,6 +90,9 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     # AlexNet: random 224 crops of the 256 image (S fixed at 256), flips and PCA lighting.
     "alexnet": {"crop": "scale_jitter", "scale_jitter": (256, 256), "pca_lighting": True},
     "none": {"crop": "center", "flip": False},
+    # torchvision's "new training recipe" (Vryniotis 2021): Inception crop, flip, TrivialAugment,
+    # random erasing p=0.1.
+    "torchvision_v2": {"auto_augment": "trivial_augment", "random_erasing": 0.1},
 }
 
 AugmentLike = Union[None, str, Mapping[str, Any], AugmentConfig]
@@ -239,10 +256,22 @@ def preprocess_for_train(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: in
     image = resize(decode_cropped(image_bytes, window_fn, jpeg), image_size, augment.antialias)
     if augment.flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    # Seeds of the newer ops are folded in, so the crops/flips of existing recipes are unchanged.
+    if augment.auto_augment:
+        auto_seed = tf.random.experimental.stateless_fold_in(seed, 3)
+        if augment.auto_augment == "trivial_augment":
+            image = augment_lib.trivial_augment(image, auto_seed)
+        else:
+            image = augment_lib.rand_augment(image, auto_seed, augment.rand_augment_num_ops,
+                                             augment.rand_augment_magnitude)
     image = image / 255.0
     if augment.pca_lighting:
         image = pca_lighting(image, light_seed, augment.pca_lighting_std)
-    return normalize(image, mean, std, dtype)
+    image = normalize(image, mean, std, tf.float32)
+    if augment.random_erasing > 0:
+        image = augment_lib.random_erasing(
+            image, tf.random.experimental.stateless_fold_in(seed, 4), augment.random_erasing)
+    return tf.cast(image, dtype)
 
 
 def preprocess_for_eval(image_bytes: tf.Tensor, image_size: int, *, jpeg: bool = True,

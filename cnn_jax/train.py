@@ -9,13 +9,16 @@ same command resumes from the last checkpoint in ``--workdir``.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines are noise here
+from cnn_jax import cli
+
+cli.quiet_tensorflow(sys.argv)  # before anything imports TensorFlow
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cnn_jax import cli, configs  # noqa: E402
+from cnn_jax import configs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet18 (see cnn_jax.models).")

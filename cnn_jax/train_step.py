@@ -14,8 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
+from cnn_jax import augment
 from cnn_jax.models.layers import split_logits
 
 Array = jax.Array
@@ -24,10 +26,38 @@ Metrics = Dict[str, Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BN running statistics and the base key of the dropout rngs."""
+    """Flax's TrainState plus BN running statistics, the base key of the dropout rngs, and the
+    optional EMA of the weights and float16 loss scale."""
 
     batch_stats: Any = None
     rng: Any = None  # raw uint32 key data (checkpointable); per-step keys are folded from it
+    ema_params: Any = None  # exponential moving average of params (None: EMA off)
+    ema_batch_stats: Any = None  # ... and of the BN statistics
+    dynamic_scale: Any = None  # flax DynamicScale (float16 only)
+
+
+def init_ema(state: TrainState) -> TrainState:
+    """Start the EMA at the current weights (and BN statistics)."""
+    copy = lambda t: jax.tree_util.tree_map(lambda x: x.copy() if hasattr(x, "copy") else x, t)  # noqa: E731
+    return state.replace(ema_params=copy(state.params), ema_batch_stats=copy(state.batch_stats))
+
+
+def new_dynamic_scale() -> dynamic_scale_lib.DynamicScale:
+    """Dynamic loss scaling for float16 (Micikevicius et al. 2018, "Mixed Precision Training"):
+    start at 2^15, halve on an overflow (that step is skipped), double after 2000 finite steps;
+    never below 1, where a still-overflowing step means the run diverged."""
+    return dynamic_scale_lib.DynamicScale(growth_interval=2000, scale=2.0 ** 15,
+                                          minimum_scale=1.0)
+
+
+def ema_decay_at(decay: float, updates: Array, warmup: bool) -> Array:
+    """The EMA decay after ``updates`` optimizer updates; with ``warmup`` the TF
+    ExponentialMovingAverage ramp ``min(decay, (1 + n) / (10 + n))``, so short runs average too."""
+    decay = jnp.asarray(decay, jnp.float32)
+    if not warmup:
+        return decay
+    n = updates.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
 def init_variables(model: nn.Module, rng: Array, image_shape: Tuple[int, int, int],
@@ -84,12 +114,17 @@ def batch_norm_axis(axis_name: Optional[str]) -> Iterator[None]:
         yield
 
 
-def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0,
+                  partner_labels: Optional[Array] = None, lam: Optional[Array] = None) -> Array:
     """Per-example softmax cross-entropy in float32, with optional label smoothing.
 
-    Label smoothing: Szegedy et al. 2016 (Inception v3), Sec. 7.
+    Label smoothing: Szegedy et al. 2016 (Inception v3), Sec. 7. With ``partner_labels`` and
+    ``lam`` (mixup/CutMix) the target is ``lam * y + (1 - lam) * y_partner``, then smoothed.
     """
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if partner_labels is not None:
+        targets = lam * targets + (1.0 - lam) * jax.nn.one_hot(
+            partner_labels, logits.shape[-1], dtype=jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -108,55 +143,105 @@ def step_rng(state: TrainState, axis_name: Optional[str]) -> Array:
 def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None,
                bn_axis_name: Optional[str] = None, label_smoothing: float = 0.0,
                aux_loss_weight: float = 0.3,
-               learning_rate_fn: Optional[Callable[[Array], Array]] = None
+               learning_rate_fn: Optional[Callable[[Array], Array]] = None,
+               ema_decay: float = 0.0, ema_warmup: bool = True, mixup_alpha: float = 0.0,
+               cutmix_alpha: float = 0.0, grad_accum_steps: int = 1
                ) -> Tuple[TrainState, Metrics]:
     """One SGD step on this device's ``batch`` (``image`` [b, H, W, C], ``label`` [b]).
 
     Gradients and metrics are averaged over ``axis_name``; ``bn_axis_name`` (normally the same
     axis, or None) turns on cross-device BN. Auxiliary classifiers (GoogLeNet) add
     ``aux_loss_weight`` times their loss (Szegedy et al. 2015, Sec. 5: weight 0.3).
+
+    ``mixup_alpha``/``cutmix_alpha`` mix this device's batch with itself rolled by one (keys
+    folded from the step's key, so resuming is exact). With ``state.dynamic_scale`` (float16) the
+    loss is scaled and a step whose gradients overflow is skipped: parameters, optimizer state, BN
+    statistics and EMA stay as they were, only ``step`` advances and the scale halves
+    (``skipped`` = 1). ``ema_decay`` > 0 updates the EMA of the parameters and BN statistics after
+    every optimizer update (every ``grad_accum_steps`` steps with ``optax.MultiSteps``).
     """
     dropout_rng = step_rng(state, axis_name)
+    images, labels = batch["image"], batch["label"]
+    mixed = augment.mix_batch(jax.random.fold_in(dropout_rng, 1 << 20), images, labels,
+                              mixup_alpha, cutmix_alpha)
+    partner, lam = None, None
+    if mixed is not None:
+        images, labels, partner, lam = mixed
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         with batch_norm_axis(bn_axis_name):
-            outputs, new_vars = state.apply_fn(variables, batch["image"], train=True,
+            outputs, new_vars = state.apply_fn(variables, images, train=True,
                                                mutable=["batch_stats"],
                                                rngs={"dropout": dropout_rng})
         logits, aux_logits = split_logits(outputs)
-        ce = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+        ce = jnp.mean(cross_entropy(logits, labels, label_smoothing, partner, lam))
         loss = ce
         for aux in aux_logits:
             loss = loss + aux_loss_weight * jnp.mean(
-                cross_entropy(aux, batch["label"], label_smoothing))
+                cross_entropy(aux, labels, label_smoothing, partner, lam))
         return loss, (new_vars.get("batch_stats", {}), logits, ce)
 
-    (loss, (batch_stats, logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
+    scale = state.dynamic_scale
+    if scale is None:
+        (loss, (batch_stats, logits, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+        finite = None
+    else:  # the scaler pmean-s the (unscaled, float32) gradients itself
+        new_scale, finite, (loss, (batch_stats, logits, ce)), grads = scale.value_and_grad(
+            loss_fn, has_aux=True, axis_name=axis_name)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+    if ema_decay > 0 and state.ema_params is not None:
+        updated = jnp.asarray(True)
+        updates = new_state.step
+        if isinstance(new_state.opt_state, optax.MultiStepsState):
+            updated = new_state.opt_state.mini_step == 0
+            updates = new_state.opt_state.gradient_step
+        decay = ema_decay_at(ema_decay, updates, ema_warmup)
+        ema = lambda old, new: jnp.where(updated, decay * old + (1.0 - decay) * new, old)  # noqa: E731
+        new_state = new_state.replace(
+            ema_params=jax.tree_util.tree_map(ema, state.ema_params, new_state.params),
+            ema_batch_stats=jax.tree_util.tree_map(ema, state.ema_batch_stats,
+                                                   new_state.batch_stats))
+    if finite is not None:
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        fields = ("params", "opt_state", "batch_stats", "ema_params", "ema_batch_stats")
+        new_state = new_state.replace(
+            **{f: jax.tree_util.tree_map(keep, getattr(new_state, f), getattr(state, f))
+               for f in fields},
+            dynamic_scale=new_scale)
+
     metrics = {
         "loss": loss,
         "cross_entropy": ce,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)),
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
         "grad_norm": optax.tree.norm(grads),
     }
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
+    if finite is not None:
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        metrics["loss_scale"] = scale.scale.astype(jnp.float32)
     if learning_rate_fn is not None:
-        metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        metrics["learning_rate"] = jnp.asarray(
+            learning_rate_fn(state.step // grad_accum_steps), jnp.float32)
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None,
+              use_ema: bool = False) -> Metrics:
     """Sums over this device's masked ``batch``: loss, top-1 and top-5 hits and the count.
 
     Sums (not means) so that padded final batches and uneven devices add up exactly; psum-ed over
-    ``axis_name``.
+    ``axis_name``. ``use_ema`` evaluates the EMA weights and BN statistics instead.
     """
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if use_ema:
+        variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = state.apply_fn(variables, batch["image"], train=False)
     logits, _ = split_logits(logits)
     logits = logits.astype(jnp.float32)
@@ -178,7 +263,10 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = Non
 
 def sync_batch_stats(state: TrainState, *, axis_name: str) -> TrainState:
     """Average the per-device BN running statistics, so that every device holds the same model."""
-    return state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
+    state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
+    if state.ema_batch_stats is not None:
+        state = state.replace(ema_batch_stats=jax.lax.pmean(state.ema_batch_stats, axis_name))
+    return state
 
 
 def summarize_eval(sums: Dict[str, Any]) -> Dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 # The compute dtypes a run accepts (models, input pipeline and benchmark read this one table).
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive(v) -> bool:
@@ -57,6 +57,7 @@ _RULES: Dict[str, tuple] = {
     "checkpoint_every_steps": (_non_negative, ">= 0 (0 = at every evaluation)"),
     "keep_checkpoints": (_positive, "positive"),
     "max_steps_per_run": (_non_negative, ">= 0 (0 = no limit)"),
+    # grad_accum_steps, ema_decay, mixup/cutmix alphas: checked by train_lib, also up front.
 }
 
 

@@ -134,7 +134,7 @@ def test_finished_run_is_not_retrained(data_dir, tmp_path):
     ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; valid names: "),
     ({"arch": ""}, "no architecture given"),
     ({"dataset": "cifar10"}, "cifar10 is not prepared in"),
-    ({"dtype": "float16"}, "unknown dtype 'float16'"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
     ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
     ({"parallel": "xmap"}, "unknown parallel mode 'xmap'"),
 ])

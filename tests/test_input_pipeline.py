@@ -258,7 +258,7 @@ def test_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="mnist is not prepared in"):  # a TFDS name: not fetched
         input_pipeline.get_dataset_info("mnist", data_dir)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        input_pipeline.create_train_iterator(NAME, data_dir, 8, SIZE, dtype="float16", **_layout())
+        input_pipeline.create_train_iterator(NAME, data_dir, 8, SIZE, dtype="float64", **_layout())
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenette"])

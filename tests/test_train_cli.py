@@ -49,6 +49,11 @@ def test_train_command(trained):
                     r"best top-1 \d+\.\d\d% at step \d; workdir ", summary), summary
     assert "Traceback" not in proc.stderr
     assert "img/s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
+    # A quiet first screen: one line on what is trained where, then the bar (no TFDS notices).
+    first_screen = proc.stderr.split("train:")[0].strip().splitlines()
+    assert len(first_screen) == 1 and first_screen[0].startswith(
+        f"training {h.TINY_ARCH} (") and first_screen[0].endswith(f"; workdir {workdir}"), \
+        proc.stderr[:3000]
     train = metrics_lib.read_metrics(workdir, "train")
     evals = metrics_lib.read_metrics(workdir, "eval")
     assert [r["step"] for r in train] == [1, 2, 3, 4]

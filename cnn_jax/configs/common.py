@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.prefetch = 2
 
     # Precision: "bfloat16" computes in bf16; parameters and optimizer state stay float32.
+    # "float16" (GPUs without bf16) adds dynamic loss scaling: an overflowing step is skipped.
     c.dtype = "float32"
 
     # Optimization (cnn_jax.optim).
@@ -47,6 +48,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8
     c.lars_trust_coefficient = 0.001
+    # Each optimizer step averages the gradients of this many micro-batches of batch_size / k
+    # (optax.MultiSteps): a batch-256 recipe on a device that fits 256 / k images.
+    c.grad_accum_steps = 1
+
+    # Exponential moving average of the weights and BN statistics (0 = off; e.g. 0.9999),
+    # evaluated beside the raw weights ("eval_ema" in metrics.jsonl) and checkpointed.
+    c.ema_decay = 0.0
+    c.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (TF's EMA)
+    c.best_metric = "top1"  # which val top-1 picks the kept best checkpoint: top1 | ema_top1
+
+    # Batch-level augmentation in the train step (0 = off): mixup (Zhang et al. 2018) and CutMix
+    # (Yun et al. 2019); with both on, each batch gets one of the two at random. Per-example ops
+    # (TrivialAugment, RandAugment, random erasing) are `augment` options.
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
 
     # Parallelism (cnn_jax.parallel).
     c.parallel = "pmap"  # pmap | shard_map
@@ -60,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.max_steps_per_run = 0  # > 0: save and exit after this many steps (re-run to continue)
     c.progress_bar = True
+    c.profile_steps = ""  # "START:END": a jax.profiler trace of those steps into the workdir
     return c
 
 

@@ -124,27 +124,36 @@ def _max_pool_fwd(x, window, strides, padding):
 
 
 def _max_pool_bwd(window, strides, padding, residuals, g):
-    # Each output's gradient goes to the first input of its window that equals the maximum (as
-    # XLA's select-and-scatter and torch do): one mask per window tap, placed back with lax.pad.
+    # Each output's gradient goes to the first input of its window (row-major) that equals the
+    # maximum, as XLA's select-and-scatter and torch do. Written as a gather, so that XLA fuses
+    # it into one loop: every padded input position q sums g[o] over the taps t = q - o * stride
+    # whose index equals the output's first-maximum tap ``first[o]``.
     x, y = residuals
     (kh, kw), (sh, sw) = window, strides
     n, ho, wo, c = y.shape
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
     hp, wp = xp.shape[1], xp.shape[2]
-    unclaimed = jnp.ones(y.shape, bool)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    first = jnp.full(y.shape, len(taps), jnp.int32)
+    for t, (i, j) in reversed(list(enumerate(taps))):
+        window_ij = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1,
+                                                     j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        first = jnp.where(window_ij == y, t, first)
+
+    def spread(a, fill):  # a[o] at o * stride + (k - 1), so that tap t reads it at q + k-1-t
+        return jax.lax.pad(a, jnp.array(fill, a.dtype),
+                           ((0, 0, 0), (kh - 1, hp - (ho - 1) * sh - 1, sh - 1),
+                            (kw - 1, wp - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+
+    g_spread, first_spread = spread(g, 0), spread(first, -1)
     zero = jnp.zeros((), g.dtype)
-    dxp = jnp.zeros(xp.shape, g.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            hi, hj = i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1
-            tap = jax.lax.slice(xp, (0, i, j, 0), (n, hi, hj, c), (1, sh, sw, 1))
-            hit = unclaimed & (tap == y)
-            unclaimed = unclaimed & ~hit
-            dxp = dxp + jax.lax.pad(jnp.where(hit, g, zero), zero,
-                                    ((0, 0, 0), (i, hp - hi, sh - 1), (j, wp - hj, sw - 1),
-                                     (0, 0, 0)))
-    (t, b), (l, r) = padding
-    return (dxp[:, t:hp - b, l:wp - r],)
+    dxp = 0
+    for t, (i, j) in enumerate(taps):
+        start, limit = (0, kh - 1 - i, kw - 1 - j, 0), (n, kh - 1 - i + hp, kw - 1 - j + wp, c)
+        dxp = dxp + jnp.where(jax.lax.slice(first_spread, start, limit) == t,
+                              jax.lax.slice(g_spread, start, limit), zero)
+    (top, bottom), (left, right) = padding
+    return (dxp[:, top:hp - bottom, left:wp - right],)
 
 
 _max_pool_slice_grad.defvjp(_max_pool_fwd, _max_pool_bwd)

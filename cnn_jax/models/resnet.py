@@ -94,6 +94,7 @@ class _ResidualBlock(nn.Module):
     skip: bool = True
     preact_shortcut: bool = False  # 'pre' only: shortcut sees BN-ReLU(x) even when identity
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0  # stochastic depth: drop the whole branch per example
 
     expansion: ClassVar[int] = 1
 
@@ -140,6 +141,9 @@ class _ResidualBlock(nn.Module):
                 y = nn.relu(y)
 
         if self.skip:
+            # Stochastic depth (Huang et al. 2016): per-example branch drop, scaled by 1/(1-p).
+            y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3),
+                           deterministic=not train or not self.drop_path_rate)(y)
             y = y + self._shortcut(x, preact, convs[-1][1], conv, norm)
         # Pre-activation keeps the identity path clean: no ReLU after the addition.
         return y if place == "pre" else nn.relu(y)
@@ -192,9 +196,14 @@ class ResNet(nn.Module):
     norm_placement: str = "post"
     zero_init_residual: bool = False
     skip: bool = True
+    # Stochastic depth (Huang et al. 2016): block i of N drops its branch with probability
+    # drop_path_rate * i / (N - 1), the linear decay rule of the paper (and timm).
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         _check_options(self.shortcut, self.norm_placement, self.zero_init_residual, self.skip)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; choose one of {sorted(BLOCKS)}")
         if self.stem not in STEMS:
@@ -227,10 +236,14 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = layers.max_pool(x, 3, 2, padding=1)
 
+        num_blocks, b = sum(self.stage_sizes), 0
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(blocks):
+                rate = self.drop_path_rate * b / max(num_blocks - 1, 1)
                 x = block_cls(width, strides=2 if i > 0 and j == 0 else 1,
-                              preact_shortcut=(i, j) == (0, 0), name=f"layer{i + 1}_{j}")(x, train)
+                              preact_shortcut=(i, j) == (0, 0), drop_path_rate=rate,
+                              name=f"layer{i + 1}_{j}")(x, train)
+                b += 1
 
         if place == "pre":  # v2: the last unit's sum is never normalized otherwise
             x = nn.relu(norm(name="final_bn")(x))
