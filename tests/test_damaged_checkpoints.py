@@ -12,7 +12,7 @@ import pytest
 
 import _train_helpers as h
 from cnn_jax import checkpoint as ckpt_lib
-from cnn_jax import input_pipeline, loading, metrics as metrics_lib, train_lib
+from cnn_jax import configs, input_pipeline, loading, metrics as metrics_lib, train_lib
 from cnn_jax import train_step as ts
 from test_checkpoint import tiny_config
 
@@ -208,7 +208,7 @@ def test_loop_options_end_to_end_with_a_crash_and_a_damaged_checkpoint(data_dir,
         data_dir, num_train_steps=4, eval_every_steps=2, ema_decay=0.9, grad_accum_steps=2,
         dtype="float16", best_metric="ema_top1", profile_steps="2:3",
         # One stage of one block: compiling is most of a tiny run's time.
-        model_kwargs="stage_sizes=(1,), widths=(4,)")
+        model=configs.model_config({"stage_sizes": (1,), "widths": (4,)}))
     # The killed run, without training it (compiles are the slow part): its checkpoint 2
     # (4 micro-batches) and a half-written checkpoint 3, and the records it logged up to step 4.
     info = input_pipeline.get_dataset_info(config.dataset, data_dir, 32)

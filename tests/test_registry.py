@@ -155,8 +155,8 @@ def _config(**fields):
     ({"batch_size": 0}, "--config.batch_size=0 must be positive"),
     ({"label_smoothing": 1.5}, "--config.label_smoothing=1.5 must be in [0, 1)"),
     ({"optimizer": "adam"}, "unknown optimizer 'adam' (--config.optimizer); choose one of sgd"),
-    ({"dtype": "float16"}, "unknown dtype 'float16' (--config.dtype); choose one of float32, "
-                           "bfloat16"),
+    ({"dtype": "float64"}, "unknown dtype 'float64' (--config.dtype); choose one of float32, "
+                           "bfloat16, float16"),
     ({"lr_step_epochs": (60.0, 30.0)}, "must be increasing epochs"),
     ({"augment": "flipp=true"}, "unknown augmentation option(s) ['flipp']"),
     ({"model.shortcut": "D"}, "shortcut"),
