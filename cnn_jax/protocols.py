@@ -178,34 +178,18 @@ def evaluate(model: Any, variables: Dict[str, Any], config: Any, protocol: str =
              dp: Any = None) -> Dict[str, float]:
     """Top-1/top-5/loss of ``model`` over ``config.dataset``'s evaluation split, with ``protocol``,
     every example once (the last batch padded and masked), over every local device."""
-    import jax
-
-    from cnn_jax import input_pipeline, parallel
-    from cnn_jax import train_step as step_lib
+    from cnn_jax import parallel, train_lib
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     dp = dp or parallel.DataParallel(config.parallel)
     net = protocol_model(model, protocol)
-    eval_batch = config.eval_batch_size or config.batch_size
-    parallel.check_batch_size(eval_batch, dp.num_devices)
 
     def per_device(variables, batch):
         log_probs = average_log_probs(lambda x: net.apply(variables, x, train=False), batch,
                                       protocol)
         return metric_sums(log_probs, batch["label"], batch["mask"], dp.axis_name)
 
-    step = dp.map(per_device)
-    it = input_pipeline.create_eval_iterator(
-        config.dataset, config.data_dir or None, eval_batch, config.image_size,
-        dtype=config.dtype, num_local_devices=dp.num_local_devices,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        views_fn=views_fn(protocol, config.image_size, config.dtype))
-    replicated = dp.replicate(variables)
-    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-    for batch in dp.prefetch(it, config.prefetch):
-        sums = dp.unreplicate(step(replicated, batch))
-        for k in totals:
-            totals[k] += float(sums[k])
-    return step_lib.summarize_eval(totals)
+    return train_lib.evaluate(dp.map(per_device), dp.replicate(variables), dp, config,
+                              views_fn(protocol, config.image_size, config.dtype))
 

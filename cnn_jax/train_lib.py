@@ -175,15 +175,19 @@ def _prepare_shapes(config: ml_collections.ConfigDict) -> None:
         multihost_utils.sync_global_devices("shapes prepared")
 
 
-def evaluate(p_eval_step, state, dp: parallel.DataParallel, config: ml_collections.ConfigDict
-             ) -> Dict[str, float]:
-    """Top-1/top-5/loss over the whole eval split (each example once: padded batches are masked)."""
+def evaluate(p_eval_step, state, dp: parallel.DataParallel, config: ml_collections.ConfigDict,
+             views_fn: Optional[Callable] = None) -> Dict[str, float]:
+    """Top-1/top-5/loss over the whole eval split (each example once: padded batches are masked).
+
+    ``views_fn``: the test-time views of each image (cnn_jax.protocols), default its centre crop.
+    """
     eval_batch = config.eval_batch_size or config.batch_size
     parallel.check_batch_size(eval_batch, dp.num_devices)
+    extra = {} if views_fn is None else {"views_fn": views_fn}
     it = input_pipeline.create_eval_iterator(
         config.dataset, config.data_dir or None, eval_batch, config.image_size,
         dtype=config.dtype, num_local_devices=dp.num_local_devices,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), **extra)
     totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
     for batch in dp.prefetch(it, config.prefetch):
         sums = dp.unreplicate(p_eval_step(state, batch))

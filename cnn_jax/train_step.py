@@ -17,7 +17,6 @@ import optax
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
-from cnn_jax import augment
 from cnn_jax.models.layers import split_logits
 
 Array = jax.Array
@@ -162,8 +161,14 @@ def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = No
     """
     dropout_rng = step_rng(state, axis_name)
     images, labels = batch["image"], batch["label"]
-    mixed = augment.mix_batch(jax.random.fold_in(dropout_rng, 1 << 20), images, labels,
-                              mixup_alpha, cutmix_alpha)
+    mixed = None
+    if mixup_alpha > 0 or cutmix_alpha > 0:
+        # Imported here: cnn_jax.augment's tf.data ops need TensorFlow, which the train step
+        # itself does not (the GPU benchmark runs it without TensorFlow installed).
+        from cnn_jax import augment
+
+        mixed = augment.mix_batch(jax.random.fold_in(dropout_rng, 1 << 20), images, labels,
+                                  mixup_alpha, cutmix_alpha)
     partner, lam = None, None
     if mixed is not None:
         images, labels, partner, lam = mixed
