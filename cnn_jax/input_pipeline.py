@@ -79,8 +79,8 @@ def get_dataset_info(name: str, data_dir: Optional[str], image_size: Optional[in
         builder = sources.make_builder(name, data_dir, image_size)  # works unprepared
         if not builder.is_prepared():
             cfg = builder.builder_config
-            return DatasetInfo(name, len(sources.shapes.CLASSES), cfg.num_train,
-                               cfg.num_validation, tuple(sources.shapes.CLASSES))
+            return DatasetInfo(name, len(cfg.classes), cfg.num_train, cfg.num_validation,
+                               tuple(cfg.classes))
     builder = sources.get_builder(name, data_dir, image_size, rescan=True)  # a run starts here
     spec = sources.spec(name, builder)
     label = builder.info.features[spec.label_key]

@@ -39,7 +39,8 @@ def small_shapes(tmp_path_factory):
 
 def test_configs():
     assert NUM_CLASSES >= 10
-    assert [c.name for c in shapes.Shapes.BUILDER_CONFIGS] == ["32px", "64px", "224px"]
+    assert [c.name for c in shapes.Shapes.BUILDER_CONFIGS] == ["32px", "64px", "224px",
+                                                             "32px_hard"]
     cfg = shapes.ShapesConfig.from_name("48px_n100_v20_s3")
     assert (cfg.image_size, cfg.num_train, cfg.num_validation, cfg.seed) == (48, 100, 20, 3)
     assert shapes.config_name(32, 100, 20) == "32px_n100_v20"
@@ -48,6 +49,12 @@ def test_configs():
     assert sources.shapes_config_for(112) == "224px"
     with pytest.raises(ValueError, match="bad shapes config"):
         shapes.ShapesConfig.from_name("large")
+    hard = shapes.ShapesConfig.from_name("32px_hard_n100_v20_s2")
+    assert (hard.level, hard.num_train, hard.seed, len(hard.classes)) == ("hard", 100, 2, 20)
+    assert shapes.config_name(32, 100, 20, level="hard") == "32px_hard_n100_v20"
+    assert shapes.ShapesConfig.from_name("32px_n100_v20").level == "standard"
+    info = input_pipeline.get_dataset_info("shapes/32px_hard_n100_v20", "/nonexistent/dir")
+    assert info.num_classes == 20 and info.class_names == shapes.HARD_CLASSES
     # Described without being generated.
     info = input_pipeline.get_dataset_info("shapes", "/nonexistent/dir", image_size=224)
     assert info[:4] == ("shapes", NUM_CLASSES, 10_000, 2_000) and info.class_names == shapes.CLASSES
@@ -67,6 +74,64 @@ def test_same_seed_same_bytes(tmp_path):
     # Each example is a pure function of (seed, split, index).
     assert shapes.make_example(0, "train", 7, 32) == shapes.make_example(0, "train", 7, 32)
     assert shapes.make_example(0, "train", 7, 32) != shapes.make_example(0, "validation", 7, 32)
+
+
+# sha256 of the raw (pre-JPEG) pixels of 48 standard-level images, recorded before the generator
+# moved to shapes_generator and the hard level was added: the existing configs' data is unchanged.
+STANDARD_PIXELS_SHA256 = "95228c66ce51bf27695ee11375ad30aad70c879a1a0979165bd3da093bdb5a8d"
+
+
+def test_standard_level_pixels_unchanged():
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        for i in range(12):
+            for size in (32, 64):
+                image, label = shapes.make_image(3 if i % 2 else 0, split, i, size)
+                assert label == i % 10
+                h.update(image.tobytes())
+    assert h.hexdigest() == STANDARD_PIXELS_SHA256
+
+
+def test_generator_imports_without_tensorflow():
+    """An accelerator machine without TensorFlow/TFDS draws the same images."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cnn_jax.datasets import shapes_generator as g; "
+            "x, y = g.make_arrays(20, 16, level='hard', start=20); "
+            "assert x.shape == (20, 16, 16, 3) and x.dtype.name == 'uint8'; "
+            "assert sorted(y.tolist()) == list(range(20)); "
+            "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_hard_level(tmp_path):
+    """20 balanced classes; the same pixels from the TFDS records (up to JPEG) and the arrays."""
+    name = "shapes/32px_hard_n40_v20"
+    input_pipeline.prepare_dataset(name, str(tmp_path))
+    builder = sources.get_builder(name, str(tmp_path))
+    assert builder.info.features["label"].names == list(shapes.HARD_CLASSES)
+    images, labels = _arrays(builder, "validation")
+    np.testing.assert_array_equal(np.bincount(labels, minlength=20), np.ones(20))
+    arrays, array_labels = shapes.make_arrays(20, 32, split="validation", level="hard")
+    order = np.argsort(labels, kind="stable")
+    np.testing.assert_array_equal(labels[order], array_labels)
+    # The records hold the generator's JPEGs (TF's and Pillow's decoders upsample chroma
+    # slightly differently).
+    import io
+
+    from PIL import Image
+
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(shapes.encode_jpeg(a)))) for a in arrays])
+    diff = np.abs(images[order].astype(np.float32) - decoded)
+    assert diff.mean() < 1.5 and diff.max() <= 10, (diff.mean(), diff.max())
+    # Another stream than the standard level: not the same images with other labels.
+    standard, _ = shapes.make_arrays(20, 32, split="validation")
+    assert np.abs(standard.astype(np.float32) - arrays.astype(np.float32)).mean() > 20
 
 
 def test_images_and_class_balance(small_shapes):

@@ -1,5 +1,8 @@
 """Dataset sources for the input pipeline: the built-in `shapes` builder and TFDS preparation.
 
+Importing this package does not import TensorFlow (``shapes_generator`` needs only NumPy and
+Pillow); the names from ``sources`` load it on first use.
+
 ``python -m cnn_jax.datasets.prepare --dataset=NAME --data_dir=DIR`` prepares a dataset.
 """
 
@@ -34,10 +37,14 @@ def _provide_importlib_resources() -> None:
 
 _provide_importlib_resources()
 
-from cnn_jax.datasets.sources import (  # noqa: E402,F401
-    DATASETS,
-    DatasetNotFoundError,
-    default_data_dir,
-    get_builder,
-    imagenet_manual_dir,
-)
+_FROM_SOURCES = ("DATASETS", "DatasetNotFoundError", "default_data_dir", "get_builder",
+                 "imagenet_manual_dir")
+
+
+def __getattr__(name):
+    # Lazy, so that `cnn_jax.datasets.shapes_generator` imports without TensorFlow/TFDS.
+    if name in _FROM_SOURCES:
+        from cnn_jax.datasets import sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
