@@ -14,6 +14,7 @@ Steps are optimizer updates: with ``grad_accum_steps`` = k each takes k micro-ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -21,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -245,12 +246,33 @@ def _num_params(params: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+@dataclasses.dataclass
+class EvalEvent:
+    """What a hook of :func:`train_and_evaluate` sees: at step 0 of a fresh run (before any update,
+    ``metrics`` None) and after every evaluation. ``write(split, scalars)`` adds a record to
+    ``metrics.jsonl`` at this step (kept consistent on resume like the loop's own); setting
+    ``stop`` saves a checkpoint and ends the run (e.g. a plateau criterion)."""
+
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+    state: step_lib.TrainState  # one device's copy
+    metrics: Optional[Dict[str, float]]
+    write: Callable[[str, Dict[str, float]], None]
+    stop: bool = False
+
+
+Hook = Callable[[EvalEvent], None]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: Sequence[Hook] = ()) -> Dict[str, Any]:
     """Train ``config.arch`` on ``config.dataset``, checkpointing into ``workdir``.
 
     Returns the last evaluation metrics (``ema_top1`` etc. too with an EMA) plus ``step`` and
-    ``stopped`` (True when it stopped early on SIGTERM or ``max_steps_per_run``; re-running the
-    same command resumes).
+    ``stopped`` (True when it stopped early on SIGTERM, ``max_steps_per_run`` or a hook;
+    re-running the same command resumes). ``hooks`` are called with an :class:`EvalEvent`
+    (periodic actions, e.g. per-layer gradient norms in experiments/activations.py).
     """
     t_start = time.time()
     configs_lib.validate(config, workdir)  # every field, before anything is written
@@ -333,6 +355,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = dp.replicate(host_state)
     del host_state
 
+    def call_hooks(step: int, metrics: Optional[Dict[str, float]]) -> bool:
+        """Run the hooks; True if one asked to stop (on any process)."""
+        if not hooks:
+            return False
+        event = EvalEvent(step, total_steps, steps_per_epoch, dp.unreplicate(state), metrics,
+                          lambda split, scalars: writer.write(step, split, scalars))
+        for hook in hooks:
+            hook(event)
+        return _any_process(event.stop)
+
+    if start_step == 0:
+        call_hooks(0, None)
+
     # The micro-batch stream: example positions do not depend on grad_accum_steps.
     train_iter = dp.prefetch(input_pipeline.create_train_iterator(
         config.dataset, config.data_dir or None, micro_batch, config.image_size,
@@ -362,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ema_metrics: Optional[Dict[str, float]] = None
     best_split = "eval_ema" if best_metric == "ema_top1" else "eval"
     best = _best_so_far(workdir, start_step, best_split) if is_main else None
-    step, micro, stopped = start_step, start_micro, False
+    step, micro, stopped, hook_stop = start_step, start_micro, False, False
     pending: list = []
     interval_start, interval_steps = time.time(), 0
     profiling = False
@@ -427,6 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     current = ema_metrics if best_split == "eval_ema" else eval_metrics
                     if best is None or current["top1"] > best["top1"]:
                         best = {"top1": current["top1"], "step": step}
+                    hook_stop = call_hooks(step, eval_metrics) and not done
+                    do_save = do_save or hook_stop
                 if do_save:
                     saved_metrics = None
                     if do_eval:
@@ -439,6 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     bar.write(f"SIGTERM: saved a checkpoint at step {step}; re-run the same "
                               "command to resume")
                     break
+                if hook_stop:
+                    bar.write(f"stopped by a hook at step {step} of {total_steps}")
+                    break
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -446,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         checkpointer.close()
         writer.close()
 
-    if step < total_steps and not stopped and is_main:
+    if step < total_steps and not (stopped or hook_stop) and is_main:
         print(f"stopped at step {step} of {total_steps} (max_steps_per_run); re-run the same "
               "command to continue", flush=True)
     stopped = stopped or step < total_steps
@@ -457,8 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     result: Dict[str, Any] = dict(eval_metrics or {})
     if ema_metrics:
         result.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-    result.update(step=step, stopped=stopped, total_steps=total_steps)
-    if is_main and not stopped:
+    result.update(step=step, stopped=stopped, total_steps=total_steps, stopped_by_hook=hook_stop)
+    if is_main and (hook_stop or not stopped):
         print(metrics_lib.summary_line(config.arch, config.dataset, step, time.time() - t_start,
                                        eval_metrics, best, workdir, ema_metrics), flush=True)
     return result

@@ -1,17 +1,19 @@
-"""Shared machinery of the ablation experiments: flags, training runs, CSV/PNG/markdown output.
+"""The machinery behind every experiment: an experiment is a training config plus variants.
 
-An experiment is a list of :class:`Variant` (a registered architecture plus model and config
-overrides) trained with one recipe through :func:`cnn_jax.train_lib.train_and_evaluate`, the same
-code path as ``python -m cnn_jax.train``; the curves come from each run's ``metrics.jsonl``.
-Results go to ``experiments/results/<name>/``: ``summary.csv`` (one row per variant),
-``curves.csv`` (every logged train/eval point), ``<name>.png`` and ``README.md`` (the command,
-the setup, the numbers and what they do and do not show).
+An :class:`Experiment` holds one training config of ``python -m cnn_jax.train`` (the file
+``cnn_jax/configs/default.py`` with the experiment's overrides), its variants as overrides in the
+same ``--config`` language (``{"arch": "plain56"}``, ``{"model.shortcut": "C"}``), the seeds, the
+plateau criterion and the hypotheses it tests. :func:`run` trains every (variant, seed) with
+:func:`cnn_jax.train_lib.train_and_evaluate` in its own workdir (a re-run resumes, and skips runs
+that are finished), with two hooks the loop calls after every evaluation: the plateau criterion
+(stops the run) and a probe of training images in evaluation mode (training loss and accuracy
+without dropout or batch-statistics noise). What an experiment measures beyond that is a hook too
+(per-layer gradient norms in activations.py).
 
-The default recipe (4 epochs of AdamW on a 2,000-image subset of the built-in ``shapes`` dataset)
-is sized for a 2-core CPU, minutes per experiment; ``--dataset``, ``--epochs``, ``--batch_size``,
-``--image_size``, ``--optimizer``, ``--learning_rate`` scale it to CIFAR/ImageNet on
-accelerators. ``--smoke`` runs the same code end to end on a tiny dataset and tiny networks in
-seconds (the tests use it).
+Results go to ``experiments/results/<name>/``: ``runs.csv`` (one row per run), ``summary.csv``
+(mean and standard deviation over seeds per variant), ``curves.csv`` (every record), ``<name>.png``
+(curves with mean +- std bands and each run's plateau point) and ``README.md`` (hypotheses first,
+then the command, setup, numbers, outcomes).
 """
 
 from __future__ import annotations
@@ -22,394 +24,475 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import time
-import types
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-# TensorFlow (imported later, by the input pipeline) reads this when it loads: its INFO is noise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-from absl import flags  # noqa: E402
+from experiments import stats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = os.path.join(REPO_ROOT, "experiments", "results")
-
-# The default recipe of every experiment (each may change some values): a 2,000/500-image subset
-# of `shapes` at 32 px, 4 epochs at batch 32 with a cosine schedule. AdamW because in ~250 steps
-# it gets much further than SGD (measured on resnet20 here: ~60% vs ~40% val top-1 after 300
-# steps); the flags give the papers' SGD recipes for long runs. No augmentation: in a run this
-# short, random crops only slow learning down.
-DEFAULTS: Dict[str, Any] = dict(
-    dataset="shapes/32px_n2000_v500", data_dir=None, image_size=32, epochs=4.0, batch_size=32,
-    learning_rate=3e-3, optimizer="adamw", weight_decay=1e-4, warmup_epochs=0.25,
-    grad_clip_norm=5.0, augment="none", evals_per_epoch=2, logs_per_epoch=10, seed=0)
-# --smoke: the tiny dataset (generated in about a second) and a one-epoch run.
-SMOKE: Dict[str, Any] = dict(dataset="shapes/{image_size}px_n96_v32", epochs=1.0, batch_size=16,
-                             evals_per_epoch=2, logs_per_epoch=3)
+WORKDIR_ROOT = os.path.join(REPO_ROOT, "workdir", "experiments")
+PROBE_SIZE = 500  # training images evaluated in eval mode at every evaluation
+SMOKE_PROBE_SIZE = 32
+SMOKE_DATASET = "shapes/32px_hard_n96_v32"
 
 
-# ------------------------------------------------------------------------------------ flags
+def training_config(**overrides):
+    """The training command's default config (``cnn_jax/configs/default.py``) for the arch in
+    ``overrides``, with the overrides (dotted keys, ``--config`` language) applied."""
+    from cnn_jax import configs
+
+    config = configs.load(configs.DEFAULT_CONFIG, overrides.get("arch", ""))
+    apply(config, overrides)
+    return config
 
 
-Args = types.SimpleNamespace  # the parsed flags of one experiment run
+def apply(config, overrides: Mapping[str, Any]) -> None:
+    """``{"model.shortcut": "C", "num_epochs": 4}`` onto a config (as ``--config.*`` would);
+    ``arch`` re-reads nothing (the recipe fields are set explicitly by each experiment)."""
+    from cnn_jax import configs
+
+    flat = {}
+    for key, value in overrides.items():
+        if key == "model" and isinstance(value, Mapping):  # {"model": {...}}: replaces options
+            config.model = configs.model_config(value)
+            continue
+        flat[key] = tuple(value) if isinstance(value, list) else value
+    configs.apply_overrides(config, flat)
 
 
-class _TupleParser(flags.ArgumentParser):
-    """``"8,16,32"`` -> ``(8, 16, 32)`` (``item=int``) or ``("a", "b")`` (``item=str``)."""
-
-    def __init__(self, item: Callable[[str], Any]):
-        super().__init__()
-        self.item = item
-
-    def parse(self, argument: Any) -> Tuple[Any, ...]:
-        if not isinstance(argument, str):
-            return tuple(argument)
-        return int_tuple(argument) if self.item is int else str_tuple(argument)
-
-    def flag_type(self) -> str:
-        return "comma-separated list"
+DATASET = "shapes/32px_hard_n2000_v1000"
+EVALS_PER_EPOCH = 2
+PLATEAU = stats.Plateau(patience=4, min_delta=0.005, min_fraction=0.4)
 
 
-def define_tuple(fv: flags.FlagValues, name: str, default: Optional[Sequence[Any]], help: str,
-                 item: Callable[[str], Any] = str) -> None:
-    """A ``--name=a,b,c`` flag whose value is a tuple (of ints with ``item=int``)."""
-    flags.DEFINE(_TupleParser(item), name, None if default is None else ",".join(map(str, default)),
-                 help, flag_values=fv, serializer=flags.CsvListSerializer(","))
+def recipe(smoke: bool, arch: str = "resnet20", **overrides):
+    """The training config the experiments share (each may change fields): the hard `shapes`
+    level, AdamW with warmup and cosine decay (in budgets of a few thousand steps it gets much
+    further than SGD), flips only, two evaluations per epoch, at most 12 epochs; --smoke: 96
+    images, one epoch of 6 steps, one evaluation (each evaluation costs a tf.data pipeline)."""
+    from cnn_jax import input_pipeline, optim
+
+    values = dict(
+        arch=arch, dataset=SMOKE_DATASET if smoke else DATASET, image_size=32,
+        augment="none,flip=true", batch_size=16 if smoke else 32,
+        num_epochs=1.0 if smoke else 12.0, optimizer="adamw", learning_rate=3e-3,
+        lr_reference_batch_size=0, lr_schedule="cosine", warmup_epochs=0.3, weight_decay=1e-4,
+        weight_decay_skip_bn_bias=True, grad_clip_norm=5.0, keep_checkpoints=1,
+        async_checkpointing=False, progress_bar=False, eval_batch_size=32 if smoke else 250)
+    values.update(overrides)
+    info = input_pipeline.get_dataset_info(values["dataset"], values.get("data_dir") or None,
+                                           image_size=values["image_size"])
+    every = max(1, optim.steps_per_epoch(info.num_train_examples, values["batch_size"])
+                // (1 if smoke else EVALS_PER_EPOCH))
+    values.setdefault("eval_every_steps", every)
+    values.setdefault("log_every_steps", every)
+    return training_config(**values)
 
 
-class ExperimentFlags(flags.FlagValues):
-    """The flags of one experiment, with its command name and description (for --help)."""
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    verdict: str  # "confirmed" | "not confirmed" | "inconclusive"
+    why: str
 
-    def __init__(self, prog: str, description: str):
-        super().__init__()
-        # FlagValues turns attribute assignment into flag assignment; these are not flags.
-        self.__dict__["prog"], self.__dict__["description"] = prog, description
-
-
-def make_parser(name: str, description: str) -> ExperimentFlags:
-    """The absl flags every experiment shares, on a FlagValues of its own (defaults resolved by
-    :func:`parse`); an experiment's ``add_flags(fv)`` defines its own on it."""
-    fv = ExperimentFlags(f"experiments.{name}", description)
-    flags.DEFINE_string("dataset", None, f"TFDS dataset, e.g. cifar10, imagenet2012 or a `shapes` "
-                        f"config (default {DEFAULTS['dataset']})", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "TFDS data_dir (default $TFDS_DATA_DIR or "
-                        "~/tensorflow_datasets)", flag_values=fv)
-    flags.DEFINE_integer("image_size", None, "square training resolution", lower_bound=1,
-                         flag_values=fv)
-    flags.DEFINE_float("epochs", None, "training epochs per variant", lower_bound=0,
-                       flag_values=fv)
-    flags.DEFINE_integer("batch_size", None, "global batch size", lower_bound=1, flag_values=fv)
-    flags.DEFINE_float("learning_rate", None, "peak learning rate (not batch-scaled)",
-                       flag_values=fv)
-    flags.DEFINE_enum("optimizer", None, ["sgd", "nesterov", "adamw", "lars"], "optimizer",
-                      flag_values=fv)
-    flags.DEFINE_float("weight_decay", None, "weight decay", lower_bound=0, flag_values=fv)
-    flags.DEFINE_float("warmup_epochs", None, "linear warmup before the cosine decay",
-                       lower_bound=0, flag_values=fv)
-    flags.DEFINE_float("grad_clip_norm", None, "global gradient clipping (0 = off)",
-                       lower_bound=0, flag_values=fv)
-    flags.DEFINE_string("augment", None, "augmentation: 'none', '' (the dataset's default random "
-                        "crops and flips), a preset (inception, vgg, alexnet) or field=value items",
-                        flag_values=fv)
-    flags.DEFINE_integer("evals_per_epoch", None, "validation points per epoch", lower_bound=1,
-                         flag_values=fv)
-    flags.DEFINE_integer("logs_per_epoch", None, "training-curve points per epoch",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("seed", None, "random seed", flag_values=fv)
-    flags.DEFINE_string("variants", "", "comma-separated subset of variant labels",
-                        flag_values=fv)
-    flags.DEFINE_string("out", None, f"results folder (default experiments/results/{name})",
-                        flag_values=fv)
-    flags.DEFINE_string("workdir", None, "keep each run's checkpoints and metrics.jsonl under "
-                        "this folder (a re-run resumes them); default: a temporary folder, "
-                        "deleted afterwards", flag_values=fv)
-    flags.DEFINE_bool("smoke", False, "tiny dataset and networks, one epoch: checks the pipeline "
-                      "in seconds", flag_values=fv)
-    return fv
+    def __post_init__(self):
+        if self.verdict not in ("confirmed", "not confirmed", "inconclusive"):
+            raise ValueError(f"bad verdict {self.verdict!r}")
 
 
-def parse(parser: ExperimentFlags, argv: Optional[Sequence[str]],
-          defaults: Mapping[str, Any] = (), smoke: Mapping[str, Any] = ()) -> Args:
-    """Parse ``argv``; unset flags take the experiment's (or --smoke's) value, then DEFAULTS.
-
-    A bad flag is a one-line ``error: ...`` (SystemExit), as in every cnn_jax command.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print(f"usage: python -m {parser.prog} [flags]\n\n{parser.description}\n\n"
-              f"{parser.get_help()}")
-        raise SystemExit(0)
-    try:
-        extra = parser([parser.prog, *argv])
-    except flags.Error as e:
-        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from None
-    if len(extra) > 1:
-        raise SystemExit(f"error: unexpected arguments: {' '.join(extra[1:])}")
-    args = Args(**{name: parser[name].value for name in parser})
-    values = {**DEFAULTS, **dict(defaults)}
-    if args.smoke:
-        values.update(SMOKE)
-        values.update(dict(smoke))
-    for key, value in values.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if "{" in args.dataset:  # the smoke dataset follows the image size
-        args.dataset = args.dataset.format(image_size=args.image_size)
-    args.argv = argv
-    args.cpu_start = time.process_time()
-    args.selected = [v.strip() for v in args.variants.split(",") if v.strip()]
-    return args
+def greater(r: "Results", a: str, b: str, metric: str, percent: bool = True,
+            confirmed_if: str = "greater", note: str = "") -> Outcome:
+    """Tests ``metric(a) > metric(b)`` (``confirmed_if="less"``: ``<``) by Welch's 95% CI."""
+    d = r.compare(a, b, metric)
+    scale, unit = (100.0, " points") if percent else (1.0, " nats" if "loss" in metric else "")
+    line = f"{metric} {a} - {b}: {d.describe(scale, unit)}."
+    want = d.diff > 0 if confirmed_if == "greater" else d.diff < 0
+    if d.significant and want:
+        return Outcome("confirmed", f"{line} {note}".strip())
+    if d.significant:
+        return Outcome("not confirmed", f"{line} The difference goes the other way. {note}".strip())
+    return Outcome("inconclusive", f"{line} The interval includes 0: no difference shown with "
+                   f"{d.n_a} and {d.n_b} seeds. {note}".strip())
 
 
-def int_tuple(text: str) -> Tuple[int, ...]:
-    """``"8,16,32"`` -> ``(8, 16, 32)``."""
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").strip("()").split(",") if v)
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+def equivalent(r: "Results", labels: Sequence[str], metric: str, margin: float) -> Outcome:
+    """``about equal``: every pairwise 95% CI lies within +-margin (confirmed); a significant
+    difference beyond the margin: not confirmed; otherwise inconclusive."""
+    lines, inside, beyond = [], True, False
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            d = r.compare(a, b, metric)
+            lines.append(f"{a} - {b}: {d.describe()}")
+            inside &= math.isfinite(d.low) and -margin <= d.low and d.high <= margin
+            beyond |= d.significant and abs(d.diff) > margin
+    text = "; ".join(lines) + f". Margin: +-{100 * margin:.0f} points."
+    if inside:
+        return Outcome("confirmed", text + " Every interval lies inside the margin.")
+    if beyond:
+        return Outcome("not confirmed", text + " A difference beyond the margin is significant.")
+    return Outcome("inconclusive", text + " Some interval reaches beyond the margin (too few "
+                   "seeds or too noisy to show equality), none is significantly beyond it.")
 
 
-def str_tuple(text: str) -> Tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    """A claim of a paper, the prediction it makes here (written before any number), a test of
+    the results, and the command that would test the paper's own setting."""
+
+    name: str
+    claim: str
+    prediction: str
+    test: Callable[["Results"], Outcome]
+    paper_command: str = ""
 
 
-def command_line(name: str, argv: Sequence[str]) -> str:
-    """The command that reproduces a run, as typed in the repository root."""
-    return " ".join(["python", "-m", f"experiments.{name}", *map(shlex.quote, argv)])
+@dataclasses.dataclass
+class Experiment:
+    name: str
+    title: str
+    intro: str
+    config: Any  # ml_collections.ConfigDict: the training config every variant starts from
+    variants: Dict[str, Dict[str, Any]]  # label -> overrides
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    plateau: stats.Plateau = PLATEAU
+    hypotheses: Sequence[Hypothesis] = ()
+    caveats: Sequence[str] = ()
+    # (config, probe images, probe labels) -> extra hooks of one run
+    hooks: Optional[Callable[..., List[Callable]]] = None
+    # (results, out dir) -> extra (heading, markdown) tables; may write files and figures
+    analyse: Optional[Callable[["Results", str], List[Tuple[str, str]]]] = None
+    probe_size: int = PROBE_SIZE
+    default_variants: Optional[Tuple[str, ...]] = None  # None: all of them
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # for the tests/analysis
+
+    def variant_config(self, label: str, seed: int, overrides: Mapping[str, Any] = ()):
+        config = self.config.copy_and_resolve_references()
+        apply(config, self.variants[label])
+        apply(config, dict(overrides))
+        config.seed = int(seed)
+        return config
 
 
-def select(variants: Sequence["Variant"], labels: Sequence[str]) -> List["Variant"]:
-    """The variants named in ``--variants`` (all when empty); unknown labels are an error."""
-    if not labels:
-        return list(variants)
-    known = [v.label for v in variants]
-    unknown = [label for label in labels if label not in known]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    return [v for v in variants if v.label in labels]
+# ------------------------------------------------------------------------------------ hooks
+
+
+class PlateauHook:
+    """Stops the run when :class:`stats.Plateau` holds for its evaluations so far."""
+
+    def __init__(self, plateau: stats.Plateau, history: Sequence[Tuple[int, float]] = ()):
+        self.plateau = plateau
+        self.history = list(history)  # (step, top1) of the evaluations before a resume
+
+    def __call__(self, event) -> None:
+        if event.metrics is None:
+            return
+        self.history.append((event.step, event.metrics["top1"]))
+        fractions = [s / event.total_steps for s, _ in self.history]
+        if self.plateau.index([t for _, t in self.history], fractions) == len(self.history) - 1:
+            event.write("plateau", {"reached": 1.0})
+            event.stop = True
+
+
+def eval_mode_metrics(state, images, labels) -> Dict[str, Any]:
+    """Loss and top-1 of ``images`` in evaluation mode (running BN statistics, no dropout)."""
+    import jax.numpy as jnp
+    import optax
+
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
+                            train=False)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return {"loss": jnp.mean(loss), "top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+class TrainProbeHook:
+    """Evaluates a fixed set of training images in evaluation mode at every evaluation (split
+    ``train_probe``): the training fit without augmentation, dropout or batch noise."""
+
+    def __init__(self, images, labels):
+        import jax
+
+        self.images, self.labels = images, labels
+        self.fn = jax.jit(eval_mode_metrics)
+
+    def __call__(self, event) -> None:
+        if event.metrics is None:
+            return
+        out = self.fn(event.state, self.images, self.labels)
+        event.write("train_probe", {k: float(v) for k, v in out.items()})
+
+
+def probe_batch(config, n: int, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` images of ``split`` with the evaluation preprocessing (centre crop,
+    normalization), as numpy: the same images in every run and at every evaluation."""
+    import tensorflow as tf
+
+    from cnn_jax import preprocessing, train_lib
+    from cnn_jax.datasets import sources
+
+    train_lib._prepare_shapes(config)  # generates `shapes` on first use, quietly
+    builder = sources.get_builder(config.dataset, config.data_dir or None, config.image_size)
+    spec = sources.spec(config.dataset, builder)
+    name = spec.train_split if split == "train" else spec.eval_split
+    n = min(n, builder.info.splits[name].num_examples)
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(split=f"{name}[:{n}]", shuffle_files=False,
+                            decoders={spec.image_key: tfds.decode.SkipDecoding()})
+
+    def prep(ex):
+        return (preprocessing.preprocess_for_eval(
+            ex[spec.image_key], config.image_size, jpeg=spec.jpeg,
+            crop_ratio=spec.eval_crop_ratio, mean=spec.mean, std=spec.std),
+            tf.cast(ex[spec.label_key], tf.int32))
+
+    images, labels = next(iter(tfds.as_numpy(ds.map(prep).batch(n))))
+    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
 
 
 # ------------------------------------------------------------------------------------ runs
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One arm of an experiment: a registered model plus overrides."""
-
-    label: str
-    arch: str
-    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # training-config fields
-
-
 @dataclasses.dataclass
 class Run:
-    """What one variant's training produced."""
+    """One (variant, seed): its records (metrics.jsonl) and what it cost."""
 
-    variant: Variant
+    variant: str
+    seed: int
+    arch: str
     params: int
     macs: int
-    records: List[Dict[str, Any]]  # metrics.jsonl records (split 'train' or 'eval')
+    records: List[Dict[str, Any]]
     steps_per_epoch: int
+    total_steps: int
     wall_seconds: float
-    error: str = ""  # e.g. divergence; the records stop there
-    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.variant.label
+    error: str = ""
 
     def split(self, name: str) -> List[Dict[str, Any]]:
         return [r for r in self.records if r.get("split") == name]
 
-    def final_eval(self) -> Dict[str, Any]:
-        evals = self.split("eval")
-        return evals[-1] if evals else {}
+    @property
+    def steps(self) -> int:
+        return max((int(r["step"]) for r in self.split("train")), default=0)
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / max(self.steps_per_epoch, 1)
+
+    @property
+    def plateaued(self) -> bool:
+        return bool(self.split("plateau"))
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return self.error
+        if self.plateaued:
+            return f"plateau at epoch {self.epochs:.1f}"
+        return "budget" if self.steps >= self.total_steps else f"incomplete ({self.steps} steps)"
 
     def best_top1(self) -> float:
-        return max((_num(r.get("top1")) for r in self.split("eval")), default=math.nan)
+        return max((float(r["top1"]) for r in self.split("eval")), default=math.nan)
 
-    def last_epoch_train(self, key: str) -> float:
-        """Mean of a training metric over the last epoch's logged points (the noise averages)."""
-        train = self.split("train")
-        if not train:
+    def final(self, split: str, key: str) -> float:
+        recs = self.split(split)
+        return float(recs[-1][key]) if recs and key in recs[-1] else math.nan
+
+    def at_best(self, split: str, key: str) -> float:
+        """``split``'s ``key`` at the evaluation with the best val top-1 (the kept checkpoint)."""
+        evals = self.split("eval")
+        if not evals:
             return math.nan
-        last = _num(train[-1].get("epoch"))
-        values = [_num(r.get(key)) for r in train if _num(r.get("epoch")) > last - 1.0 + 1e-9]
-        return float(sum(values) / len(values))
-
-
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
+        step = max(evals, key=lambda r: r["top1"])["step"]
+        for r in self.split(split):
+            if r["step"] == step and key in r:
+                return float(r[key])
         return math.nan
 
-
-def dataset_info(args: Args):
-    from cnn_jax import input_pipeline
-
-    return input_pipeline.get_dataset_info(args.dataset, args.data_dir, image_size=args.image_size)
-
-
-def training_config(variant: Variant, args: Args, steps_per_epoch: int):
-    """The training config of one variant: the dataset's recipe with the experiment's recipe."""
-    from cnn_jax import configs
-
-    config = configs.load(configs.recipe_path(variant.arch, args.dataset), variant.arch)
-    config.arch = variant.arch
-    config.dataset = args.dataset
-    config.data_dir = args.data_dir or ""
-    config.image_size = args.image_size
-    config.num_epochs = float(args.epochs)
-    config.num_train_steps = -1
-    config.batch_size = args.batch_size
-    # Bigger eval batches are faster; they must still split evenly over the devices.
-    import jax
-
-    eval_batch = max(args.batch_size, 100)
-    config.eval_batch_size = eval_batch if eval_batch % jax.device_count() == 0 else 0
-    config.learning_rate = args.learning_rate
-    config.lr_reference_batch_size = 0  # --learning_rate is the peak rate as given
-    config.optimizer = args.optimizer
-    config.weight_decay = args.weight_decay
-    config.lr_schedule = "cosine"
-    # A warmup as long as the run leaves the cosine no steps (optax raises): cap it.
-    config.warmup_epochs = min(float(args.warmup_epochs), float(args.epochs) / 4)
-    config.grad_clip_norm = args.grad_clip_norm
-    config.augment = args.augment
-    config.seed = args.seed
-    config.eval_every_steps = max(1, steps_per_epoch // max(1, args.evals_per_epoch))
-    config.log_every_steps = max(1, steps_per_epoch // max(1, args.logs_per_epoch))
-    config.keep_checkpoints = 1
-    config.async_checkpointing = False
-    config.progress_bar = False
-    config.model = configs.model_config(variant.model_kwargs)
-    for key, value in variant.config.items():
-        setattr(config, key, value)
-    return config
+    def metric(self, name: str) -> float:
+        """Named scalar metrics of a run (what tables and hypothesis tests read)."""
+        if name == "best_val_top1":
+            return self.best_top1()
+        if name == "final_val_top1":
+            return self.final("eval", "top1")
+        if name == "final_val_loss":
+            return self.final("eval", "loss")
+        if name == "train_loss":  # training images, eval mode, at the end
+            return self.final("train_probe", "loss")
+        if name == "train_top1":
+            return self.final("train_probe", "top1")
+        if name == "gap":  # train - val top-1 at the end (overfitting)
+            return self.final("train_probe", "top1") - self.final("eval", "top1")
+        if name == "epochs":
+            return self.epochs
+        if name == "wall_seconds":
+            return self.wall_seconds
+        raise KeyError(name)
 
 
-def model_cost(arch: str, model_kwargs: Mapping[str, Any], num_classes: int,
-               image_size: int) -> Tuple[int, int]:
-    """(trainable parameters, multiply-accumulates per image) by cnn_jax.analysis (no compute)."""
-    from cnn_jax.models import create_model
-
-    model = create_model(arch, num_classes=num_classes, **dict(model_kwargs))
-    return module_cost(model, image_size)
-
-
-def param_count(arch: str, model_kwargs: Mapping[str, Any], num_classes: int,
-                image_size: int) -> int:
-    """Trainable parameters of a registered model (abstract init: no compute)."""
-    from cnn_jax.models import abstract_variables, count_params, create_model
-
-    model = create_model(arch, num_classes=num_classes, **dict(model_kwargs))
-    return count_params(abstract_variables(model, image_size)["params"])
-
-
-def module_cost(model, image_size: int) -> Tuple[int, int]:
-    """(trainable parameters, MACs per image) of any Flax module on a square RGB image."""
-    from cnn_jax import analysis
-
-    totals = analysis.analyze(model, (1, image_size, image_size, 3)).totals
-    return totals.params, totals.macs
+def _finished(records: Sequence[Dict[str, Any]], total_steps: int) -> bool:
+    return any(r.get("split") == "plateau" for r in records) or any(
+        r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
-class Workdirs:
-    """Per-variant training folders: under ``--workdir`` (kept) or a temporary folder (deleted)."""
+def model_cost(config, num_classes: int) -> Tuple[int, int]:
+    """(parameters by ``cnn_jax.models.count_params``, MACs per image by cnn_jax.analysis)."""
+    from cnn_jax import analysis, configs
+    from cnn_jax.models import abstract_variables, check_model_options, count_params, \
+        create_model
 
-    def __init__(self, root: Optional[str]):
-        self.keep = bool(root)
-        self.root = os.path.abspath(root) if root else tempfile.mkdtemp(prefix="cnn_jax_exp_")
-
-    def path(self, label: str) -> str:
-        return os.path.join(self.root, slug(label))
-
-    def close(self) -> None:
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
+    options = check_model_options(config.arch, configs.model_options(config))
+    model = create_model(config.arch, num_classes=num_classes, **options)
+    params = count_params(abstract_variables(model, config.image_size)["params"])
+    macs = analysis.analyze(model, (1, config.image_size, config.image_size, 3)).totals.macs
+    return params, macs
 
 
-def train_variant(variant: Variant, args: Args, workdir: str, info=None) -> Run:
-    """Train one variant with cnn_jax.train_lib; a diverging run is recorded, not raised."""
+def train_run(exp: Experiment, label: str, seed: int, workdir: str,
+              overrides: Mapping[str, Any] = (), probe=None, log=print) -> Run:
+    """Train one (variant, seed) unless its workdir holds a finished run; resumes otherwise."""
+    from cnn_jax import input_pipeline, optim, train_lib
     from cnn_jax import metrics as metrics_lib
-    from cnn_jax import optim, train_lib
 
-    info = info or dataset_info(args)
-    steps_per_epoch = optim.steps_per_epoch(info.num_train_examples, args.batch_size)
-    config = training_config(variant, args, steps_per_epoch)
-    params, macs = model_cost(variant.arch, variant.model_kwargs, info.num_classes,
-                              args.image_size)
-    print(f"--- {variant.label}: {variant.arch} {dict(variant.model_kwargs) or ''} "
-          f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)", file=sys.stderr, flush=True)
-    start = time.time()
+    config = exp.variant_config(label, seed, overrides)
+    info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None,
+                                           image_size=config.image_size)
+    spe = optim.steps_per_epoch(info.num_train_examples, config.batch_size)
+    total = optim.total_train_steps(config, info.num_train_examples, config.batch_size)
+    params, macs = model_cost(config, info.num_classes)
+    records = metrics_lib.read_metrics(workdir) if os.path.exists(workdir) else []
+    seconds_file = os.path.join(workdir, "wall_seconds.txt")
+    wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
-    try:
-        train_lib.train_and_evaluate(config, workdir)
-    except train_lib.NonFiniteLossError as e:
-        error = "diverged: " + str(e).split(";")[0]
-        print(f"{variant.label}: {error}", file=sys.stderr, flush=True)
-    return Run(variant, params, macs, metrics_lib.read_metrics(workdir), steps_per_epoch,
-               time.time() - start, error)
+    if not _finished(records, total):
+        log(f"--- {exp.name} / {label} / seed {seed}: {config.arch} {dict(exp.variants[label])} "
+            f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)")
+        if probe is None:
+            probe = probe_batch(config, exp.probe_size)
+        resumed = [(int(r["step"]), float(r["top1"])) for r in records if r.get("split") == "eval"]
+        hooks = [TrainProbeHook(*probe), PlateauHook(exp.plateau, resumed)]
+        if exp.hooks:
+            hooks += exp.hooks(config, *probe)
+        start = time.time()
+        try:
+            train_lib.train_and_evaluate(config, workdir, hooks=hooks)
+        except train_lib.NonFiniteLossError as e:
+            error = "diverged: " + str(e).split(";")[0]
+            log(f"{label} seed {seed}: {error}")
+        wall += time.time() - start
+        os.makedirs(workdir, exist_ok=True)
+        with open(seconds_file, "w") as f:
+            f.write(f"{wall:.1f}")
+        records = metrics_lib.read_metrics(workdir)
+    elif os.path.exists(os.path.join(workdir, "diverged.txt")):
+        error = open(os.path.join(workdir, "diverged.txt")).read().strip()
+    if error:
+        with open(os.path.join(workdir, "diverged.txt"), "w") as f:
+            f.write(error)
+    return Run(label, seed, config.arch, params, macs, records, spe, total, wall, error)
 
 
-def run_variants(variants: Sequence[Variant], args: Args) -> List[Run]:
-    """Train every variant in turn (each in its own workdir)."""
-    info = dataset_info(args)
-    dirs = Workdirs(args.workdir)
-    try:
-        return [train_variant(v, args, dirs.path(v.label), info) for v in variants]
-    finally:
-        dirs.close()
+@dataclasses.dataclass
+class Results:
+    exp: Experiment
+    runs: List[Run]
+    overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)  # --config.* of the run
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what ``analyse`` found
+
+    def config(self, label: Optional[str] = None, seed: int = 0):
+        """The training config of a variant (default: the first) with the run's overrides."""
+        return self.exp.variant_config(label or self.labels[0], seed, self.overrides)
+
+    @property
+    def labels(self) -> List[str]:
+        return list(dict.fromkeys(r.variant for r in self.runs))
+
+    def of(self, label: str) -> List[Run]:
+        return [r for r in self.runs if r.variant == label]
+
+    def values(self, label: str, metric: str) -> List[float]:
+        return [r.metric(metric) for r in self.of(label)]
+
+    def mean(self, label: str, metric: str) -> float:
+        return stats.mean_std(self.values(label, metric))[0]
+
+    def compare(self, a: str, b: str, metric: str) -> stats.Difference:
+        return stats.welch(self.values(a, metric), self.values(b, metric))
+
+    def has(self, *labels: str) -> bool:
+        return all(self.of(label) for label in labels)
+
+
+def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
+        variants: Optional[Sequence[str]] = None, overrides: Mapping[str, Any] = (),
+        workdir: Optional[str] = None, out: Optional[str] = None, command: str = "",
+        log: Callable[[str], None] = None) -> Results:
+    """Train (or resume, or read) every selected (variant, seed) and write the results."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    labels = list(variants or exp.default_variants or exp.variants)
+    unknown = [v for v in labels if v not in exp.variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)} of {exp.name}; choose from "
+                         f"{', '.join(exp.variants)}")
+    seeds = list(exp.seeds if seeds is None else seeds)
+    root = os.path.abspath(workdir or os.path.join(WORKDIR_ROOT, exp.name))
+    for label in labels:  # every config is checked before anything trains
+        from cnn_jax import configs
+
+        configs.validate(exp.variant_config(label, seeds[0], overrides), check_paths=False)
+    start = time.time()
+    probe = None
+    runs = []
+    for seed in seeds:  # seeds outermost: a partial run has every variant at the first seeds
+        for label in labels:
+            if probe is None:
+                probe = probe_batch(exp.variant_config(label, seed, overrides), exp.probe_size)
+            runs.append(train_run(exp, label, seed, os.path.join(root, slug(label), f"seed{seed}"),
+                                  overrides, probe, log))
+    results = Results(exp, runs, dict(overrides))
+    write_results(results, out or os.path.join(RESULTS_ROOT, exp.name), command,
+                  time.time() - start)
+    return results
 
 
 # ------------------------------------------------------------------------------------ output
 
-CURVE_COLUMNS = ("variant", "split", "step", "epoch", "loss", "accuracy", "top1", "top5",
+RUN_COLUMNS = ("variant", "seed", "arch", "params", "macs", "steps", "epochs", "status",
+               "train_loss", "train_top1", "final_val_loss", "final_val_top1", "best_val_top1",
+               "gap", "wall_seconds")
+SUMMARY_METRICS = ("epochs", "train_loss", "train_top1", "best_val_top1", "final_val_top1", "gap",
+                   "wall_seconds")
+CURVE_COLUMNS = ("variant", "seed", "split", "step", "epoch", "loss", "accuracy", "top1", "top5",
                  "grad_norm", "learning_rate")
-SUMMARY_COLUMNS = ("variant", "arch", "model_kwargs", "params", "macs", "steps",
-                   "train_loss_last_epoch", "train_acc_last_epoch", "val_loss", "val_top1",
-                   "best_val_top1", "wall_seconds", "status")
 
 
-def curve_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
+def run_row(r: Run) -> Dict[str, Any]:
+    row = {"variant": r.variant, "seed": r.seed, "arch": r.arch, "params": r.params,
+           "macs": r.macs, "steps": r.steps, "epochs": round(r.epochs, 2), "status": r.status}
+    for m in RUN_COLUMNS[8:]:
+        row[m] = r.metric(m)
+    return row
+
+
+def summary_rows(results: Results) -> List[Dict[str, Any]]:
     rows = []
-    for run in runs:
-        for r in run.records:
-            if r.get("split") not in ("train", "eval"):
-                continue
-            row = {k: r.get(k, "") for k in CURVE_COLUMNS}
-            row["variant"] = run.label
-            row["epoch"] = r.get("epoch", r["step"] / run.steps_per_epoch)
-            rows.append(row)
+    for label in results.labels:
+        runs = results.of(label)
+        row = {"variant": label, "arch": runs[0].arch, "params": runs[0].params,
+               "macs": runs[0].macs, "seeds": len(runs),
+               "plateaued": sum(r.plateaued for r in runs),
+               "overrides": " ".join(f"{k}={v}" for k, v in results.exp.variants[label].items())}
+        for m in SUMMARY_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = stats.mean_std(results.values(label, m))
+        rows.append(row)
     return rows
-
-
-def summary_row(run: Run) -> Dict[str, Any]:
-    final = run.final_eval()
-    steps = max((int(r["step"]) for r in run.records), default=0)
-    return {
-        "variant": run.label, "arch": run.variant.arch,
-        "model_kwargs": " ".join(f"{k}={v}" for k, v in run.variant.model_kwargs.items()),
-        "params": run.params, "macs": run.macs, "steps": steps,
-        "train_loss_last_epoch": _round(run.last_epoch_train("loss")),
-        "train_acc_last_epoch": _round(run.last_epoch_train("accuracy")),
-        "val_loss": _round(_num(final.get("loss"))), "val_top1": _round(_num(final.get("top1"))),
-        "best_val_top1": _round(run.best_top1()), "wall_seconds": round(run.wall_seconds),
-        "status": run.error or "ok",
-    }
-
-
-def _round(x: float, digits: int = 4) -> Any:
-    return "" if x is None or not math.isfinite(x) else round(x, digits)
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
@@ -420,11 +503,11 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]],
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow({k: _fmt_cell(row.get(k, "")) for k in columns})
+            w.writerow({k: _cell(row.get(k, "")) for k in columns})
     return path
 
 
-def _fmt_cell(v: Any) -> Any:
+def _cell(v: Any) -> Any:
     if isinstance(v, float):
         return "" if not math.isfinite(v) else f"{v:.6g}"
     return v
@@ -435,267 +518,190 @@ def read_csv(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def pm(mean: float, std: float, percent: bool = True, digits: int = 1) -> str:
+    """``41.2 ± 1.3%`` (or ``1.234 ± 0.010``)."""
+    if not math.isfinite(mean):
+        return "-"
+    if percent:
+        return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}%"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results: Results) -> str:
+    rows = []
+    for s in summary_rows(results):
+        rows.append([s["variant"], f"{s['params']:,}", f"{s['macs'] / 1e6:.1f}M",
+                     f"{s['seeds']}", f"{s['plateaued']}/{s['seeds']}",
+                     f"{s['epochs_mean']:.1f}",
+                     pm(s["train_loss_mean"], s["train_loss_std"], percent=False),
+                     pm(s["train_top1_mean"], s["train_top1_std"]),
+                     pm(s["best_val_top1_mean"], s["best_val_top1_std"]),
+                     pm(s["gap_mean"], s["gap_std"]), f"{s['wall_seconds_mean']:.0f}"])
+    return markdown_table(
+        ["variant", "params", "MACs/image", "seeds", "plateaued", "epochs",
+         "train loss (eval mode)", "train top-1", "best val top-1", "train - val top-1",
+         "wall s / run"], rows)
+
+
+def comparison_line(results: Results, a: str, b: str, metric: str, percent: bool = True) -> str:
+    d = results.compare(a, b, metric)
+    scale, unit = (100.0, " points") if percent else (1.0, "")
+    verdict = "different" if d.significant else "no difference shown"
+    return f"{a} - {b}, {metric}: {d.describe(scale, unit)}: {verdict}"
+
+
+def _interp_band(runs: Sequence[Run], split: str, key: str, scale: float = 1.0):
+    """Epochs, mean and std of ``split``'s ``key`` over the runs at each logged step (runs that
+    stopped earlier drop out of the later points)."""
+    by_step: Dict[int, List[float]] = {}
+    spe = runs[0].steps_per_epoch
+    for r in runs:
+        for rec in r.split(split):
+            if key in rec and rec["step"] > 0 and math.isfinite(float(rec[key])):
+                by_step.setdefault(int(rec["step"]), []).append(scale * float(rec[key]))
+    steps = sorted(by_step)
+    mean = np.array([np.mean(by_step[s]) for s in steps])
+    std = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+    return np.array(steps) / spe, mean, std
+
+
 def new_figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3.8):
     """A bare matplotlib Figure on the Agg canvas (headless; leaves pyplot's state alone)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height * nrows), dpi=100)
+    fig = Figure(figsize=(width * ncols, height * nrows), dpi=90)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(nrows * ncols)]
     return fig, axes
 
 
-def plot_curve_axes(axes, runs: Sequence[Run],
-                    style: Optional[Callable[[int, Run], Dict[str, Any]]] = None) -> None:
-    """Training loss, validation loss and validation top-1 against epochs on three axes.
-
-    ``style(i, run)`` gives each run's line properties (default: colour ``C<i>``, solid).
-    """
-    ax_train, ax_val_loss, ax_top1 = axes
-    for i, run in enumerate(runs):
-        props = {"color": f"C{i % 10}", "lw": 1.3, **(style(i, run) if style else {})}
-        spe = run.steps_per_epoch
-        train = [r for r in run.split("train") if math.isfinite(_num(r.get("loss")))]
-        evals = run.split("eval")
-        label = run.label + (" (diverged)" if run.error else "")
-        ax_train.plot([r["step"] / spe for r in train], [_num(r["loss"]) for r in train],
-                      label=label, **props)
-        ax_val_loss.plot([r["step"] / spe for r in evals], [_num(r["loss"]) for r in evals],
-                         marker="o", ms=3, label=label, **props)
-        ax_top1.plot([r["step"] / spe for r in evals], [100 * _num(r["top1"]) for r in evals],
-                     marker="o", ms=3, label=label, **props)
-    for ax, title in ((ax_train, "training loss (train mode, per logging interval)"),
-                      (ax_val_loss, "validation loss"), (ax_top1, "validation top-1 (%)")):
+def plot_curve_axes(axes, results: Results) -> None:
+    """Training loss (eval mode, probe), validation loss and validation top-1 against epochs:
+    mean over seeds with a +-1 std band; a triangle where each run reached its plateau."""
+    panels = (("train_probe", "loss", 1.0, "training loss (eval mode, training images)"),
+              ("eval", "loss", 1.0, "validation loss"),
+              ("eval", "top1", 100.0, "validation top-1 (%)"))
+    for i, label in enumerate(results.labels):
+        runs = results.of(label)
+        color = f"C{i % 10}"
+        for ax, (split, key, scale, _) in zip(axes, panels):
+            x, m, s = _interp_band(runs, split, key, scale)
+            if not len(x):
+                continue
+            ax.plot(x, m, color=color, lw=1.4, label=f"{label} (n={len(runs)})")
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, lw=0)
+        for r in runs:
+            if r.plateaued:
+                evals = r.split("eval")
+                axes[2].plot(r.epochs, 100 * float(evals[-1]["top1"]), marker="v", ms=6,
+                             color=color, ls="none")
+    for ax, (_, _, _, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.grid(True, which="both", alpha=0.3)
-    # Log scale: early batch-norm statistics can make one eval's loss 10x the others.
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    for ax in (ax_train, ax_val_loss):
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax_top1.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[2].legend(fontsize=7, title="mean ± std over seeds; ▼ plateau", title_fontsize=7)
 
 
-def plot_curves(path: str, runs: Sequence[Run], title: str) -> str:
-    fig, axes = new_figure(3)
-    plot_curve_axes(axes, runs)
-    fig.suptitle(title, fontsize=11)
+def plot_curves(path: str, results: Results, extra_panels: int = 0):
+    fig, axes = new_figure(3 + extra_panels)
+    plot_curve_axes(axes[:3], results)
+    fig.suptitle(results.exp.title, fontsize=11)
+    return fig, axes[3:], path
+
+
+def save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Tuple[str, str]]) -> str:
-    """``columns``: (key, header) pairs; floats in [0, 1] under 'top-1'/'acc' become percents."""
-    def cell(key: str, v: Any) -> str:
-        if v == "" or v is None:
-            return "-"
-        if key in ("params", "macs") and isinstance(v, (int, float)):
-            return f"{v:,.0f}" if key == "params" else f"{v / 1e6:,.1f}M"
-        if ("top1" in key or "acc" in key) and isinstance(v, (int, float)):
-            return f"{100 * v:.1f}%"
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(k, row.get(k, "")) for k, _ in columns) + " |")
-    return "\n".join(lines)
-
-
-SUMMARY_TABLE = (("variant", "variant"), ("params", "params"), ("macs", "MACs/image"),
-                 ("steps", "steps"), ("train_loss_last_epoch", "train loss (last epoch)"),
-                 ("train_acc_last_epoch", "train acc (last epoch)"), ("val_loss", "val loss"),
-                 ("val_top1", "val top-1"), ("best_val_top1", "best val top-1"),
-                 ("wall_seconds", "wall s"), ("status", "status"))
-
-
-def setup_lines(args: Args, info=None) -> List[str]:
-    """The recipe, as markdown bullet points."""
+def setup_lines(results: Results) -> List[str]:
     import jax
 
-    info = info or dataset_info(args)
+    c = results.exp.config
+    first = results.runs[0] if results.runs else None
     lines = [
-        f"- data: `{args.dataset}` ({info.num_train_examples:,} train / "
-        f"{info.num_eval_examples:,} validation images, {info.num_classes} classes) at "
-        f"{args.image_size}x{args.image_size}, augmentation `{args.augment or 'dataset default'}`",
-        f"- training: {args.epochs:g} epochs, batch {args.batch_size}, {args.optimizer}"
-        f"{' (momentum 0.9)' if args.optimizer in ('sgd', 'nesterov', 'lars') else ''} peak lr "
-        f"{args.learning_rate:g} with {min(args.warmup_epochs, args.epochs / 4):g}-epoch warmup "
-        f"and cosine decay, weight decay {args.weight_decay:g}, gradient clipping "
-        f"{args.grad_clip_norm:g}, seed {args.seed}; one run per variant",
-        f"- machine: JAX {jax.__version__} on {jax.default_backend()} "
-        f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores)",
+        f"- data: `{c.dataset}` at {c.image_size} px, augmentation `{c.augment or 'dataset default'}`",
+        f"- training (every variant; `cnn_jax/configs/default.py` with these fields): "
+        f"{c.optimizer} peak lr {c.learning_rate:g}, {c.lr_schedule} schedule with "
+        f"{c.warmup_epochs:g} warmup epochs, batch {c.batch_size}, weight decay "
+        f"{c.weight_decay:g}, gradient clipping {c.grad_clip_norm:g}, at most "
+        f"{c.num_epochs:g} epochs, {first.steps_per_epoch if first else '?'} steps per epoch; "
+        f"evaluation every {c.eval_every_steps} steps",
+        f"- stopping: {results.exp.plateau.describe()}; otherwise the epoch budget",
+        f"- training loss and accuracy are of the first {results.exp.probe_size} training images "
+        f"in evaluation mode (no augmentation, dropout or batch statistics), at every evaluation",
+        f"- seeds: {', '.join(str(s) for s in sorted({r.seed for r in results.runs}))} "
+        "(the seed sets initialization, data order and dropout)",
+        "- 'different': the 95% confidence interval of the difference of means (Welch's t) "
+        "excludes 0",
+        f"- machine: JAX {jax.__version__} on {jax.default_backend()} ({jax.device_count()} "
+        f"device(s), {os.cpu_count()} CPU cores, shared with other jobs)",
     ]
     return lines
 
 
-def write_markdown(path: str, *, title: str, intro: str, command: str, setup: Sequence[str],
-                   tables: Sequence[Tuple[str, str]], observations: Sequence[str],
-                   caveats: Sequence[str], images: Sequence[str], seconds: float,
-                   cpu_seconds: Optional[float] = None) -> str:
-    """The summary: command, setup, numbers, what the numbers show, and what they cannot."""
-    parts = [f"# {title}", "", intro.strip(), "", "Produced by (from the repository root):", "",
-             "```bash", command, "```", "",
-             f"Total wall time: {seconds / 60:.1f} min"
-             + (f" (CPU time of the process: {cpu_seconds / 60:.1f} min)." if cpu_seconds
-                else "."), "",
-             "## Setup", "", *setup, ""]
-    parts += ["## Results", ""]
-    for heading, table in tables:
-        if heading:
-            parts += [f"**{heading}**", ""]
-        parts += [table, ""]
-    for image in images:
-        parts += [f"![{os.path.splitext(image)[0]}]({image})", ""]
-    if observations:
-        parts += ["## What these numbers show", ""] + [f"- {o}" for o in observations] + [""]
-    if caveats:
-        parts += ["## What they do not show", ""] + [f"- {c}" for c in caveats] + [""]
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
-    return path
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%" if math.isfinite(x) else "n/a"
-
-
-def write_standard_results(name: str, args: Args, runs: Sequence[Run], *,
-                           title: str, intro: str, observations: Sequence[str],
-                           caveats: Sequence[str], seconds: float,
-                           extra_tables: Sequence[Tuple[str, str]] = (),
-                           plot: Optional[Callable[[str], Any]] = None,
-                           setup_extra: Sequence[str] = ()) -> Dict[str, str]:
-    """summary.csv, curves.csv, <name>.png and README.md in the results folder."""
-    out = args.out or os.path.join(RESULTS_ROOT, name)
+def write_results(results: Results, out: str, command: str, seconds: float) -> Dict[str, str]:
+    """runs.csv, summary.csv, curves.csv, <name>.png and README.md in ``out``."""
+    exp = results.exp
     os.makedirs(out, exist_ok=True)
-    summary = [summary_row(r) for r in runs]
-    paths = {
-        "summary": write_csv(os.path.join(out, "summary.csv"), summary, SUMMARY_COLUMNS),
-        "curves": write_csv(os.path.join(out, "curves.csv"), curve_rows(runs), CURVE_COLUMNS),
-    }
-    png = os.path.join(out, f"{name}.png")
-    if plot is not None:
-        plot(png)
-    else:
-        plot_curves(png, runs, title)
-    paths["plot"] = png
-    tables = [("", markdown_table(summary, SUMMARY_TABLE)), *extra_tables]
-    paths["markdown"] = write_markdown(
-        os.path.join(out, "README.md"), title=title, intro=intro,
-        command=command_line(name, args.argv), setup=[*setup_lines(args), *setup_extra],
-        tables=tables,
-        observations=observations, caveats=caveats, images=[os.path.basename(png)],
-        seconds=seconds, cpu_seconds=time.process_time() - getattr(args, "cpu_start", 0.0))
+    paths = {"runs": write_csv(os.path.join(out, "runs.csv"),
+                               [run_row(r) for r in results.runs], RUN_COLUMNS)}
+    summary = summary_rows(results)
+    paths["summary"] = write_csv(os.path.join(out, "summary.csv"), summary)
+    curve_rows = []
+    for r in results.runs:
+        for rec in r.records:
+            if rec.get("split") in ("train", "eval", "train_probe"):
+                row = {k: rec.get(k, "") for k in CURVE_COLUMNS}
+                row.update(variant=r.variant, seed=r.seed, epoch=rec["step"] / r.steps_per_epoch)
+                curve_rows.append(row)
+    paths["curves"] = write_csv(os.path.join(out, "curves.csv"), curve_rows, CURVE_COLUMNS)
+    extra_tables = exp.analyse(results, out) if exp.analyse else []
+    fig, _, png = plot_curves(os.path.join(out, f"{exp.name}.png"), results)
+    paths["plot"] = save(fig, png)
+    images = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+
+    parts = [f"# {exp.title}", "", exp.intro.strip(), "", "## Hypotheses (written before the runs)",
+             ""]
+    for h in exp.hypotheses:
+        parts += [f"**{h.name}.** {h.claim} Prediction here: {h.prediction}", ""]
+    parts += ["## Command", "", "From the repository root (a re-run resumes unfinished runs and "
+              "reads finished ones):", "", "```bash", command or f"python -m experiments.run "
+              f"{exp.name}", "```", "", f"Wall time of this invocation: {seconds / 60:.1f} min "
+              f"(runs already finished before it are read, not retrained).", "", "## Setup", "",
+              *setup_lines(results), "", "## Results", "", summary_table(results), ""]
+    for heading, table in extra_tables:
+        parts += [f"**{heading}**", "", table, ""]
+    parts += [f"![{os.path.splitext(i)[0]}]({i})" for i in images] + [""]
+    parts += ["## Outcomes", ""]
+    for h in exp.hypotheses:
+        try:
+            o = h.test(results)
+        except (KeyError, ValueError, ZeroDivisionError) as e:  # e.g. a variant not run
+            o = Outcome("inconclusive", f"not enough runs to test ({type(e).__name__}: {e})")
+        parts += [f"- **{h.name}: {o.verdict}.** {o.why}"]
+        if o.verdict != "confirmed" and h.paper_command:
+            parts += [f"  The paper's setting: `{h.paper_command}`"]
+    parts += [""]
+    if exp.caveats:
+        parts += ["## What these runs do not show", ""] + [f"- {c}" for c in exp.caveats] + [""]
+    paths["markdown"] = os.path.join(out, "README.md")
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(parts))
     print(f"wrote {', '.join(sorted(os.path.relpath(p) for p in paths.values()))}",
           file=sys.stderr, flush=True)
     return paths
 
 
-# ------------------------------------------------------------------------------------ helpers
-
-CIFAR_WIDTHS = (8, 16, 32)  # half the paper's 16-32-64: four times cheaper, same depth
-SMOKE_WIDTHS = (4, 8, 8)
-
-
-def add_widths_flag(fv: flags.FlagValues) -> None:
-    define_tuple(fv, "widths", None, "filters of the three CIFAR stages (paper: 16,32,64; "
-                 f"default {','.join(map(str, CIFAR_WIDTHS))})", item=int)
-
-
-def cifar_kwargs(args: Args) -> Dict[str, Any]:
-    """Model overrides of the CIFAR ResNets: ``--widths``, and one block per stage in --smoke."""
-    widths = tuple(args.widths) if args.widths else (SMOKE_WIDTHS if args.smoke else CIFAR_WIDTHS)
-    kwargs: Dict[str, Any] = {"widths": widths}
-    if args.smoke:
-        kwargs["stage_sizes"] = (1, 1, 1)
-    return kwargs
-
-
-def top1(run: Run) -> float:
-    return _num(run.final_eval().get("top1"))
-
-
-def significance_note(runs: Sequence[Run], num_eval: int) -> str:
-    """How large a top-1 difference has to be before it means anything (binomial noise)."""
-    accs = [top1(r) for r in runs if math.isfinite(top1(r))]
-    if len(accs) < 2 or num_eval <= 0:
-        return ""
-    p = min(max(sum(accs) / len(accs), 0.05), 0.95)
-    se_diff = math.sqrt(2 * p * (1 - p) / num_eval)
-    spread = max(accs) - min(accs)
-    return (f"The validation top-1 values span {100 * spread:.1f} points; with {num_eval} "
-            f"validation images one run's difference has a standard error of about "
-            f"{100 * se_diff:.1f} points, so gaps below ~{200 * se_diff:.0f} points are within "
-            f"noise (one seed per variant; seed-to-seed variation adds to this).")
-
-
-def ranking_notes(runs: Sequence[Run]) -> List[str]:
-    """Variants ordered by last-epoch training loss and by final validation top-1."""
-    ok = [r for r in runs if math.isfinite(r.last_epoch_train("loss"))]
-    notes = []
-    if ok:
-        by_loss = sorted(ok, key=lambda r: r.last_epoch_train("loss"))
-        notes.append("Last-epoch training loss, lowest first: " + ", ".join(
-            f"{r.label} {r.last_epoch_train('loss'):.3f}" for r in by_loss) + ".")
-    evals = [r for r in runs if math.isfinite(top1(r))]
-    if evals:
-        by_top1 = sorted(evals, key=top1, reverse=True)
-        notes.append("Final validation top-1, highest first: " + ", ".join(
-            f"{r.label} {pct(top1(r))}" for r in by_top1) + ".")
-    for r in runs:
-        if r.error:
-            notes.append(f"{r.label} {r.error} (its curves stop there).")
-    return notes
-
-
-def run_standard(name: str, argv: Optional[Sequence[str]], *, title: str, intro: str,
-                 caveats: Sequence[str],
-                 build_variants: Callable[[Args], List[Variant]],
-                 observe: Callable[[Sequence[Run], Args, Any], List[str]],
-                 add_flags: Optional[Callable[[flags.FlagValues], None]] = None,
-                 defaults: Mapping[str, Any] = (), smoke: Mapping[str, Any] = (),
-                 extra_tables: Optional[Callable[[Sequence[Run]], List[Tuple[str, str]]]] = None,
-                 description: str = "") -> int:
-    """The whole of a train-and-compare experiment: flags, runs, results."""
-    quiet_logs()
-    parser = make_parser(name, description or title)
-    if add_flags:
-        add_flags(parser)
-    args = parse(parser, argv, defaults, smoke)
-    start = time.time()
-    variants = select(build_variants(args), args.selected)
-    info = dataset_info(args)
-    runs = run_variants(variants, args)
-    observations = [*observe(runs, args, info), significance_note(runs, info.num_eval_examples)]
-    write_standard_results(name, args, runs, title=title, intro=intro,
-                           observations=[n for n in observations if n], caveats=caveats,
-                           seconds=time.time() - start,
-                           extra_tables=extra_tables(runs) if extra_tables else ())
-    return 0
-
-
-def run_experiment(module_name: str, argv: Optional[Sequence[str]], **kwargs) -> int:
-    """:func:`run_standard` with an experiment module's NAME, TITLE, INTRO, CAVEATS,
-    ``build_variants``, ``observe``, ``add_flags`` and the first line of its docstring."""
-    m = sys.modules[module_name]
-    return run_standard(m.NAME, argv, title=m.TITLE, intro=m.INTRO, caveats=m.CAVEATS,
-                        build_variants=m.build_variants, observe=m.observe,
-                        add_flags=getattr(m, "add_flags", None),
-                        description=m.__doc__.splitlines()[0], **kwargs)
-
-
-def quiet_logs() -> None:
-    """Keep absl/TFDS INFO and WARNING chatter (custom shapes configs) out of the output."""
-    from absl import logging
-
-    logging.set_verbosity(logging.ERROR)
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join(["python", "-m", "experiments.run", *map(shlex.quote, argv)])

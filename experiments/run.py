@@ -1,0 +1,121 @@
+"""Run experiments: ``python -m experiments.run NAME [NAME ...] [flags] [--config.FIELD=VALUE]``.
+
+``NAME`` is one of ``EXPERIMENTS`` or ``all``. Every (variant, seed) trains through
+``cnn_jax.train_lib.train_and_evaluate`` in ``<workdir>/<name>/<variant>/seed<k>``; re-running the
+same command resumes unfinished runs and reads finished ones, so a long set can be stopped and
+restarted at any time. ``--config.FIELD=VALUE`` (and ``--config.model.FIELD=VALUE``) override
+every variant's training config, in the language of ``python -m cnn_jax.train``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from typing import List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `experiments` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+# The default set, cheapest first (a partial run has the cheap ones done).
+EXPERIMENTS = ("activations", "shortcuts", "bn_placement", "degradation", "alexnet_ablation",
+               "resnet_vs_densenet")
+
+
+def _define(fv: flags.FlagValues, argv: List[str]) -> None:
+    from ml_collections import config_flags
+
+    from cnn_jax.configs.common import base_config
+
+    flags.DEFINE_bool("smoke", False, "tiny data and networks, 2 epochs: checks every code path "
+                      "in seconds", flag_values=fv)
+    flags.DEFINE_list("seeds", None, "seeds to run (default: the experiment's, 0,1,2)",
+                      flag_values=fv)
+    flags.DEFINE_list("variants", None, "variant labels to run (default: the experiment's set)",
+                      flag_values=fv)
+    flags.DEFINE_string("out", None, "results folder (default experiments/results; one "
+                        "subfolder per experiment)", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "training workdirs (default workdir/experiments; one "
+                        "subfolder per experiment); keep it to resume", flag_values=fv)
+    flags.DEFINE_bool("compilation_cache", True, "keep compiled programs on disk (as every "
+                      "cnn_jax command)", flag_values=fv)
+    config_flags.DEFINE_config_dict("config", base_config(), "overrides of every variant's "
+                                    "training config", flag_values=fv, lock_config=False,
+                                    accept_new_attributes=True, sys_argv=argv)
+
+
+def names_from(args: Sequence[str]) -> List[str]:
+    if not args:
+        raise ValueError(f"name an experiment: {', '.join(EXPERIMENTS)} or all")
+    names = list(EXPERIMENTS) if list(args) == ["all"] else list(args)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(EXPERIMENTS)} or all")
+    return names
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = ["experiments.run", *(sys.argv[1:] if argv is None else argv)]
+    fv = flags.FlagValues()
+    _define(fv, argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"{__doc__}\nexperiments: {', '.join(EXPERIMENTS)}\n\n{fv.get_help()}")
+        return 0
+    try:
+        positional = fv(argv)[1:]
+        names = names_from(positional)
+        from ml_collections import config_flags
+
+        overrides = config_flags.get_override_values(fv["config"])
+        seeds = [int(s) for s in fv.seeds] if fv.seeds else None
+    except (flags.Error, ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # TFDS's notices about generated `shapes` configs
+    if fv.compilation_cache:
+        from cnn_jax import cli
+
+        cli.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or
+                                     cli.DEFAULT_COMPILATION_CACHE_DIR)
+    from experiments import common
+
+    status, code = {}, 0
+    for name in names:
+        start = time.time()
+        try:
+            exp = importlib.import_module(f"experiments.{name}").get_experiment(fv.smoke)
+            command = common.command_line([name, *[a for a in argv[1:] if a not in names]])
+            common.run(exp, seeds=seeds, variants=fv.variants, overrides=overrides,
+                       workdir=os.path.join(fv.workdir, name) if fv.workdir else None,
+                       out=os.path.join(fv.out, name) if fv.out else None, command=command)
+            outcome = "ok"
+        except ValueError as e:  # bad input: one line, and the other experiments still run
+            outcome = f"error: {str(e).strip().splitlines()[0]}"
+            print(outcome, file=sys.stderr, flush=True)
+            code = 1
+        except Exception as e:  # noqa: BLE001 -- one broken experiment must not hide the others
+            traceback.print_exc()
+            outcome = f"{type(e).__name__}: {e}"
+            code = 1
+        status[name] = {"status": outcome, "wall_seconds": round(time.time() - start, 1)}
+        print(f"=== {name}: {outcome} ({status[name]['wall_seconds']:.0f} s)", file=sys.stderr,
+              flush=True)
+    if fv.out:
+        os.makedirs(fv.out, exist_ok=True)
+        with open(os.path.join(fv.out, "status.json"), "w") as f:
+            json.dump(status, f, indent=1)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

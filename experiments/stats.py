@@ -1,0 +1,107 @@
+"""Statistics of the experiments: mean and standard deviation over seeds, Welch's confidence
+interval for a difference of means, and the plateau criterion for "converged".
+
+"Different" means: the 95% confidence interval of the difference of the two means (Welch's t,
+unequal variances; Welch 1947) excludes 0. With three seeds per arm the interval is wide, so
+"no difference found" is usually the honest outcome for effects of a point or two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value; NaN for none)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """``mean(a) - mean(b)`` with its Welch confidence interval and two-sided p-value."""
+
+    diff: float
+    low: float
+    high: float
+    p: float
+    df: float
+    n_a: int
+    n_b: int
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0 (so at the interval's level, a and b differ)."""
+        return math.isfinite(self.low) and (self.low > 0 or self.high < 0)
+
+    def describe(self, scale: float = 100.0, unit: str = " points") -> str:
+        if not math.isfinite(self.low):
+            return (f"difference {scale * self.diff:+.1f}{unit} (n = {self.n_a} vs {self.n_b}: "
+                    "too few seeds for an interval)")
+        return (f"difference {scale * self.diff:+.1f}{unit}, {100 * CONFIDENCE:.0f}% CI "
+                f"[{scale * self.low:+.1f}, {scale * self.high:+.1f}] (Welch, p = {self.p:.2g}, "
+                f"n = {self.n_a} vs {self.n_b})")
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
+    """Welch's unequal-variance t interval for ``mean(a) - mean(b)``.
+
+    Needs at least two values per side (otherwise the interval is NaN). When both samples have
+    zero variance the difference is exact: the interval is the point and p is 0 (or 1 if equal).
+    """
+    from scipy import stats
+
+    x = np.asarray([v for v in a if math.isfinite(v)], np.float64)
+    y = np.asarray([v for v in b if math.isfinite(v)], np.float64)
+    diff = float(x.mean() - y.mean()) if x.size and y.size else math.nan
+    if x.size < 2 or y.size < 2:
+        return Difference(diff, math.nan, math.nan, math.nan, math.nan, x.size, y.size)
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Difference(diff, diff, diff, 0.0 if diff else 1.0, math.inf, x.size, y.size)
+    df = (va + vb) ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (y.size - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    p = float(2 * stats.t.sf(abs(diff) / se, df))
+    return Difference(diff, diff - half, diff + half, p, float(df), x.size, y.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """Converged: the best validation top-1 has not risen by more than ``min_delta`` over the
+    last ``patience`` evaluations, and at least ``min_fraction`` of the epoch budget is done
+    (early in a cosine schedule a flat stretch is not convergence)."""
+
+    patience: int = 4
+    min_delta: float = 0.005
+    min_fraction: float = 0.4
+
+    def describe(self) -> str:
+        return (f"converged = the best validation top-1 rose by at most "
+                f"{100 * self.min_delta:.1f} points over the last {self.patience} evaluations, "
+                f"after at least {100 * self.min_fraction:.0f}% of the epoch budget")
+
+    def reached(self, top1s: Sequence[float], fraction_done: float) -> bool:
+        """Whether the evaluations so far (in order) meet the criterion."""
+        return self.index(top1s, [fraction_done] * len(top1s)) is not None and \
+            fraction_done >= self.min_fraction
+
+    def index(self, top1s: Sequence[float], fractions: Sequence[float]) -> Optional[int]:
+        """The first evaluation (index) at which the criterion held, or None."""
+        best = -math.inf
+        history = []  # best-so-far after each evaluation
+        for i, (t, f) in enumerate(zip(top1s, fractions)):
+            best = max(best, t)
+            history.append(best)
+            if i >= self.patience and f >= self.min_fraction and \
+                    history[i] - history[i - self.patience] <= self.min_delta:
+                return i
+        return None
