@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.models import layers, list_models, register_model
-from experiments import common, stats
+from experiments import common
 
 NAME = "activations"
 ACTIVATIONS = ("relu", "tanh", "sigmoid")

@@ -106,6 +106,9 @@ class Outcome:
 def greater(r: "Results", a: str, b: str, metric: str, percent: bool = True,
             confirmed_if: str = "greater", note: str = "") -> Outcome:
     """Tests ``metric(a) > metric(b)`` (``confirmed_if="less"``: ``<``) by Welch's 95% CI."""
+    missing = [v for v in (a, b) if not r.of(v)]
+    if missing:
+        return Outcome("inconclusive", f"{', '.join(missing)} not run (see --variants).")
     d = r.compare(a, b, metric)
     scale, unit = (100.0, " points") if percent else (1.0, " nats" if "loss" in metric else "")
     line = f"{metric} {a} - {b}: {d.describe(scale, unit)}."
@@ -121,6 +124,9 @@ def greater(r: "Results", a: str, b: str, metric: str, percent: bool = True,
 def equivalent(r: "Results", labels: Sequence[str], metric: str, margin: float) -> Outcome:
     """``about equal``: every pairwise 95% CI lies within +-margin (confirmed); a significant
     difference beyond the margin: not confirmed; otherwise inconclusive."""
+    missing = [v for v in labels if not r.of(v)]
+    if missing:
+        return Outcome("inconclusive", f"{', '.join(missing)} not run (see --variants).")
     lines, inside, beyond = [], True, False
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
@@ -457,6 +463,8 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
             runs.append(train_run(exp, label, seed, os.path.join(root, slug(label), f"seed{seed}"),
                                   overrides, probe, log))
     results = Results(exp, runs, dict(overrides))
+    if probe is not None:
+        results.extra["probe_size"] = len(probe[1])
     write_results(results, out or os.path.join(RESULTS_ROOT, exp.name), command,
                   time.time() - start)
     return results
@@ -638,7 +646,8 @@ def setup_lines(results: Results) -> List[str]:
         f"{c.num_epochs:g} epochs, {first.steps_per_epoch if first else '?'} steps per epoch; "
         f"evaluation every {c.eval_every_steps} steps",
         f"- stopping: {results.exp.plateau.describe()}; otherwise the epoch budget",
-        f"- training loss and accuracy are of the first {results.exp.probe_size} training images "
+        f"- training loss and accuracy are of the first "
+        f"{results.extra.get('probe_size', results.exp.probe_size)} training images "
         f"in evaluation mode (no augmentation, dropout or batch statistics), at every evaluation",
         f"- seeds: {', '.join(str(s) for s in sorted({r.seed for r in results.runs}))} "
         "(the seed sets initialization, data order and dropout)",

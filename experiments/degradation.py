@@ -15,12 +15,12 @@ NAME = "degradation"
 WIDTHS = (8, 16, 32)  # half the paper's 16-32-64: four times cheaper, same depth
 LOSS_MARGIN = 0.05  # nats: "does not train worse" = the CI of the loss increase stays below this
 
-PAPER = ("python -m experiments.run degradation --config.dataset=cifar10 "
-         "--config.model.widths='(16, 32, 64)' --config.num_epochs=160 --config.batch_size=128 "
-         "--config.optimizer=sgd --config.learning_rate=0.1 --config.lr_schedule=step "
-         "--config.lr_step_epochs='(80.0, 120.0)' --config.augment=''  # with depths 20 and 56 "
-         "(experiments/degradation.py: DEPTHS)")
-DEPTHS = (20, 44)
+PAPER = ("python -m experiments.run degradation --variants=plain20,plain56,resnet20,resnet56 "
+         "--config.dataset=cifar10 --config.model.widths='(16, 32, 64)' --config.num_epochs=160 "
+         "--config.batch_size=128 --config.optimizer=sgd --config.learning_rate=0.1 "
+         "--config.lr_schedule=step --config.lr_step_epochs='(80.0, 120.0)' --config.augment=''")
+DEPTHS = (20, 44)  # the default set (CPU); 56 and 110 are variants too
+PAPER_DEPTHS = (56, 110)
 SMOKE_DEPTHS = (8, 14)
 
 
@@ -43,8 +43,9 @@ def get_experiment(smoke: bool = False) -> common.Experiment:
     shallow, deep = SMOKE_DEPTHS if smoke else DEPTHS
     widths = (4, 8, 8) if smoke else WIDTHS
     variants = {}
+    depths = (shallow, deep) if smoke else (shallow, deep, *PAPER_DEPTHS)
     for family in ("plain", "resnet"):
-        for depth in (shallow, deep):
+        for depth in depths:
             n = (depth - 2) // 6
             variants[f"{family}{depth}"] = {"arch": f"{family}20",
                                             "model": {"widths": widths, "stage_sizes": (n, n, n)}}
@@ -64,7 +65,8 @@ residual networks train at least as well as the shallow ones. Here: the register
         plateau=stats.Plateau(patience=1, min_delta=1.0, min_fraction=0.5) if smoke else
         common.PLATEAU,
         variants=variants, seeds=(0,) if smoke else (0, 1, 2),
-        default_variants=("plain8", "resnet14") if smoke else None,
+        default_variants=("plain8", "resnet14") if smoke else tuple(
+            f"{f}{d}" for f in ("plain", "resnet") for d in (shallow, deep)),
         hypotheses=[
             common.Hypothesis(
                 "H1 deeper plain nets train worse",

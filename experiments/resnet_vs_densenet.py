@@ -22,8 +22,8 @@ WIDTHS = (8, 16, 32)
 PAPER = ("python -m experiments.run resnet_vs_densenet --config.dataset=cifar10 "
          "--config.num_epochs=300 --config.batch_size=64 --config.optimizer=sgd "
          "--config.learning_rate=0.1 --config.lr_schedule=step "
-         "--config.lr_step_epochs='(150.0, 225.0)' --config.augment=''  # with WIDTHS = "
-         "(16, 32, 64) in experiments/resnet_vs_densenet.py (k = 12, DenseNet-BC-52)")
+         "--config.lr_step_epochs='(150.0, 225.0)' --config.augment='' "
+         "--variants=resnet20_paper,densenet_bc_52_k12")
 
 
 def densenet_options(depth: int, growth_rate: int) -> Dict[str, object]:
@@ -79,8 +79,13 @@ ResNet ({res_params:,} parameters) meets a DenseNet-BC of the same parameter cou
 DenseNet module with the CIFAR stem and `growth_rate`, `block_config`, `num_init_features` set.""",
         config=config,
         variants={"resnet20": {"arch": "resnet20", "model": res},
-                  dense: {"arch": DENSENET_TEMPLATE, "model": densenet_options(depth, k)}},
-        seeds=(0,) if smoke else (0, 1, 2), default_variants=(dense,) if smoke else None,
+                  dense: {"arch": DENSENET_TEMPLATE, "model": densenet_options(depth, k)},
+                  # the paper's widths: 269,722 vs 264,586 parameters (10 classes)
+                  "resnet20_paper": {"arch": "resnet20", "model": {"widths": (16, 32, 64)}},
+                  "densenet_bc_52_k12": {"arch": DENSENET_TEMPLATE,
+                                         "model": densenet_options(52, 12)}},
+        seeds=(0,) if smoke else (0, 1, 2),
+        default_variants=(dense,) if smoke else ("resnet20", dense),
         extra={"dense": dense, "params": (res_params, dense_params)},
         hypotheses=[
             common.Hypothesis(

@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.time()
         try:
             exp = importlib.import_module(f"experiments.{name}").get_experiment(fv.smoke)
-            command = common.command_line([name, *[a for a in argv[1:] if a not in names]])
+            command = common.command_line([name, *[a for a in argv[1:] if a.startswith("-")]])
             common.run(exp, seeds=seeds, variants=fv.variants, overrides=overrides,
                        workdir=os.path.join(fv.workdir, name) if fv.workdir else None,
                        out=os.path.join(fv.out, name) if fv.out else None, command=command)

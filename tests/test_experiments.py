@@ -235,13 +235,17 @@ def test_variants_are_the_papers_comparisons_and_valid():
         for label in exp.variants:
             configs.validate(exp.variant_config(label, 0), check_paths=False)
     deg = exps["degradation"].variants
+    assert exps["degradation"].default_variants == ("plain20", "plain44", "resnet20", "resnet44")
     assert {k: (v["arch"], v["model"]["stage_sizes"]) for k, v in deg.items()} == {
         "plain20": ("plain20", (3, 3, 3)), "plain44": ("plain20", (7, 7, 7)),
-        "resnet20": ("resnet20", (3, 3, 3)), "resnet44": ("resnet20", (7, 7, 7))}
+        "plain56": ("plain20", (9, 9, 9)), "plain110": ("plain20", (18, 18, 18)),
+        "resnet20": ("resnet20", (3, 3, 3)), "resnet44": ("resnet20", (7, 7, 7)),
+        "resnet56": ("resnet20", (9, 9, 9)), "resnet110": ("resnet20", (18, 18, 18))}
     assert [v["model"]["norm_placement"] for v in exps["bn_placement"].variants.values()] == \
         ["post", "pre", "conv_relu_bn", "none"]
-    assert [v["model"]["shortcut"] for v in exps["shortcuts"].variants.values()] == \
-        ["A", "B", "C"]
+    sc = exps["shortcuts"]
+    assert [sc.variants[k]["model"]["shortcut"] for k in sc.default_variants] == ["A", "B", "C"]
+    assert sc.variants["B34"] == {"arch": "resnet34", "model": {"shortcut": "B"}}
     alex = exps["alexnet_ablation"]
     assert alex.default_variants == ("paper", "no_dropout")
     assert alex.variants["paper"]["model"]["dropout_rate"] == 0.5
