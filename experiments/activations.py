@@ -29,7 +29,7 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid")
 GAINS = {"relu": 2 ** 0.5, "tanh": 5.0 / 3.0, "sigmoid": 1.0, "identity": 1.0}
 INIT_DEPTHS = (8, 20, 32)
 SMOKE_INIT_DEPTHS = (8, 14)
-TRAINED_DEPTH = 20
+TRAINED_DEPTH = 8  # cheap: the CPU budget goes to the depth comparisons at init
 VANISHED = 1e-2  # first/last-conv gradient ratio below this: vanished
 HEALTHY = 0.1
 
@@ -140,6 +140,9 @@ def init_norms(results: common.Results, activation: str, depth: int, norm: bool,
     return GradNormHook(images, labels).norms(state)
 
 
+_INIT_CACHE: Dict[tuple, Dict[str, float]] = {}
+
+
 def analyse(results: common.Results, out: str) -> List[Tuple[str, str]]:
     """Gradient norms at initialization (every depth x activation, without and with BN, every
     seed) and of the trained runs; grad_norms.csv, grad_norms.png and the ratio table."""
@@ -156,7 +159,11 @@ def analyse(results: common.Results, out: str) -> List[Tuple[str, str]]:
         for depth in exp.extra["init_depths"]:
             for act in exp.extra["activations"]:
                 for seed in seeds:
-                    norms = init_norms(results, act, depth, norm, seed, images, labels)
+                    key = (act, depth, norm, seed, config.dataset, config.data_dir)
+                    if key not in _INIT_CACHE:  # partial writes come back here after each seed
+                        _INIT_CACHE[key] = init_norms(results, act, depth, norm, seed, images,
+                                                      labels)
+                    norms = _INIT_CACHE[key]
                     init[(act, depth, norm, seed)] = norms
                     rows += [{"source": "init", "activation": act, "depth": depth,
                               "batch_norm": norm, "seed": seed, "step": 0, "layer_index": i,

@@ -65,21 +65,21 @@ def apply(config, overrides: Mapping[str, Any]) -> None:
 
 
 DATASET = "shapes/32px_hard_n2000_v1000"
-EVALS_PER_EPOCH = 2
-PLATEAU = stats.Plateau(patience=4, min_delta=0.005, min_fraction=0.4)
+EVALS_PER_EPOCH = 1  # each evaluation builds a tf.data pipeline: about a second on this CPU
+PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.4)
 
 
 def recipe(smoke: bool, arch: str = "resnet20", **overrides):
     """The training config the experiments share (each may change fields): the hard `shapes`
     level, AdamW with warmup and cosine decay (in budgets of a few thousand steps it gets much
-    further than SGD), flips only, two evaluations per epoch, at most 12 epochs; --smoke: 96
+    further than SGD), flips only, one evaluation per epoch, at most 10 epochs; --smoke: 96
     images, one epoch of 6 steps, one evaluation (each evaluation costs a tf.data pipeline)."""
     from cnn_jax import input_pipeline, optim
 
     values = dict(
         arch=arch, dataset=SMOKE_DATASET if smoke else DATASET, image_size=32,
         augment="none,flip=true", batch_size=16 if smoke else 32,
-        num_epochs=1.0 if smoke else 12.0, optimizer="adamw", learning_rate=3e-3,
+        num_epochs=1.0 if smoke else 10.0, optimizer="adamw", learning_rate=3e-3,
         lr_reference_batch_size=0, lr_schedule="cosine", warmup_epochs=0.3, weight_decay=1e-4,
         weight_decay_skip_bn_bias=True, grad_clip_norm=5.0, keep_checkpoints=1,
         async_checkpointing=False, progress_bar=False, eval_batch_size=32 if smoke else 250)
@@ -456,17 +456,17 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
     start = time.time()
     probe = None
     runs = []
-    for seed in seeds:  # seeds outermost: a partial run has every variant at the first seeds
+    out = out or os.path.join(RESULTS_ROOT, exp.name)
+    for i, seed in enumerate(seeds):  # seeds outermost: a partial set has every variant
         for label in labels:
             if probe is None:
                 probe = probe_batch(exp.variant_config(label, seed, overrides), exp.probe_size)
             runs.append(train_run(exp, label, seed, os.path.join(root, slug(label), f"seed{seed}"),
                                   overrides, probe, log))
-    results = Results(exp, runs, dict(overrides))
-    if probe is not None:
-        results.extra["probe_size"] = len(probe[1])
-    write_results(results, out or os.path.join(RESULTS_ROOT, exp.name), command,
-                  time.time() - start)
+        results = Results(exp, list(runs), dict(overrides), {"probe_size": len(probe[1])})
+        if i + 1 < len(seeds):  # what has finished so far, in case the set is stopped
+            write_results(results, out, command, time.time() - start, partial=True)
+    write_results(results, out, command, time.time() - start)
     return results
 
 
@@ -659,8 +659,10 @@ def setup_lines(results: Results) -> List[str]:
     return lines
 
 
-def write_results(results: Results, out: str, command: str, seconds: float) -> Dict[str, str]:
-    """runs.csv, summary.csv, curves.csv, <name>.png and README.md in ``out``."""
+def write_results(results: Results, out: str, command: str, seconds: float,
+                  partial: bool = False) -> Dict[str, str]:
+    """runs.csv, summary.csv, curves.csv, <name>.png and README.md in ``out`` (``partial``: an
+    intermediate write while later seeds are still to run)."""
     exp = results.exp
     os.makedirs(out, exist_ok=True)
     paths = {"runs": write_csv(os.path.join(out, "runs.csv"),
@@ -680,8 +682,11 @@ def write_results(results: Results, out: str, command: str, seconds: float) -> D
     paths["plot"] = save(fig, png)
     images = sorted(f for f in os.listdir(out) if f.endswith(".png"))
 
-    parts = [f"# {exp.title}", "", exp.intro.strip(), "", "## Hypotheses (written before the runs)",
-             ""]
+    parts = [f"# {exp.title}", ""]
+    if partial:
+        parts += [f"**Partial results: {len(results.runs)} runs so far; the command below "
+                  "resumes the rest.**", ""]
+    parts += [exp.intro.strip(), "", "## Hypotheses (written before the runs)", ""]
     for h in exp.hypotheses:
         parts += [f"**{h.name}.** {h.claim} Prediction here: {h.prediction}", ""]
     parts += ["## Command", "", "From the repository root (a re-run resumes unfinished runs and "

@@ -131,6 +131,46 @@ rows = [(r.name, r.kind, "x".join(map(str, r.output_shape[1:])), f"{r.params:,}"
 table(("layer", "kind", "output", "params", "MACs", "RF"), rows)
 
 # %% [markdown]
+# The branch widths of every Inception module (Szegedy et al. 2015, Table 1), read from the
+# registered `googlenet`'s parameters: the 1x1, 3x3 and "5x5" branches and the pool projection,
+# with the 1x1 reductions before the 3x3 and 5x5 branches. The 3x3 branch carries the most output
+# channels throughout; the reductions make the wide 3x3 and 5x5 branches cheap, and the modules
+# widen towards the output (256 channels in 3a, 1024 in 5b).
+
+# %%
+import numpy as np
+
+from cnn_jax.models import abstract_variables
+
+params = abstract_variables(create_model("googlenet"), 224)["params"]
+modules = [k for k in params if k.startswith("inception")]
+width = {m: {b: params[m][b]["conv"]["kernel"].shape[-1] for b in params[m]} for m in modules}
+branches = [("branch1", "1x1"), ("branch2_1", "3x3"), ("branch3_1", "5x5 (3x3 here)"),
+            ("branch4_1", "pool proj")]
+table(("module", "1x1", "3x3 reduce", "3x3", "5x5 reduce", "5x5", "pool proj", "output"),
+      [(m, width[m]["branch1"], width[m]["branch2_0"], width[m]["branch2_1"],
+        width[m]["branch3_0"], width[m]["branch3_1"], width[m]["branch4_1"],
+        sum(width[m][b] for b, _ in branches)) for m in modules])
+
+# %%
+assert [sum(width[m][b] for b, _ in branches) for m in ("inception3a", "inception5b")] == \
+    [256, 1024]
+fig = Figure(figsize=(9, 3.6))
+ax = fig.add_subplot(1, 1, 1)
+bottom = np.zeros(len(modules))
+for b, label in branches:
+    w = np.array([width[m][b] for m in modules])
+    ax.bar(range(len(modules)), w, bottom=bottom, label=label)
+    bottom += w
+ax.set_xticks(range(len(modules)), [m.replace("inception", "") for m in modules])
+ax.set_xlabel("Inception module")
+ax.set_ylabel("output channels (stacked by branch)")
+ax.set_title("GoogLeNet: branch widths of each Inception module")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3, axis="y")
+fig
+
+# %% [markdown]
 # ResNet's bottleneck block (He et al. 2016a, Fig. 5) does the same inside a residual block: on 256
 # channels, 1x1 (256 -> 64), 3x3 (64 -> 64), 1x1 (64 -> 256) instead of two 3x3 convs of 256
 # channels. The blocks are the library's own `Bottleneck` and `BasicBlock` modules:

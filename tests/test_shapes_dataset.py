@@ -179,7 +179,7 @@ def test_tiny_cnn_learns_shapes(small_shapes):
     x_train, x_val = norm(x_train), norm(x_val)
     model = _TinyCNN()
     params = model.init(jax.random.key(0), x_train[:1])
-    steps = 1200
+    steps = int(os.environ.get("TINY_STEPS", 1200))
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 6e-3, 50, steps))
     opt_state = tx.init(params)
 
