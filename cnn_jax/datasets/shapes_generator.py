@@ -11,10 +11,10 @@ Two levels:
   with Gaussian noise; position, size (radius 0.2-0.4 of the side), rotation and colours vary
   independently of the class. Small CNNs learn it to >90% in a few epochs.
 - ``hard`` (``HARD_CLASSES``, 20 classes: the 10 plus pentagon, hexagon, diamond, trapezoid, ell,
-  tee, chevron, hourglass, four-point star and frame): smaller figures (radius 0.16-0.3), a
-  textured background (random gratings), a striped or plain texture inside the figure, 2-4 clutter
-  items (irregular blobs and line segments that are no class), and in half the images a bar that
-  occludes part of the figure. Made so that the best small network does not saturate in a CPU
+  tee, chevron, hourglass, four-point star and frame): smaller figures (radius 0.22-0.36), a
+  textured background (random gratings), a striped texture inside 30% of the figures, 1-2 clutter
+  items (small irregular blobs or thin bars that are no class), and in 30% of the images a bar
+  that occludes part of the figure. Made so that the best small network does not saturate in a CPU
   budget (experiments/).
 """
 
@@ -191,13 +191,13 @@ def render_hard(label: int, image_size: int, rng: np.random.Generator) -> np.nda
     ss = 4 if s <= 96 else 2
     margin = s / 16
     outline, hole = _figure(label, rng)
-    radius = rng.uniform(0.16, 0.3) * s
+    radius = rng.uniform(0.22, 0.36) * s
     centre = rng.uniform(margin + radius, s - margin - radius, size=2)
     rot = _rotation(rng.uniform(0, 2 * np.pi))
 
     # Background: two random colours mixed by a grating texture.
     bg0, bg1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-    bg1 = bg0 + (bg1 - bg0) * rng.uniform(0.2, 0.6)  # contrast below the figure's, mostly
+    bg1 = bg0 + (bg1 - bg0) * rng.uniform(0.1, 0.3)  # contrast below the figure's
     t = _grating(s, rng, 2)[..., None]
     image = (bg0 * (1 - t) + bg1 * t).astype(np.float32)
     bg_lum = _luminance((bg0 + bg1) / 2)
@@ -210,15 +210,15 @@ def render_hard(label: int, image_size: int, rng: np.random.Generator) -> np.nda
         return 1.0 - (bg0 + bg1) / 2
 
     # Clutter (under the figure): irregular blobs and bars that are no class.
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(1, 3))):
         c = rng.uniform(0, 1, 3)
-        if rng.uniform() < 0.5:
+        if rng.uniform() < 0.7:
             n = int(rng.integers(5, 8))
             pts = _regular(n, phase=rng.uniform(0, 2 * np.pi)) * rng.uniform(0.4, 1.0, (n, 1))
-            xy = pts * rng.uniform(0.06, 0.14) * s + rng.uniform(0, s, 2)
+            xy = pts * rng.uniform(0.05, 0.1) * s + rng.uniform(0, s, 2)
         else:
-            a, length = rng.uniform(0, np.pi), rng.uniform(0.2, 0.5) * s
-            w = rng.uniform(0.02, 0.05) * s
+            a, length = rng.uniform(0, np.pi), rng.uniform(0.15, 0.35) * s
+            w = rng.uniform(0.015, 0.03) * s
             d, n_ = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
             p = rng.uniform(0, s, 2)
             xy = np.stack([p + w * n_, p + length * d + w * n_, p + length * d - w * n_,
@@ -230,26 +230,26 @@ def render_hard(label: int, image_size: int, rng: np.random.Generator) -> np.nda
     alpha = _mask(s, [(None if pts is None else pts @ rot.T * radius + centre, fill)
                       for pts, fill in ((outline, 255), (hole, 0))], ss)
     fg = visible_colour()
-    if rng.uniform() < 0.5:
-        fg2 = np.clip(fg + rng.normal(0, 0.25, 3), 0, 1)
+    if rng.uniform() < 0.3:
+        fg2 = np.clip(fg + rng.normal(0, 0.15, 3), 0, 1)
         stripes = (_grating(s, rng, 1) > 0.5).astype(np.float32)[..., None]
         fill = fg * (1 - stripes) + fg2 * stripes
     else:
         fill = np.broadcast_to(fg, image.shape)
     image = image * (1 - alpha) + fill.astype(np.float32) * alpha
 
-    # Occlusion: a bar across part of the figure, in half the images.
-    if rng.uniform() < 0.5:
+    # Occlusion: a bar across part of the figure, in 30% of the images.
+    if rng.uniform() < 0.3:
         a = rng.uniform(0, np.pi)
         d, n_ = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
         p = centre + n_ * rng.uniform(0.2, 0.7) * radius * rng.choice([-1, 1])
-        w, half = rng.uniform(0.12, 0.25) * radius, 1.5 * radius
+        w, half = rng.uniform(0.08, 0.16) * radius, 1.5 * radius
         xy = np.stack([p - half * d + w * n_, p + half * d + w * n_, p + half * d - w * n_,
                        p - half * d - w * n_])
         alpha = _mask(s, [(xy, 255)], ss)
         image = image * (1 - alpha) + rng.uniform(0, 1, 3).astype(np.float32) * alpha
 
-    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 0.1))
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 0.05))
     return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
