@@ -288,8 +288,9 @@ of the training loop for the trained networks (with batch norm).""",
                 "way back, so the first layers of deep nets get vanishing gradients, while "
                 "ReLU's do not (Glorot & Bengio 2010).",
                 f"at initialization without BN, the first/last-conv gradient ratio at depth "
-                f"{INIT_DEPTHS[-1]} is below {VANISHED:g} for sigmoid and tanh and falls with "
-                f"depth, and stays above {HEALTHY:g} for ReLU.", _vanishing),
+                f"{(SMOKE_INIT_DEPTHS if smoke else INIT_DEPTHS)[-1]} is below {VANISHED:g} "
+                f"for sigmoid and tanh and falls with depth, and stays above {HEALTHY:g} for "
+                "ReLU.", _vanishing),
             common.Hypothesis(
                 "H2 ReLU trains faster",
                 "ReLU networks train several times faster than tanh networks (Krizhevsky et al. "

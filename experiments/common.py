@@ -377,7 +377,8 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     seconds_file = os.path.join(workdir, "wall_seconds.txt")
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
-    if not _finished(records, total):
+    diverged_file = os.path.join(workdir, "diverged.txt")
+    if not _finished(records, total) and not os.path.exists(diverged_file):
         log(f"--- {exp.name} / {label} / seed {seed}: {config.arch} {dict(exp.variants[label])} "
             f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)")
         if probe is None:
@@ -397,10 +398,10 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
         with open(seconds_file, "w") as f:
             f.write(f"{wall:.1f}")
         records = metrics_lib.read_metrics(workdir)
-    elif os.path.exists(os.path.join(workdir, "diverged.txt")):
-        error = open(os.path.join(workdir, "diverged.txt")).read().strip()
+    elif os.path.exists(diverged_file):  # a diverged run is finished too: it would again
+        error = open(diverged_file).read().strip()
     if error:
-        with open(os.path.join(workdir, "diverged.txt"), "w") as f:
+        with open(diverged_file, "w") as f:
             f.write(error)
     return Run(label, seed, config.arch, params, macs, records, spe, total, wall, error)
 
@@ -691,8 +692,11 @@ def write_results(results: Results, out: str, command: str, seconds: float,
         parts += [f"**{h.name}.** {h.claim} Prediction here: {h.prediction}", ""]
     parts += ["## Command", "", "From the repository root (a re-run resumes unfinished runs and "
               "reads finished ones):", "", "```bash", command or f"python -m experiments.run "
-              f"{exp.name}", "```", "", f"Wall time of this invocation: {seconds / 60:.1f} min "
-              f"(runs already finished before it are read, not retrained).", "", "## Setup", "",
+              f"{exp.name}", "```", "",
+              f"Training time of these {len(results.runs)} runs: "
+              f"{sum(r.wall_seconds for r in results.runs) / 60:.1f} min (sum over runs; the "
+              f"last invocation took {seconds / 60:.1f} min, reading runs that had finished).",
+              "", "## Setup", "",
               *setup_lines(results), "", "## Results", "", summary_table(results), ""]
     for heading, table in extra_tables:
         parts += [f"**{heading}**", "", table, ""]

@@ -280,3 +280,8 @@ def test_runner_bad_input_is_one_line(capsys):
     assert run.main(["shortcuts", "--smoke", "--variants=Z", "--nocompilation_cache"]) == 1
     assert "error: unknown variant(s) Z of shortcuts; choose from A, B, C" in \
         capsys.readouterr().err
+    # --config.* is the training command's language, checked the same way before anything runs
+    assert run.main(["shortcuts", "--smoke", "--config.learnin_rate=0.1",
+                     "--nocompilation_cache"]) == 1
+    assert ("error: unknown config field --config.learnin_rate; did you mean "
+            "--config.learning_rate?") in capsys.readouterr().err
