@@ -134,7 +134,8 @@ def init_norms(results: common.Results, activation: str, depth: int, norm: bool,
 
     config = results.config()
     common.apply(config, model_overrides(activation, depth, results.exp.extra["widths"], norm))
-    model = create_model(config.arch, num_classes=results.extra["num_classes"], **configs.model_options(config))
+    model = create_model(config.arch, num_classes=results.extra["num_classes"],
+                         **configs.model_options(config))
     state = train_step.create_train_state(model, optax.identity(), jax.random.PRNGKey(seed),
                                           (config.image_size, config.image_size, 3))
     return GradNormHook(images, labels).norms(state)
@@ -271,8 +272,8 @@ times faster than a tanh one). The networks are plain CIFAR nets of 6n+2 layers 
 registered by experiments/activations.py); each activation gets the initialization suited to it
 (N(0, gain^2 / fan_in) with torch's gains sqrt(2) for ReLU, 5/3 for tanh and 1 for sigmoid), so
 that what differs is the nonlinearity, not a badly scaled init. ||dL/dW|| of each layer's kernel
-is measured on a fixed batch of 256 training images (centre crops; the loss in train mode): at initialization for every
-depth and activation, without and with batch norm, over the seeds; and during training by a hook
+is measured on a fixed batch of 256 training images (centre crops; the loss in train mode): at
+initialization for every depth and activation, without and with batch norm, over the seeds; and during training by a hook
 of the training loop for the trained networks (with batch norm).""",
         config=common.recipe(smoke, arch="plain_act"), variants=variants,
         seeds=(0,) if smoke else (0, 1, 2), default_variants=("sigmoid",) if smoke else None,

@@ -604,7 +604,8 @@ def plot_curve_axes(axes, results: Results) -> None:
             x, m, s = _interp_band(runs, split, key, scale)
             if not len(x):
                 continue
-            ax.plot(x, m, color=color, lw=1.4, label=f"{label} (n={len(runs)})")
+            ax.plot(x, m, color=color, lw=1.4, marker="o", ms=2.5,
+                    label=f"{label} (n={len(runs)})")
             ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, lw=0)
         for r in runs:
             if r.plateaued:
@@ -615,8 +616,14 @@ def plot_curve_axes(axes, results: Results) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax in axes[:2]:  # log: early batch-norm statistics can make one loss 10x the others
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     axes[2].legend(fontsize=7, title="mean ± std over seeds; ▼ plateau", title_fontsize=7)
 
 
@@ -639,7 +646,8 @@ def setup_lines(results: Results) -> List[str]:
     c = results.exp.config
     first = results.runs[0] if results.runs else None
     lines = [
-        f"- data: `{c.dataset}` at {c.image_size} px, augmentation `{c.augment or 'dataset default'}`",
+        f"- data: `{c.dataset}` at {c.image_size} px, augmentation "
+        f"`{c.augment or 'dataset default'}`",
         f"- training (every variant; `cnn_jax/configs/default.py` with these fields): "
         f"{c.optimizer} peak lr {c.learning_rate:g}, {c.lr_schedule} schedule with "
         f"{c.warmup_epochs:g} warmup epochs, batch {c.batch_size}, weight decay "

@@ -3,8 +3,9 @@ mode (CNN_JAX_NOTEBOOK_SMOKE=1), and its paired ``.ipynb`` holds the same cells 
 of a full run.
 
 The notebooks run one after the other in one ``python3`` kernel (the venv's ipykernel) with the
-working directory ``notebooks/``; ``shapes`` data goes to a temporary TFDS folder, and XLA compiles at optimization
-level 0, which makes the small networks' compilation several times faster.
+working directory ``notebooks/``; ``shapes`` data goes to a temporary TFDS folder, and XLA
+compiles at optimization level 0, which makes the small networks' compilation several times
+faster.
 """
 
 from __future__ import annotations
