@@ -37,7 +37,7 @@ from cnn_jax import metrics as metrics_lib
 from cnn_jax import optim
 from cnn_jax import parallel
 from cnn_jax import train_step as step_lib
-from cnn_jax.models import check_model_options, create_model
+from cnn_jax.models import check_model_options, count_params, create_model
 from cnn_jax.validation import DTYPES
 
 
@@ -241,10 +241,6 @@ def _ema_view(state: step_lib.TrainState) -> step_lib.TrainState:
     return state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
 
 
-def _num_params(params: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Train ``config.arch`` on ``config.dataset``, checkpointing into ``workdir``.
 
@@ -347,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         extras = [x for x in (f"EMA {ema_decay:g}" if ema_decay else "",
                               f"{accum} micro-batches per step" if accum > 1 else "",
                               config.dtype if config.dtype != "float32" else "") if x]
-        print(f"training {config.arch} ({_num_params(setup.host_state.params):,} parameters) on "
+        print(f"training {config.arch} ({count_params(setup.host_state.params):,} parameters) on "
               f"{config.dataset} ({info.num_train_examples:,} train / "
               f"{info.num_eval_examples:,} val images) for {total_steps} steps of "
               f"{config.batch_size}{' (' + ', '.join(extras) + ')' if extras else ''}; workdir "
