@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, List
+from typing import Any, Dict, List, Mapping, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -36,7 +36,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (p
 flags.DEFINE_integer("steps", 10, "Timed steps after the warm-up (--compare: default 5; --suite: "
                      "at most this many, default 20, within --kind_budget_s).")
 flags.DEFINE_bool("eval", True, "Also time the eval step.")
-flags.DEFINE_string("model_kwargs", "", "Extra model fields, e.g. 'aux_logits=False'.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 flags.DEFINE_enum("compare", None, ["torch"], "Compare with torchvision's same network in "
                   "PyTorch on the same CPU, alternating steps; default rows: issue 10's six, "
@@ -50,6 +49,10 @@ flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0
                      "default).")
 flags.DEFINE_float("time_budget_s", 450.0, "--suite: the whole suite's wall-time limit.")
 flags.DEFINE_float("kind_budget_s", 4.0, "--suite: timed seconds per train or eval step kind.")
+# Model options: --model.FIELD=VALUE (e.g. --model.aux_logits=false --model.widths=8,16,32), the
+# spelling of the training command's --config.model.FIELD; cli.split_model_options takes them
+# out of the command line before absl parses the rest.
+MODEL_OPTIONS: Dict[str, str] = {}
 
 
 def model_dtype(name: str) -> Any:
@@ -109,17 +112,18 @@ def time_compiled(fn, args, steps: int, carry_state: bool):
 
 def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 1000,
         dtype: str = "float32", steps: int = 10, eval_step: bool = True,
-        model_kwargs: str = "") -> dict:
-    """Benchmark one model on the first device; returns a dict of the numbers."""
+        model: Optional[Mapping[str, Any]] = None) -> dict:
+    """Benchmark one model on the first device; returns a dict of the numbers. ``model``: the
+    model options (checked against the architecture's fields)."""
     import jax
     import optax
 
-    from cnn_jax import configs, train_step as step_lib
-    from cnn_jax.models import count_params, create_model
+    from cnn_jax import train_step as step_lib
+    from cnn_jax.models import check_model_options, count_params, create_model
 
     device = jax.devices()[0]
-    model = create_model(arch, num_classes=num_classes, dtype=model_dtype(dtype),
-                         **configs.parse_model_kwargs(model_kwargs))
+    options = check_model_options(arch, dict(model or {}), flag_prefix="--model.")
+    model = create_model(arch, num_classes=num_classes, dtype=model_dtype(dtype), **options)
     tx = optax.sgd(0.01, momentum=0.9)
     image_shape = (image_size, image_size, 3)
     state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape,
@@ -189,9 +193,9 @@ def main_compare() -> None:
     """``--compare=torch``: the rows the flags pick, table (or JSON) on stdout."""
     from cnn_jax import benchmark_torch
 
-    if FLAGS.model_kwargs:
-        raise ValueError("--model_kwargs changes the network; --compare=torch times the stock "
-                         "networks that torchvision also builds")
+    if MODEL_OPTIONS:
+        raise ValueError("--model.* options change the network; --compare=torch times the "
+                         "stock networks that torchvision also builds")
     rows = benchmark_torch.select_rows(
         _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"),
         [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_torch.DTYPES)
@@ -209,16 +213,15 @@ def main_suite() -> None:
     """``--suite=gpu``: every row in its own process; JSON and table in --output."""
     from cnn_jax import benchmark_gpu
 
-    from cnn_jax.configs import parse_model_kwargs
-    from cnn_jax.models import create_model
+    from cnn_jax.models import check_model_options
 
     archs = _archs() or list(benchmark_gpu.FAMILY_BATCH)
     for arch in archs:  # bad options fail here in one line, not in every row's process
-        create_model(arch, **parse_model_kwargs(FLAGS.model_kwargs))
+        check_model_options(arch, MODEL_OPTIONS, flag_prefix="--model.")
     output = FLAGS.output or "benchmark_results"
     result = benchmark_gpu.run_suite(
         output, archs, [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_gpu.DTYPES,
-        _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, FLAGS.model_kwargs,
+        _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, MODEL_OPTIONS,
         FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
         FLAGS.time_budget_s, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result) if FLAGS.json else benchmark_gpu.markdown(result), flush=True)
@@ -237,9 +240,16 @@ def main(argv):
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
         r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,
-                FLAGS.steps, FLAGS.eval, FLAGS.model_kwargs)
+                FLAGS.steps, FLAGS.eval, MODEL_OPTIONS)
     print(json.dumps(r) if FLAGS.json else format_result(r), flush=True)
 
 
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl's parse of ``argv`` less the ``--model.FIELD=VALUE`` options (into MODEL_OPTIONS)."""
+    argv, options = cli.split_model_options(argv)
+    MODEL_OPTIONS.update(options)
+    return cli.parse_flags(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -46,12 +46,12 @@ def forbidden_modules() -> List[str]:
 
 
 def forward_flops(arch: str, image_size: int, num_classes: int = 1000,
-                  model_kwargs: Optional[Dict[str, Any]] = None) -> float:
+                  model: Optional[Dict[str, Any]] = None) -> float:
     """2 x MACs of one image's forward pass (the papers' convention), traced, not compiled."""
     from cnn_jax import analysis
     from cnn_jax.models import create_model
 
-    model = create_model(arch, num_classes=num_classes, **(model_kwargs or {}))
+    model = create_model(arch, num_classes=num_classes, **(model or {}))
     return 2.0 * analysis.analyze(model, (1, image_size, image_size, 3)).totals.macs
 
 
@@ -113,25 +113,25 @@ def _timed(step, args, carry: bool, warmup: int, max_steps: int, budget_s: float
 
 
 def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes: int = 1000,
-            dtype: str = "bfloat16", model_kwargs: str = "", warmup: int = 2,
+            dtype: str = "bfloat16", model: Optional[Dict[str, Any]] = None, warmup: int = 2,
             max_steps: int = 20, kind_budget_s: float = 4.0) -> Dict[str, Any]:
-    """One row in this process: eval first, then train (the device peak only grows)."""
+    """One row in this process: eval first, then train (the device peak only grows). ``model``:
+    the model options (``--model.FIELD=VALUE``), checked against the architecture's fields."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
     from cnn_jax import parallel, train_step as step_lib
-    from cnn_jax.configs import parse_model_kwargs
-    from cnn_jax.models import count_params, create_model
+    from cnn_jax.models import check_model_options, count_params, create_model
 
-    model_kwargs = parse_model_kwargs(model_kwargs)
+    options = check_model_options(arch, dict(model or {}), flag_prefix="--model.")
 
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     # pmap as the train loop runs it; shard_map (same per-device step) where a jax lacks pmap.
     dp = parallel.DataParallel("pmap" if hasattr(jax, "pmap") else "shard_map")
     n_dev = dp.num_local_devices
-    model = create_model(arch, num_classes=num_classes, dtype=compute, **(model_kwargs or {}))
+    model = create_model(arch, num_classes=num_classes, dtype=compute, **options)
     image_shape = (image_size, image_size, 3)
     t0 = time.perf_counter()
     state = step_lib.create_train_state(model, optax.sgd(0.01, momentum=0.9),
@@ -178,7 +178,7 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
                         "xla_estimate_mib": _xla_estimate_mib(compiled)}
         result[kind]["peak_source"] = ("device memory_stats" if result[kind]["peak_mib"]
                                        is not None else "none (see xla_estimate_mib)")
-    result["forward_flops_per_image"] = forward_flops(arch, image_size, num_classes, model_kwargs)
+    result["forward_flops_per_image"] = forward_flops(arch, image_size, num_classes, options)
     result["forbidden_modules"] = forbidden_modules()
     return result
 
@@ -219,7 +219,7 @@ def launch_row(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
 
 def run_suite(output: str, archs: Sequence[str] = (), dtypes: Sequence[str] = DTYPES,
               batch_size: Optional[int] = None, image_size: int = 224, num_classes: int = 1000,
-              model_kwargs: str = "", max_steps: int = 20, warmup: int = 2,
+              model: Optional[Dict[str, Any]] = None, max_steps: int = 20, warmup: int = 2,
               kind_budget_s: float = 4.0, time_budget_s: float = 450.0,
               row_timeout_s: float = 180.0, progress: Callable[[str], None] = print,
               launch: Callable[[Dict[str, Any], float], Dict[str, Any]] = launch_row,
@@ -241,7 +241,7 @@ def run_suite(output: str, archs: Sequence[str] = (), dtypes: Sequence[str] = DT
     for arch, dtype, batch in rows_for(archs, dtypes, batch_size):
         spec = {"arch": arch, "dtype": dtype, "per_device_batch": batch,
                 "image_size": image_size, "num_classes": num_classes,
-                "model_kwargs": model_kwargs, "max_steps": max_steps, "warmup": warmup,
+                "model": dict(model or {}), "max_steps": max_steps, "warmup": warmup,
                 "kind_budget_s": kind_budget_s}
         left = time_budget_s - RESERVE_S - (clock() - start)
         if left < ROW_MIN_S:
@@ -334,7 +334,7 @@ def markdown(result: Dict[str, Any]) -> str:
 def _child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     print(json.dumps(run_row(spec["arch"], spec["per_device_batch"], spec["image_size"],
-                             spec["num_classes"], spec["dtype"], spec["model_kwargs"],
+                             spec["num_classes"], spec["dtype"], spec["model"],
                              spec["warmup"], spec["max_steps"], spec["kind_budget_s"])),
           flush=True)
 

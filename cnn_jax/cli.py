@@ -4,7 +4,7 @@ import contextlib
 import logging as py_logging
 import os
 import sys
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
 
@@ -81,6 +81,26 @@ def parse_flags(argv: Sequence[str]) -> Sequence[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {str(e).strip().splitlines()[0]}")
+
+
+MODEL_FLAG = "--model."
+
+
+def split_model_options(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """``--model.FIELD=VALUE`` arguments out of ``argv``: the model options of a command without a
+    config (the benchmarks), spelled like ``python -m cnn_jax.train``'s ``--config.model.FIELD``.
+    Returns the other arguments and ``{FIELD: VALUE}`` (strings; the registry types and checks
+    them against the model's fields)."""
+    rest, options = [], {}
+    for arg in argv:
+        if not arg.startswith(MODEL_FLAG):
+            rest.append(arg)
+            continue
+        field, sep, value = arg[len(MODEL_FLAG):].partition("=")
+        if not sep or not field:
+            sys.exit(f"error: write model options as {MODEL_FLAG}FIELD=VALUE, not {arg!r}")
+        options[field] = value
+    return rest, options
 
 
 def run_command(prog: str, define_flags: Callable[[flags.FlagValues, List[str]], None],

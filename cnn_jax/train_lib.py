@@ -38,7 +38,7 @@ from cnn_jax import metrics as metrics_lib
 from cnn_jax import optim
 from cnn_jax import parallel
 from cnn_jax import train_step as step_lib
-from cnn_jax.models import check_model_options, create_model
+from cnn_jax.models import check_model_options, count_params, create_model
 from cnn_jax.validation import DTYPES
 
 
@@ -242,10 +242,6 @@ def _ema_view(state: step_lib.TrainState) -> step_lib.TrainState:
     return state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
 
 
-def _num_params(params: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-
-
 @dataclasses.dataclass
 class EvalEvent:
     """What a hook of :func:`train_and_evaluate` sees: at step 0 of a fresh run (before any update,
@@ -382,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         extras = [x for x in (f"EMA {ema_decay:g}" if ema_decay else "",
                               f"{accum} micro-batches per step" if accum > 1 else "",
                               config.dtype if config.dtype != "float32" else "") if x]
-        print(f"training {config.arch} ({_num_params(setup.host_state.params):,} parameters) on "
+        print(f"training {config.arch} ({count_params(setup.host_state.params):,} parameters) on "
               f"{config.dataset} ({info.num_train_examples:,} train / "
               f"{info.num_eval_examples:,} val images) for {total_steps} steps of "
               f"{config.batch_size}{' (' + ', '.join(extras) + ')' if extras else ''}; workdir "

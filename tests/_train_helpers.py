@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = "resnet20"
 TINY_MODEL = {"stage_sizes": (1, 1, 1), "widths": (4, 8, 8)}  # config.model
 TINY_MODEL_FLAGS = ["--config.model.stage_sizes=(1, 1, 1)", "--config.model.widths=(4, 8, 8)"]
-TINY_MODEL_KWARGS = "stage_sizes=(1, 1, 1), widths=(4, 8, 8)"  # cnn_jax.benchmark's --model_kwargs
+TINY_MODEL_OPTIONS = ["--model.stage_sizes=1,1,1", "--model.widths=4,8,8"]  # cnn_jax.benchmark
 # A small `shapes` variant: 32 px, 256 train / 64 validation images (generated in ~1 s).
 TINY_DATASET = "shapes/32px_n256_v64"
 
@@ -72,9 +72,13 @@ def free_port() -> int:
 
 def python_env(num_cpu_devices: Optional[int] = None, **extra: str) -> Dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    # Keep the session's flags (conftest.py: -O0) but not a device count set by someone else.
+    kept = [f for f in env.pop("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
     if num_cpu_devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_cpu_devices}"
+        kept.append(f"--xla_force_host_platform_device_count={num_cpu_devices}")
+    if kept:
+        env["XLA_FLAGS"] = " ".join(kept)
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.update(extra)

@@ -83,13 +83,18 @@ def test_compare_torch_one_row(tmp_path):
 
 def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
-                         "--model_kwargs=widths=(8, 16, 32, 64)"])
+                         "--model.widths=8,16,32,64"])
     assert proc.returncode != 0
-    assert h.last_line(proc.stderr).startswith("error: --model_kwargs changes the network")
+    assert h.last_line(proc.stderr).startswith("error: --model.* options change the network")
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--suite=gpu", "--arch=resnet50",
-                         "--model_kwargs=colour=2", f"--output={tmp_path}"])
+                         "--model.colour=2", f"--output={tmp_path}"])
     assert proc.returncode != 0 and not os.listdir(tmp_path)
-    assert h.last_line(proc.stderr).startswith("error: 'resnet50' has no option 'colour'")
+    assert h.last_line(proc.stderr).startswith(
+        "error: --model.colour is not an option of 'resnet50'; valid options: ")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet50", "--model.widths"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == (
+        "error: write model options as --model.FIELD=VALUE, not '--model.widths'")
 
 
 def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
@@ -100,7 +105,7 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
     out = tmp_path / "out"
     proc = h.run_python(
         ["-m", "cnn_jax.benchmark", "--suite=gpu", f"--arch={h.TINY_ARCH}",
-         f"--model_kwargs={h.TINY_MODEL_KWARGS}", "--image_size=32", "--num_classes=10",
+         *h.TINY_MODEL_OPTIONS, "--image_size=32", "--num_classes=10",
          "--batch_size=2", "--steps=2", "--warmup=1", "--kind_budget_s=0.1", "--dtype=float32",
          f"--output={out}", "--json"], num_cpu_devices=8,
         PYTHONPATH=os.pathsep.join([str(site), h.REPO]), **FAST_INIT)

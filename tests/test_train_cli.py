@@ -159,7 +159,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):
 def test_benchmark_command():
     proc = h.run_python(["-m", "cnn_jax.benchmark", f"--arch={h.TINY_ARCH}", "--batch_size=4",
                          "--image_size=32", "--num_classes=10", "--steps=2", "--json",
-                         f"--model_kwargs={h.TINY_MODEL_KWARGS}"])
+                         *h.TINY_MODEL_OPTIONS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))
     assert result["arch"] == h.TINY_ARCH and result["platform"] == "cpu"
