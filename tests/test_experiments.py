@@ -1,8 +1,8 @@
 """The experiments (experiments/): every experiment's --smoke config end to end through the one
 runner, the runner's resume, the statistics on known numbers, the hooks, and the variant configs.
 
-All smoke runs share one subprocess (TensorFlow and JAX are imported once) started with
-``--xla_backend_optimization_level=0``. Each experiment trains one or two (variant, seed) runs of
+All smoke runs share one subprocess (TensorFlow and JAX are imported once) with the test
+session's XLA flags and compilation cache (tests/conftest.py). Each experiment trains one or two (variant, seed) runs of
 6 steps on 96 images; what costs time is the fixed cost of a training run (tracing, tf.data
 pipelines), so the smoke configs keep runs and evaluations few.
 """
@@ -40,8 +40,7 @@ DRIVER = textwrap.dedent("""
     import contextlib, io, json, sys
     from experiments import run
     out, work, data = sys.argv[1:4]
-    common = [f"--workdir={work}", f"--config.data_dir={data}", "--smoke",
-              "--nocompilation_cache"]
+    common = [f"--workdir={work}", f"--config.data_dir={data}", "--smoke"]
     first = run.main(["all", f"--out={out}", *common])
     log = io.StringIO()
     with contextlib.redirect_stderr(log):  # again: every run is finished, nothing trains
@@ -57,8 +56,9 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     work = tmp_path_factory.mktemp("work")
     data = tmp_path_factory.mktemp("tfds")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_backend_optimization_level=0")
+    # XLA_FLAGS (optimization level 0) and the compilation cache come from tests/conftest.py.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(out), str(work), str(data)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and (out / "driver.json").exists(), proc.stderr[-4000:]
@@ -235,11 +235,11 @@ def test_variants_are_the_papers_comparisons_and_valid():
         for label in exp.variants:
             configs.validate(exp.variant_config(label, 0), check_paths=False)
     deg = exps["degradation"].variants
-    assert exps["degradation"].default_variants == ("plain20", "plain44", "resnet20", "resnet44")
+    assert exps["degradation"].default_variants == ("plain20", "plain32", "resnet20", "resnet32")
     assert {k: (v["arch"], v["model"]["stage_sizes"]) for k, v in deg.items()} == {
-        "plain20": ("plain20", (3, 3, 3)), "plain44": ("plain20", (7, 7, 7)),
+        "plain20": ("plain20", (3, 3, 3)), "plain32": ("plain20", (5, 5, 5)),
         "plain56": ("plain20", (9, 9, 9)), "plain110": ("plain20", (18, 18, 18)),
-        "resnet20": ("resnet20", (3, 3, 3)), "resnet44": ("resnet20", (7, 7, 7)),
+        "resnet20": ("resnet20", (3, 3, 3)), "resnet32": ("resnet20", (5, 5, 5)),
         "resnet56": ("resnet20", (9, 9, 9)), "resnet110": ("resnet20", (18, 18, 18))}
     assert [v["model"]["norm_placement"] for v in exps["bn_placement"].variants.values()] == \
         ["post", "pre", "conv_relu_bn", "none"]

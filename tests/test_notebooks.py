@@ -61,7 +61,8 @@ def executed(tmp_path_factory):
     start and the JAX/TensorFlow imports cost seconds each); returns {name: notebook or error}."""
     env = {"CNN_JAX_NOTEBOOK_SMOKE": "1", "TFDS_DATA_DIR": str(tmp_path_factory.mktemp("tfds")),
            "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0", "MPLBACKEND": "Agg"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS") or "--xla_backend_optimization_level=0",
+           "MPLBACKEND": "Agg"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits them when it starts
     from jupyter_client.manager import KernelManager
