@@ -339,6 +339,10 @@ class Run:
         raise KeyError(name)
 
 
+class Interrupted(Exception):
+    """A run stopped before its end (SIGTERM): the set stops too, resumable."""
+
+
 def _finished(records: Sequence[Dict[str, Any]], total_steps: int) -> bool:
     return any(r.get("split") == "plateau" for r in records) or any(
         r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
@@ -388,8 +392,11 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
         if exp.hooks:
             hooks += exp.hooks(config, *probe)
         start = time.time()
+        interrupted = False
         try:
-            train_lib.train_and_evaluate(config, workdir, hooks=hooks)
+            result = train_lib.train_and_evaluate(config, workdir, hooks=hooks)
+            # SIGTERM (or max_steps_per_run): the loop saved a checkpoint; stop the whole set
+            interrupted = result["stopped"] and not result.get("stopped_by_hook")
         except train_lib.NonFiniteLossError as e:
             error = "diverged: " + str(e).split(";")[0]
             log(f"{label} seed {seed}: {error}")
@@ -397,6 +404,9 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
         os.makedirs(workdir, exist_ok=True)
         with open(seconds_file, "w") as f:
             f.write(f"{wall:.1f}")
+        if interrupted:
+            raise Interrupted(f"{exp.name} / {label} / seed {seed} stopped at a checkpoint; "
+                              "re-run the same command to resume")
         records = metrics_lib.read_metrics(workdir)
     elif os.path.exists(diverged_file):  # a diverged run is finished too: it would again
         error = open(diverged_file).read().strip()
@@ -462,8 +472,16 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
         for label in labels:
             if probe is None:
                 probe = probe_batch(exp.variant_config(label, seed, overrides), exp.probe_size)
-            runs.append(train_run(exp, label, seed, os.path.join(root, slug(label), f"seed{seed}"),
-                                  overrides, probe, log))
+            try:
+                runs.append(train_run(exp, label, seed,
+                                      os.path.join(root, slug(label), f"seed{seed}"), overrides,
+                                      probe, log))
+            except Interrupted:
+                if runs:  # what finished before the stop
+                    write_results(Results(exp, runs, dict(overrides),
+                                          {"probe_size": len(probe[1])}),
+                                  out, command, time.time() - start, partial=True)
+                raise
         results = Results(exp, list(runs), dict(overrides), {"probe_size": len(probe[1])})
         if i + 1 < len(seeds):  # what has finished so far, in case the set is stopped
             write_results(results, out, command, time.time() - start, partial=True)

@@ -99,6 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        workdir=os.path.join(fv.workdir, name) if fv.workdir else None,
                        out=os.path.join(fv.out, name) if fv.out else None, command=command)
             outcome = "ok"
+        except common.Interrupted as e:  # SIGTERM: stop the set, resumable
+            print(f"=== {name}: {e}", file=sys.stderr, flush=True)
+            status[name] = {"status": "interrupted", "wall_seconds": round(time.time() - start, 1)}
+            code = 1
+            break
         except ValueError as e:  # bad input: one line, and the other experiments still run
             outcome = f"error: {str(e).strip().splitlines()[0]}"
             print(outcome, file=sys.stderr, flush=True)

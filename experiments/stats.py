@@ -89,11 +89,6 @@ class Plateau:
                 f"{100 * self.min_delta:.1f} points over the last {self.patience} evaluations, "
                 f"after at least {100 * self.min_fraction:.0f}% of the epoch budget")
 
-    def reached(self, top1s: Sequence[float], fraction_done: float) -> bool:
-        """Whether the evaluations so far (in order) meet the criterion."""
-        return self.index(top1s, [fraction_done] * len(top1s)) is not None and \
-            fraction_done >= self.min_fraction
-
     def index(self, top1s: Sequence[float], fractions: Sequence[float]) -> Optional[int]:
         """The first evaluation (index) at which the criterion held, or None."""
         best = -math.inf
