@@ -85,11 +85,14 @@ variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
 print("variable collections:", list(variables))
 print("top-level parameter groups:", list(variables["params"])[:8], "...")
 
-logits = model.apply(variables, x, train=False)
+# Jitted: un-jitted, every op would be compiled on its own (hundreds of small compilations).
+evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+logits = evaluate(variables, x)
 print("eval logits:", logits.shape, logits.dtype)
-assert jnp.array_equal(logits, model.apply(variables, x, train=False))  # deterministic
+assert jnp.array_equal(logits, evaluate(variables, x))  # deterministic
 
-logits_train, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+logits_train, updates = jax.jit(
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
 before = variables["batch_stats"]["bn1"]["mean"]
 after = updates["batch_stats"]["bn1"]["mean"]
 print("bn1 running mean moved by", float(jnp.abs(after - before).max()),
@@ -100,7 +103,7 @@ print("bn1 running mean moved by", float(jnp.abs(after - before).max()),
 
 # %%
 bf16 = create_model("resnet18", num_classes=10, dtype=jnp.bfloat16)
-out = bf16.apply(variables, x.astype(jnp.bfloat16), train=False)
+out = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, x.astype(jnp.bfloat16))
 print("logits:", out.dtype, "| parameters:",
       {str(p.dtype) for p in jax.tree_util.tree_leaves(variables["params"])})
 difference = jnp.abs(out.astype(jnp.float32) - logits).max()
