@@ -1,4 +1,4 @@
-"""Ablation experiments: one script per idea, each writing CSV, PNG and markdown results.
+"""The papers' claims as experiments: each a training config plus variants, seeds and hypotheses.
 
-Run them from the repository root as ``python -m experiments.<name>`` (see experiments/README.md).
+Run them from the repository root as ``python -m experiments.run NAME`` (see experiments/README.md).
 """
