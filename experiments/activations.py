@@ -198,7 +198,7 @@ def analyse(results: common.Results, out: str) -> List[Tuple[str, str]]:
 def _geo(values: Sequence[float]) -> str:
     v = [x for x in values if x > 0]
     if not v:
-        return "-"
+        return "0 (float32 underflow)" if values else "-"
     g = math.exp(sum(math.log(x) for x in v) / len(v))
     return f"{g:.2g} [{min(v):.2g}, {max(v):.2g}]"
 
@@ -232,7 +232,7 @@ def _vanishing(results: common.Results) -> common.Outcome:
     seeds = sorted({k[3] for k in init})
     shallow, deep = exp.extra["init_depths"][0], exp.extra["init_depths"][-1]
 
-    def geo(act, depth):
+    def geo(act, depth):  # a first-layer gradient that underflows to 0 counts as 1e-30
         v = [ratio(init[(act, depth, False, s)], depth) for s in seeds]
         return math.exp(sum(math.log(max(x, 1e-30)) for x in v) / len(v))
 
