@@ -10,16 +10,19 @@ start one with :func:`_train_helpers.run_python`.
 
 Run as a script, this file is the zygote: one JSON request per line on stdin
 (``{"module", "args", "env", "stdout", "stderr"}``), one JSON reply per line on stdout
-(``{"returncode"}``).
+(``{"pid"}`` when the child starts, ``{"returncode"}`` when it ends).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Dict, Optional, Sequence
 
 import _train_helpers as h
@@ -39,7 +42,7 @@ class Zygote:
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=h.REPO,
                                       env=h.python_env(), stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True)
-        self._count = 0
+        self._count, self._buffer = 0, b""
 
     def run(self, args: Sequence[str], timeout: float = 300,
             **env_kwargs) -> subprocess.CompletedProcess:
@@ -52,12 +55,31 @@ class Zygote:
                    "stdout": out, "stderr": err}
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
-        reply = self._proc.stdout.readline()
-        assert reply, f"the CLI zygote died (exit code {self._proc.poll()})"
+        pid = json.loads(self._reply(max(timeout, 300)))["pid"]  # the first waits for imports
+        try:
+            reply = self._reply(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)  # as subprocess.run does; the zygote then replies
+            self._reply(60)
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
         with open(out) as f_out, open(err) as f_err:
             return subprocess.CompletedProcess([sys.executable, *args],
                                                json.loads(reply)["returncode"], f_out.read(),
                                                f_err.read())
+
+    def _reply(self, timeout: float) -> str:
+        """The next line from the zygote (read from the raw pipe: no buffer that select misses)."""
+        deadline = time.monotonic() + timeout
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired("cli zygote", timeout)
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the CLI zygote died (exit code {self._proc.poll()})"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -112,6 +134,8 @@ def _serve(stdin, stdout) -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code if code is not None else 1)
+        stdout.write(json.dumps({"pid": pid}) + "\n")
+        stdout.flush()
         _, status = os.waitpid(pid, 0)
         stdout.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
         stdout.flush()
