@@ -1,5 +1,7 @@
 """Orbax checkpoints, exact resume, the NaN guard and the error cases of the training loop."""
 
+import shutil
+
 import jax
 import numpy as np
 import optax
@@ -66,13 +68,27 @@ def test_meta_mismatch_is_one_line():
                               {"arch": "resnet18", "num_classes": 10}, "/w")
 
 
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """tiny_config's 6 steps in one run: (workdir, result). Tests that start from a finished run
+    copy the workdir (compiling and building pipelines is most of a run's time)."""
+    workdir = str(tmp_path_factory.mktemp("full") / "w")
+    return workdir, train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+
+
+def _copy(full_run, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(full_run[0], workdir)
+    return workdir
+
+
 def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in metrics_lib.read_metrics(workdir, "train")}
 
 
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, full_run):
     """Stop after 3 of 6 steps, re-run: same losses, eval metrics and final state as one run."""
-    full = train_lib.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "full"))
+    full_dir, full = full_run
     assert not full["stopped"] and full["step"] == 6
 
     part_dir = str(tmp_path / "parts")
@@ -81,7 +97,7 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     second = train_lib.train_and_evaluate(tiny_config(data_dir, max_steps_per_run=3), part_dir)
     assert not second["stopped"] and second["step"] == 6
 
-    expected, resumed = _train_losses(str(tmp_path / "full")), _train_losses(part_dir)
+    expected, resumed = _train_losses(full_dir), _train_losses(part_dir)
     assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
                                [expected[s] for s in range(1, 7)], rtol=1e-6)
@@ -92,7 +108,7 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
         tiny_config(data_dir), input_pipeline.get_dataset_info(h.TINY_DATASET, data_dir, 32)
     ).host_state
     states = []
-    for d in (str(tmp_path / "full"), part_dir):
+    for d in (full_dir, part_dir):
         c = ckpt_lib.Checkpointer(d, read_only=True)
         states.append(c.restore(target)[0])
         c.close()
@@ -114,20 +130,20 @@ def test_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     c.close()
 
 
-def test_workdir_of_another_architecture(data_dir, tmp_path):
-    train_lib.train_and_evaluate(tiny_config(data_dir, num_train_steps=1), str(tmp_path))
-    other = tiny_config(data_dir, arch="plain20", num_train_steps=1)
+def test_workdir_of_another_architecture(data_dir, tmp_path, full_run):
+    workdir = _copy(full_run, tmp_path)
+    other = tiny_config(data_dir, arch="plain20")
     with pytest.raises(ckpt_lib.CheckpointMismatchError,
                        match="holds a checkpoint of arch='resnet20', not 'plain20'"):
-        train_lib.train_and_evaluate(other, str(tmp_path))
+        train_lib.train_and_evaluate(other, workdir)
 
 
-def test_finished_run_is_not_retrained(data_dir, tmp_path):
-    first = train_lib.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
-    again = train_lib.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
-    assert again["step"] == 2 and not again["stopped"]
+def test_finished_run_is_not_retrained(data_dir, tmp_path, full_run):
+    workdir, first = _copy(full_run, tmp_path), full_run[1]
+    again = train_lib.train_and_evaluate(tiny_config(data_dir), workdir)
+    assert again["step"] == 6 and not again["stopped"]
     np.testing.assert_allclose(again["top1"], first["top1"])
-    assert len(_train_losses(str(tmp_path))) == 2
+    assert len(_train_losses(workdir)) == 6
 
 
 @pytest.mark.parametrize("overrides, error", [

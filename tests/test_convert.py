@@ -31,6 +31,28 @@ import _torchvision as tv
 TOL = 1e-4  # max |logit difference| in float32, on logits of std ~2 (see tv.calibrate)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _trace_each_model_once():
+    """``convert.expected_variables`` (``model.init`` traced by ``eval_shape``, 0.3-3 s) once per
+    distinct model: ``from_torch_state_dict``, ``load_converted`` and the tests' own tree checks
+    call it ~70 times for ~25 models here. Modules hash and compare by their fields, so a cached
+    tree is exactly what the call would return; each caller gets its own copy of the dicts."""
+    original, cache = convert.expected_variables, {}
+
+    def _copy_dicts(tree):  # in their order (tree_map would sort the keys)
+        return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    def cached(model, image_size: int = 224):
+        key = (type(model), model, image_size)
+        if key not in cache:
+            cache[key] = original(model, image_size)
+        return _copy_dicts(cache[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert, "expected_variables", cached)
+        yield
+
+
 def _images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, h, w, 3)).astype(np.float32)
 
@@ -45,7 +67,10 @@ def _reference(name: str, **torch_kwargs):
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def _apply_fn(model):
+    """One jitted eval apply per distinct model (modules hash by their fields), so that tests of
+    the same network at the same input shape reuse its compiled program."""
     return jax.jit(functools.partial(model.apply, train=False))
 
 
@@ -302,7 +327,8 @@ def test_cli_round_trip(converted_resnet18, capsys):
     assert (meta["arch"], meta["num_classes"], meta["source"]) == ("resnet18", 1000, "torchvision")
     assert meta["config"]["dataset"] == "imagenet2012"
     _assert_tree_like_init(variables, model)
-    _assert_logits_match(_apply_fn(model), variables, _reference("resnet18"), _images(2, 64, 64))
+    # test_logits_match_torchvision[resnet18]'s images: its compiled program is reused.
+    _assert_logits_match(_apply_fn(model), variables, _reference("resnet18"), _images(2, 224, 224))
     # A second conversion into the same directory is refused rather than mixed with the first.
     assert convert.main(["--arch=resnet18", f"--torch_checkpoint={pth}", f"--output={out}"]) == 1
     assert "already holds a checkpoint" in capsys.readouterr().err

@@ -206,7 +206,9 @@ def test_loop_options_end_to_end_with_a_crash_and_a_damaged_checkpoint(data_dir,
     workdir = str(tmp_path / "w")
     config = tiny_config(
         data_dir, num_train_steps=4, eval_every_steps=2, ema_decay=0.9, grad_accum_steps=2,
-        dtype="float16", best_metric="ema_top1", profile_steps="2:3",
+        # Step 4 is traced: after step 3 compiled the step (a trace of the compile holds every
+        # Python call of tracing and lowering, and writing its perfetto JSON takes ~20 s).
+        dtype="float16", best_metric="ema_top1", profile_steps="3:4",
         # One stage of one block: compiling is most of a tiny run's time.
         model=configs.model_config({"stage_sizes": (1,), "widths": (4,)}))
     # The killed run, without training it (compiles are the slow part): its checkpoint 2

@@ -137,24 +137,20 @@ class GoogLeNetForwardTest(chex.TestCase):
     """Real forward passes at 64x64, where the 4a/4d maps are exactly the aux heads' 4x4."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    def test_eval_returns_plain_logits(self):
-        model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=True)
-        variables = shared_variables()
-        out = self.variant(lambda v, x: model.apply(v, x, train=False))(variables, images(64))
-        assert not isinstance(out, tuple)
-        chex.assert_shape(out, (2, NUM_CLASSES))
-        chex.assert_tree_all_finite(out)
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_train_returns_aux_outputs_and_updates_batch_stats(self):
+    def test_eval_returns_plain_logits_and_train_aux_outputs(self):
         model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=True)
         variables = shared_variables()  # made with train=False: must serve train mode too
 
         @self.variant
-        def train_step(v, x, key):
-            return model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+        def forward(v, x, key):  # both modes in one program: one compilation
+            return (model.apply(v, x, train=False),
+                    model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
 
-        out, updates = train_step(variables, images(64), dropout_key())
+        logits, (out, updates) = forward(variables, images(64), dropout_key())
+        assert not isinstance(logits, tuple)
+        chex.assert_shape(logits, (2, NUM_CLASSES))
+        chex.assert_tree_all_finite(logits)
+
         assert isinstance(out, GoogLeNetOutputs)
         chex.assert_shape([out.logits, out.aux_logits2, out.aux_logits1], (2, NUM_CLASSES))
         chex.assert_tree_all_finite(out)

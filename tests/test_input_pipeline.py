@@ -235,11 +235,16 @@ def _eval_examples(data_dir, batch, devices, count):
     return labels
 
 
+@pytest.fixture(scope="module")
+def eval_reference(data_dir):
+    """Every example once, in one batch of 50 on one device of one process."""
+    return _eval_examples(data_dir, 50, 1, 1)
+
+
 @pytest.mark.parametrize("devices,count,batch", [(1, 1, 7), (3, 1, 12), (8, 1, 16), (3, 2, 12),
                                                  (8, 2, 16), (8, 2, 64)])
-def test_eval_covers_every_example_once(data_dir, devices, count, batch):
-    reference = _eval_examples(data_dir, 50, 1, 1)
-    assert _eval_examples(data_dir, batch, devices, count) == reference
+def test_eval_covers_every_example_once(data_dir, eval_reference, devices, count, batch):
+    assert _eval_examples(data_dir, batch, devices, count) == eval_reference
 
 
 # ----------------------------------------------------------------------------- errors, fake, info

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 from cnn_jax.models import create_model, count_params, list_models
 from cnn_jax.models import resnet
@@ -112,30 +111,8 @@ def test_norm_placement_param_differences_resnet18():
 # ---------------------------------------------------------------- real forward passes
 
 
-class ForwardTest(chex.TestCase):
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters("resnet18", "resnet50", "resnet20", "plain20")
-    def test_forward_eval_and_train(self, name):
-        model = create_model(name, num_classes=7)
-        x = _images(2, 32)
-        variables = fast_init(model, x)
-
-        @self.variant
-        def forward(variables, x):  # both modes in one program: one compilation per model
-            return {train: model.apply(variables, x, train=train, mutable=["batch_stats"])
-                    for train in (False, True)}
-
-        outputs = forward(variables, x)
-        for train, (logits, updates) in outputs.items():
-            chex.assert_shape(logits, (2, 7))
-            chex.assert_tree_all_finite(logits)
-            chex.assert_trees_all_equal_shapes(updates, {"batch_stats": variables["batch_stats"]})
-        # Eval uses the running statistics; train mode updates them.
-        chex.assert_trees_all_equal(outputs[False][1]["batch_stats"], variables["batch_stats"])
-        assert not np.allclose(outputs[True][1]["batch_stats"]["bn1"]["mean"],
-                               variables["batch_stats"]["bn1"]["mean"])
-        assert not np.allclose(outputs[True][0], outputs[False][0])
+# Real forward passes (eval and train mode, jitted and not) of every ResNet: test_forward_jit.py
+# and test_forward_eager.py.
 
 
 # ---------------------------------------------------------------- options

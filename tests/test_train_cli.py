@@ -12,6 +12,7 @@ import time
 import pytest
 
 import _train_helpers as h
+from _cli_zygote import Zygote
 from cnn_jax import checkpoint as ckpt_lib, input_pipeline, metrics as metrics_lib
 
 STEPS = 4
@@ -31,6 +32,15 @@ def train_args(workdir, data_dir, *extra, arch=h.TINY_ARCH):
             "--config.batch_size=16", "--config.eval_batch_size=32",
             f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
             "--config.eval_every_steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """Runs `python -m cnn_jax.<command>` in forked processes that skip the imports: for the error
+    cases and the resume; each command also runs once as a plain subprocess (h.run_python)."""
+    zygote = Zygote()
+    yield zygote
+    zygote.close()
 
 
 @pytest.fixture(scope="module")
@@ -89,38 +99,38 @@ def _assert_one_line_error(proc, expected):
     assert line.startswith("error: ") and expected in line, proc.stderr[-3000:]
 
 
-def test_workdir_of_another_architecture(trained, data_dir):
+def test_workdir_of_another_architecture(trained, data_dir, cli):
     workdir, _ = trained
-    proc = h.run_python(train_args(workdir, data_dir, arch="plain20"))
+    proc = cli.run(train_args(workdir, data_dir, arch="plain20"))
     _assert_one_line_error(proc, "holds a checkpoint of arch='resnet20', not 'plain20'")
-    proc = h.run_python(["-m", "cnn_jax.evaluate", "--arch=plain20", f"--workdir={workdir}"])
+    proc = cli.run(["-m", "cnn_jax.evaluate", "--arch=plain20", f"--workdir={workdir}"])
     _assert_one_line_error(proc, "holds a checkpoint of arch='resnet20', not 'plain20'")
 
 
 @pytest.mark.parametrize("case", ["unknown_arch", "not_prepared", "not_divisible",
                                   "mistyped_field"])
-def test_one_line_errors(case, tmp_path, data_dir):
+def test_one_line_errors(case, tmp_path, data_dir, cli):
     workdir = str(tmp_path / "w")
     if case == "unknown_arch":
-        proc = h.run_python(train_args(workdir, data_dir, arch="resnet9000"))
+        proc = cli.run(train_args(workdir, data_dir, arch="resnet9000"))
         _assert_one_line_error(proc, "unknown architecture 'resnet9000'; valid names: ")
         assert "resnet18" in h.last_line(proc.stderr)
     elif case == "not_prepared":
-        proc = h.run_python(["-m", "cnn_jax.train", "--arch=resnet18", f"--workdir={workdir}",
+        proc = cli.run(["-m", "cnn_jax.train", "--arch=resnet18", f"--workdir={workdir}",
                              "--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}"])
         _assert_one_line_error(proc, "cifar10 is not prepared in")
     elif case == "not_divisible":
-        proc = h.run_python(train_args(workdir, data_dir, "--config.batch_size=15"),
+        proc = cli.run(train_args(workdir, data_dir, "--config.batch_size=15"),
                             num_cpu_devices=2)
         _assert_one_line_error(proc, "batch_size 15 is not divisible by the 2 devices")
     else:  # every other class of config mistake: tests/test_registry.py, in-process
-        proc = h.run_python(train_args(workdir, data_dir, "--config.learnin_rate=0.1"))
+        proc = cli.run(train_args(workdir, data_dir, "--config.learnin_rate=0.1"))
         _assert_one_line_error(proc, "unknown config field --config.learnin_rate; did you mean "
                                      "--config.learning_rate?")
         assert not os.path.exists(workdir)  # checked before anything is written
 
 
-def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir, cli):
     workdir = str(tmp_path / "w")
     args = train_args(workdir, data_dir, "--config.eval_every_steps=100000",
                       "--config.progress_bar=False")
@@ -148,7 +158,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):
     logged = [r["step"] for r in metrics_lib.read_metrics(workdir, "train")]
     assert logged == list(range(1, step + 1))
 
-    again = h.run_python(args + ["--config.max_steps_per_run=2"])
+    again = cli.run(args + ["--config.max_steps_per_run=2"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming {h.TINY_ARCH} from step {step}" in again.stderr
     assert f"stopped at step {step + 2} of 100000" in again.stdout
@@ -156,7 +166,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir):
     assert logged == list(range(1, step + 3))
 
 
-def test_benchmark_command():
+def test_benchmark_command(cli):
     proc = h.run_python(["-m", "cnn_jax.benchmark", f"--arch={h.TINY_ARCH}", "--batch_size=4",
                          "--image_size=32", "--num_classes=10", "--steps=2", "--json",
                          *h.TINY_MODEL_OPTIONS])
@@ -167,5 +177,5 @@ def test_benchmark_command():
         r = result[kind]
         assert r["compile_s"] > 0 and r["images_per_sec"] > 0 and r["cpu_ms"] > 0
         assert r["peak_mib"] > 0 and r["source"] == "compiled.memory_analysis()"
-    proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet9000"])
+    proc = cli.run(["-m", "cnn_jax.benchmark", "--arch=resnet9000"])
     _assert_one_line_error(proc, "unknown architecture 'resnet9000'")

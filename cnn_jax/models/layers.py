@@ -257,24 +257,41 @@ def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
                                preferred_element_type=jnp.float32)
 
 
-def _taps_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
-    """The convolution as a sum over live kernel taps of (strided input window) @ kernel[i, j]."""
-    n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
+def _patches(x: Array, geo: _Geometry) -> Array:
+    """im2col: the live taps' strided input windows side by side, ``[N*Ho*Wo, taps*C]``."""
+    n, c = x.shape[0], x.shape[-1]
     xp = _pad_input(x, geo)
-    y = sum(_dot(jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c), kernel[i, j])
-            for i, j in geo.live_taps)
+    windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)) for i, j in geo.live_taps]
+    return jnp.concatenate(windows, axis=-1).reshape(-1, len(windows) * c)
+
+
+def _live_kernel(kernel: Array, geo: _Geometry) -> Array:
+    """The kernel's live taps as one ``[taps*C, O]`` matrix (rows in ``_patches``' order)."""
+    kh, kw, c, o = kernel.shape
+    live = geo.live_taps
+    if len(live) == kh * kw:
+        return kernel.reshape(-1, o)
+    return jnp.stack([kernel[i, j] for i, j in live]).reshape(-1, o)
+
+
+def _taps_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
+    """The convolution as one matmul of the im2col patches (small outputs: the copy is small)."""
+    n, o = x.shape[0], kernel.shape[-1]
+    y = _dot(_patches(x, geo), _live_kernel(kernel, geo))
     return y.reshape((n,) + geo.out_hw + (o,)).astype(x.dtype)
 
 
 def _taps_input_grad(g: Array, kernel: Array, geo: _Geometry, x_shape, dtype) -> Array:
-    """Transpose of ``_taps_forward`` in x: each tap's g @ kernel[i, j].T padded back in place."""
+    """Transpose of ``_taps_forward`` in x: g @ kernel.T, each tap's slice padded back in place."""
     n, c, o = x_shape[0], x_shape[-1], kernel.shape[-1]
     (sh, sw), (hp, wp) = geo.strides, geo.padded_hw()
-    g2 = g.reshape(-1, o)
+    live = geo.live_taps
+    dpatches = _dot(g.reshape(-1, o), _live_kernel(kernel, geo).T)
+    dpatches = dpatches.reshape((n,) + geo.out_hw + (len(live), c))
     dxp = 0
-    for i, j in geo.live_taps:
+    for k, (i, j) in enumerate(live):
         _, limit, _ = geo.tap_window(i, j, n, c)
-        t = _dot(g2, kernel[i, j].T).reshape((n,) + geo.out_hw + (c,))
+        t = dpatches[..., k, :]
         dxp = dxp + jax.lax.pad(t, jnp.zeros((), t.dtype),
                                 ((0, 0, 0), (i, hp - limit[1], sh - 1), (j, wp - limit[2], sw - 1),
                                  (0, 0, 0)))
@@ -286,9 +303,11 @@ def _taps_input_grad(g: Array, kernel: Array, geo: _Geometry, x_shape, dtype) ->
 # Below this many input channels the weight gradient is one matmul over im2col patches (the
 # stem: 3 channels); above, one matmul per kernel tap reads the input without a k*k-fold copy.
 _IM2COL_MAX_CHANNELS = 16
-# At or below this many output positions (7x7) the forward pass and the input gradient are sums
-# of per-tap matmuls too: XLA:CPU's convolution is 10-30x slower than them at 2x2 and 1x1 (the
-# last stages of networks run on 32 px inputs), and no faster at 7x7.
+# At or below this many output positions (7x7) the forward pass, the input gradient and the weight
+# gradient are each one matmul over the im2col patches (the copy is at most 9 x 49 positions per
+# image): XLA:CPU's convolution is 10-30x slower than them at 2x2 and 1x1 (the last stages of
+# networks run on 32 px inputs), and no faster at 7x7. One matmul rather than one per tap keeps
+# the program small (resnet152's forward at 32 px compiles in half the time).
 _TAPS_MAX_OUTPUT_POSITIONS = 49
 
 
@@ -297,12 +316,13 @@ def _taps_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -> Array
     kh, kw, c, o = kernel_shape
     n = x.shape[0]
     g2 = g.reshape(-1, o)
-    xp = _pad_input(x, geo)
     live = geo.live_taps
-    windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c) for i, j in live]
-    if c < _IM2COL_MAX_CHANNELS:
-        per_tap = _dot(jnp.concatenate(windows, axis=-1), g2, contract_a=0).reshape(-1, c, o)
+    if c < _IM2COL_MAX_CHANNELS or _small_output(geo):
+        per_tap = _dot(_patches(x, geo), g2, contract_a=0).reshape(-1, c, o)
     else:
+        xp = _pad_input(x, geo)
+        windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c)
+                   for i, j in live]
         per_tap = jnp.stack([_dot(t, g2, contract_a=0) for t in windows])
     if len(live) == kh * kw:
         return per_tap.reshape(kernel_shape)

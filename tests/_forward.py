@@ -1,0 +1,80 @@
+"""The registry-wide forward check, run jitted (test_forward_jit.py) and un-jitted
+(test_forward_eager.py): two files so that pytest-xdist's --dist loadfile puts them on different
+workers."""
+
+import chex
+import jax
+import numpy as np
+
+from cnn_jax.models import create_model, model_info
+from cnn_jax.models.layers import split_logits
+
+from _variables import fast_init
+
+# Families whose classifier uses dropout (DenseNet's drop_rate defaults to 0, ResNet has none).
+HAS_DROPOUT = ("alexnet", "vgg", "googlenet")
+
+
+def forward_size(name):
+    """32x32, or the next multiple of 32 that the registry entry's minimum input allows."""
+    return max(32, -(-model_info(name).min_input_size // 32) * 32)
+
+
+# Options that repeat a block (ResNet's blocks per stage, DenseNet's layers per dense block).
+REPEAT_OPTIONS = ("stage_sizes", "block_config")
+
+
+def shortened(name, keep=2):
+    """Model options that cut every repeat count in ``REPEAT_OPTIONS`` to at most ``keep``: the
+    same modules, each block kind once as the first (down-sampling or transition-fed) block of a
+    stage and once after it, in a fraction of the layers."""
+    model = create_model(name)
+    return {option: tuple(min(keep, n) for n in getattr(model, option))
+            for option in REPEAT_OPTIONS if hasattr(model, option)}
+
+
+def check_forward(variant, name, **options):
+    """Eval and train mode of ``name`` through ``variant`` (chex's jit or no-jit wrapper): shapes,
+    finite logits, deterministic eval that reads batch statistics without changing them, train
+    mode that updates all of them and differs from eval where there is batch norm or dropout, and
+    dropout rngs that change the output (the same rng repeating it)."""
+    model = create_model(name, num_classes=5, **options)
+    size = forward_size(name)
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    variables = fast_init(model, x)
+    stats = variables.get("batch_stats", {})
+
+    @variant
+    def forward(variables, x, seed):  # both modes in one program: one compilation per model
+        # mutable in eval mode too: a model that wrote batch_stats there would show it.
+        return (model.apply(variables, x, train=False, mutable=["batch_stats"]),
+                model.apply(variables, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(seed)}))
+
+    (logits, eval_updates), (out, updates) = forward(variables, x, 2)
+    chex.assert_shape(logits, (2, 5))
+    chex.assert_tree_all_finite(logits)
+    # Eval mode reads batch statistics without changing them.
+    chex.assert_trees_all_equal(eval_updates.get("batch_stats", {}), stats)
+
+    main, aux = split_logits(out)
+    chex.assert_shape([main, *aux], (2, 5))
+    chex.assert_tree_all_finite(main)
+    if stats:
+        chex.assert_trees_all_equal_shapes(updates["batch_stats"], stats)
+        # numpy: jnp would compile two programs per distinct statistics shape (~4 s for DenseNet).
+        changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                         stats, updates["batch_stats"])
+        assert all(jax.tree_util.tree_leaves(changed)), f"{name}: batch_stats not all updated"
+    info = model_info(name)
+    # Train mode differs from eval mode exactly where there is batch norm (batch statistics) or
+    # dropout.
+    assert (not np.allclose(main, logits)) == (info.has_batch_norm or info.family in HAS_DROPOUT)
+
+    (logits_again, _), (out3, _) = forward(variables, x, 3)
+    np.testing.assert_array_equal(logits_again, logits)  # eval is deterministic
+    differs = not np.allclose(main, split_logits(out3)[0])
+    assert differs == (info.family in HAS_DROPOUT), (
+        f"{name}: a new dropout rng {'changed' if differs else 'did not change'} the output")
+    if differs:  # ... and the same rng repeats the same output
+        np.testing.assert_array_equal(split_logits(forward(variables, x, 2)[1][0])[0], main)
