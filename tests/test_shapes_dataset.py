@@ -172,15 +172,14 @@ class _TinyCNN(nn.Module):
 
 @pytest.mark.slow
 def test_tiny_cnn_learns_shapes(small_shapes):
-    """~72k parameters, 600 Adam steps of 64 on 4000 32x32 images: >= 70% validation top-1
-    (450 steps gave 72%, 1,200 steps >= 90%)."""
+    """~72k parameters, 1200 Adam steps of 64 on 4000 32x32 images: >= 90% validation top-1."""
     x_train, y_train = _arrays(small_shapes, "train")
     x_val, y_val = _arrays(small_shapes, "validation")
     norm = lambda x: (x.astype(np.float32) / 255.0 - 0.5) / 0.25  # noqa: E731
     x_train, x_val = norm(x_train), norm(x_val)
     model = _TinyCNN()
     params = model.init(jax.random.key(0), x_train[:1])
-    steps = 600
+    steps = 1200
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 6e-3, 50, steps))
     opt_state = tx.init(params)
 
@@ -201,4 +200,4 @@ def test_tiny_cnn_learns_shapes(small_shapes):
         params, opt_state, loss = train_step(params, opt_state, np.ascontiguousarray(x),
                                              y_train[idx])
     accuracy = float((jnp.argmax(model.apply(params, x_val), -1) == y_val).mean())
-    assert accuracy >= 0.7, accuracy  # chance: 0.1
+    assert accuracy >= 0.9, accuracy  # chance: 0.1
