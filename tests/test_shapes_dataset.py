@@ -183,7 +183,6 @@ def test_tiny_cnn_learns_shapes(small_shapes):
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 6e-3, 50, steps))
     opt_state = tx.init(params)
 
-    @jax.jit
     def train_step(params, opt_state, x, y):
         def loss_fn(p):
             return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
@@ -191,6 +190,10 @@ def test_tiny_cnn_learns_shapes(small_shapes):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # 1200 steps: run time, not compile time, dominates, so this one program is compiled with XLA's
+    # default optimizations rather than the session's -O0 (tests/conftest.py): 20 ms a step, not 40.
+    train_step = jax.jit(train_step).lower(params, opt_state, x_train[:64], y_train[:64]).compile(
+        compiler_options={"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True})
     rng = np.random.default_rng(0)
     for step in range(steps):
         idx = rng.integers(0, len(x_train), 64)
