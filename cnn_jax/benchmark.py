@@ -59,10 +59,11 @@ def model_dtype(name: str) -> Any:
     """The compute dtype of a ``--dtype`` name (train_lib's would import TensorFlow)."""
     import jax.numpy as jnp
 
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
-    return dtypes[name]
+    from cnn_jax import benchmark_gpu
+
+    if name not in benchmark_gpu.DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(benchmark_gpu.DTYPES)}")
+    return jnp.dtype(name)
 
 
 def _mib(n) -> float:

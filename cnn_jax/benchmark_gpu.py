@@ -127,7 +127,7 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
 
     options = check_model_options(arch, dict(model or {}), flag_prefix="--model.")
 
-    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    compute = jnp.dtype(dtype)  # a name from DTYPES
     # pmap as the train loop runs it; shard_map (same per-device step) where a jax lacks pmap.
     dp = parallel.DataParallel("pmap" if hasattr(jax, "pmap") else "shard_map")
     n_dev = dp.num_local_devices

@@ -114,7 +114,7 @@ class _JaxSide:
         from cnn_jax.models import count_params, create_model
 
         self._jax = jax
-        compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+        compute = jnp.dtype(dtype)  # a name from DTYPES
         device = jax.devices("cpu")[0]  # the comparison is on the CPU, whatever else is there
         model = create_model(row.arch, num_classes=row.num_classes, dtype=compute)
         variables = convert.from_torch_state_dict(row.arch, torch_state_dict, row.num_classes)
