@@ -33,12 +33,18 @@ def shortened(name, keep=2):
             for option in REPEAT_OPTIONS if hasattr(model, option)}
 
 
+# Entries checked with an option on: GoogLeNet's auxiliary heads are off by default (torchvision's
+# inference layout) but are real modules that only train mode runs.
+CHECK_OPTIONS = {"googlenet": {"aux_logits": True}}
+
+
 def check_forward(variant, name, **options):
     """Eval and train mode of ``name`` through ``variant`` (chex's jit or no-jit wrapper): shapes,
     finite logits, deterministic eval that reads batch statistics without changing them, train
     mode that updates all of them and differs from eval where there is batch norm or dropout, and
-    dropout rngs that change the output (the same rng repeating it)."""
-    model = create_model(name, num_classes=5, **options)
+    dropout rngs that change the output (the same rng repeating it); auxiliary heads only in train
+    mode, each different from the others."""
+    model = create_model(name, num_classes=5, **{**CHECK_OPTIONS.get(name, {}), **options})
     size = forward_size(name)
     x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     variables = fast_init(model, x)
@@ -52,6 +58,7 @@ def check_forward(variant, name, **options):
                             rngs={"dropout": jax.random.key(seed)}))
 
     (logits, eval_updates), (out, updates) = forward(variables, x, 2)
+    assert not isinstance(logits, tuple), f"{name}: eval mode returns more than the logits"
     chex.assert_shape(logits, (2, 5))
     chex.assert_tree_all_finite(logits)
     # Eval mode reads batch statistics without changing them.
@@ -59,7 +66,11 @@ def check_forward(variant, name, **options):
 
     main, aux = split_logits(out)
     chex.assert_shape([main, *aux], (2, 5))
-    chex.assert_tree_all_finite(main)
+    chex.assert_tree_all_finite([main, *aux])
+    assert len(aux) == (2 if getattr(model, "aux_logits", False) else 0), f"{name}: aux heads"
+    heads = [main, *aux]
+    for i, j in [(i, j) for i in range(len(heads)) for j in range(i)]:
+        assert not np.allclose(heads[i], heads[j]), f"{name}: output heads {i} and {j} are equal"
     if stats:
         chex.assert_trees_all_equal_shapes(updates["batch_stats"], stats)
         # numpy: jnp would compile two programs per distinct statistics shape (~4 s for DenseNet).

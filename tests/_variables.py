@@ -17,18 +17,24 @@ def fast_init(model, x, seed=0, **call_kwargs):
     # sampling 138M values would take seconds, and shape tests need spread, not independence.
     pool = rng.standard_normal(1 << 20, dtype=np.float32)
 
-    def normal(shape):
+    def normal(shape, std):
         n = int(np.prod(shape))
         if n <= pool.size:
-            return rng.standard_normal(shape, dtype=np.float32)
-        return np.roll(np.resize(pool, n), int(rng.integers(pool.size))).reshape(shape)
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        # One pass over the output: the scaled pool, rotated by a random offset, tiled.
+        src = np.roll(pool, -int(rng.integers(pool.size))) * np.float32(std)
+        out = np.empty(n, np.float32)
+        reps = n // pool.size
+        out[:reps * pool.size].reshape(reps, pool.size)[...] = src
+        out[reps * pool.size:] = src[:n - reps * pool.size]
+        return out.reshape(shape)
 
     def fill_leaf(path, leaf):
         name, shape = path[-1].key, leaf.shape
         if name == "kernel":  # conv: He normal, fan_out (HWIO); dense: LeCun normal, fan_in
             fan = np.prod(shape[:-2]) * shape[-1] if len(shape) == 4 else shape[0]
             std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan)
-            return jnp.asarray(normal(shape) * std)
+            return jnp.asarray(normal(shape, std))
         # numpy, then one transfer: jnp.ones/zeros would compile a program per distinct shape
         # (DenseNet has a hundred; ~1.5 s per model).
         fill = np.ones if name in ("scale", "var") else np.zeros

@@ -133,34 +133,6 @@ def test_feature_maps_follow_table1(name):
         assert "lrn1" not in inter
 
 
-class GoogLeNetForwardTest(chex.TestCase):
-    """Real forward passes at 64x64, where the 4a/4d maps are exactly the aux heads' 4x4."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_eval_returns_plain_logits_and_train_aux_outputs(self):
-        model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=True)
-        variables = shared_variables()  # made with train=False: must serve train mode too
-
-        @self.variant
-        def forward(v, x, key):  # both modes in one program: one compilation
-            return (model.apply(v, x, train=False),
-                    model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
-
-        logits, (out, updates) = forward(variables, images(64), dropout_key())
-        assert not isinstance(logits, tuple)
-        chex.assert_shape(logits, (2, NUM_CLASSES))
-        chex.assert_tree_all_finite(logits)
-
-        assert isinstance(out, GoogLeNetOutputs)
-        chex.assert_shape([out.logits, out.aux_logits2, out.aux_logits1], (2, NUM_CLASSES))
-        chex.assert_tree_all_finite(out)
-        # Aux heads differ from each other and from the main head.
-        assert not np.allclose(out.aux_logits1, out.aux_logits2)
-        assert not np.allclose(out.logits, out.aux_logits1)
-        old = variables["batch_stats"]["aux1"]["conv"]["bn"]["mean"]
-        assert not np.allclose(updates["batch_stats"]["aux1"]["conv"]["bn"]["mean"], old)
-
-
 def test_aux_outputs_only_in_train_mode_with_aux_logits():
     for aux in (False, True):
         model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=aux)

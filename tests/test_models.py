@@ -29,9 +29,11 @@ GOOGLENET_WITH_AUX_PARAMS = 13_004_888
 ALL_MODELS = list_models()
 
 
-def _abstract_init(model, size=224):
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+def _abstract_init(model, size=224, batch=1):
+    """(eval-mode output, variables) of ``model.init`` on a batch of ``size`` px images, as
+    shapes: one trace gives both (the forward pass is what init runs)."""
+    x = jnp.zeros((batch, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False))
 
 
 def test_registry_has_every_family():
@@ -57,21 +59,18 @@ def test_unknown_option_is_a_clear_error():
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_param_count_matches_torchvision(name):
-    variables = _abstract_init(create_model(name, num_classes=1000))
+    _, variables = _abstract_init(create_model(name, num_classes=1000))
     assert count_params(variables["params"]) == TORCHVISION_PARAMS[name]
 
 
 def test_googlenet_aux_param_count():
-    variables = _abstract_init(create_model("googlenet", aux_logits=True))
+    _, variables = _abstract_init(create_model("googlenet", aux_logits=True))
     assert count_params(variables["params"]) == GOOGLENET_WITH_AUX_PARAMS
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_shape_at_224_and_num_classes(name):
-    model = create_model(name, num_classes=7)
-    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-    variables = _abstract_init(model)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    out, _ = _abstract_init(create_model(name, num_classes=7), 224, batch=2)
     chex.assert_shape(out, (2, 7))
 
 
@@ -79,9 +78,7 @@ def test_output_shape_at_224_and_num_classes(name):
 def test_bf16_compute_keeps_fp32_params(name):
     model = create_model(name, dtype=jnp.bfloat16)
     size = forward_size(name)
-    variables = _abstract_init(model, size)
+    out, variables = _abstract_init(model, size, batch=2)
     for leaf in jax.tree_util.tree_leaves(variables):
         assert leaf.dtype == jnp.float32
-    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert out.dtype == jnp.bfloat16
