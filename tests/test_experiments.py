@@ -1,21 +1,21 @@
 """The experiments (experiments/): every experiment's --smoke config end to end through the one
 runner, the runner's resume, the statistics on known numbers, the hooks, and the variant configs.
 
-All smoke runs share one subprocess (TensorFlow and JAX are imported once) with the test
-session's XLA flags and compilation cache (tests/conftest.py). Each experiment trains one or two (variant, seed) runs of
+All smoke runs run in the test process, once (a module fixture), with the test session's XLA
+flags and compilation cache (tests/conftest.py). Each experiment trains one or two (variant, seed) runs of
 6 steps on 96 images; what costs time is the fixed cost of a training run (tracing, tf.data
 pipelines), so the smoke configs keep runs and evaluations few.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
-import subprocess
 import sys
-import textwrap
 import types
 
 import pytest
@@ -36,36 +36,28 @@ SMOKE = {
     "resnet_vs_densenet": ["densenet_bc_16_k3"],
 }
 
-DRIVER = textwrap.dedent("""
-    import contextlib, io, json, sys
-    from experiments import run
-    out, work, data = sys.argv[1:4]
-    common = [f"--workdir={work}", f"--config.data_dir={data}", "--smoke"]
-    first = run.main(["all", f"--out={out}", *common])
-    log = io.StringIO()
-    with contextlib.redirect_stderr(log):  # again: every run is finished, nothing trains
-        second = run.main(["degradation", f"--out={out}/again", *common])
-    json.dump({"first": first, "second": second, "second_log": log.getvalue()},
-              open(f"{out}/driver.json", "w"))
-""")
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Every experiment's --smoke config, once; then degradation again on the same workdirs."""
-    out = tmp_path_factory.mktemp("results")
-    work = tmp_path_factory.mktemp("work")
-    data = tmp_path_factory.mktemp("tfds")
-    # XLA_FLAGS (optimization level 0) and the compilation cache come from tests/conftest.py.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(out), str(work), str(data)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and (out / "driver.json").exists(), proc.stderr[-4000:]
-    driver = json.loads((out / "driver.json").read_text())
+    """Every experiment's --smoke config, once, in this test process (its JAX, TensorFlow and
+    XLA flags: tests/conftest.py); then degradation again on the same workdirs."""
+    from absl import logging
+
+    out, work, data = (tmp_path_factory.mktemp(n) for n in ("results", "work", "tfds"))
+    # The session's compilation cache (or none) stays as conftest.py set it.
+    flags = [f"--workdir={work}", f"--config.data_dir={data}", "--smoke", "--nocompilation_cache"]
+    verbosity = logging.get_verbosity()
+    first_log, second_log = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(first_log), contextlib.redirect_stderr(first_log):
+            first = run.main(["all", f"--out={out}", *flags])
+        with contextlib.redirect_stdout(second_log), contextlib.redirect_stderr(second_log):
+            second = run.main(["degradation", f"--out={out}/again", *flags])
+    finally:
+        logging.set_verbosity(verbosity)  # the runner silences absl's INFO lines
     status = json.loads((out / "status.json").read_text())
+    driver = {"first": first, "second": second, "second_log": second_log.getvalue()}
     return types.SimpleNamespace(out=out, work=work, driver=driver, status=status,
-                                 log=proc.stderr)
+                                 log=first_log.getvalue())
 
 
 def _read_csv(path):
