@@ -104,21 +104,27 @@ def split_model_options(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]]
 
 
 def run_command(prog: str, define_flags: Callable[[flags.FlagValues, List[str]], None],
-                run: Callable[[flags.FlagValues], int],
-                argv: Optional[Sequence[str]] = None) -> int:
+                run: Callable[..., int], argv: Optional[Sequence[str]] = None, *,
+                positional: Optional[str] = None, description: str = "") -> int:
     """A command on absl flags of its own (``main(argv) -> exit code``, callable from tests):
-    ``define_flags(fv, argv)`` defines them, ``run(fv)`` does the work. A bad flag, a stray
-    argument or a ValueError from ``run`` is one line ``error: ...`` on stderr and exit code 1."""
+    ``define_flags(fv, argv)`` defines them, ``run(fv)`` does the work; with ``positional`` (its
+    usage text, e.g. ``"NAME [NAME ...]"``) the command takes arguments, ``run(fv, args)``. A bad
+    flag, a stray argument or a ValueError from ``run`` is one line ``error: ...`` on stderr and
+    exit code 1; ``--help`` prints the usage, ``description`` and the flags."""
     argv = [prog, *(sys.argv[1:] if argv is None else argv)]
     fv = flags.FlagValues()
     define_flags(fv, argv)
     if "--help" in argv or "-h" in argv:
-        print(f"usage: python -m {prog} [flags]\n\n{fv.get_help()}")
+        usage = f"{positional} [flags]" if positional else "[flags]"
+        text = f"{description.strip()}\n\n" if description else ""
+        print(f"usage: python -m {prog} {usage}\n\n{text}{fv.get_help()}")
         return 0
     try:
-        extra = fv(argv)
-        if len(extra) > 1:
-            raise ValueError(f"unexpected arguments: {' '.join(extra[1:])}")
+        extra = fv(argv)[1:]
+        if positional:
+            return run(fv, extra)
+        if extra:
+            raise ValueError(f"unexpected arguments: {' '.join(extra)}")
         return run(fv)
     except (flags.Error, ValueError) as e:
         logging.info("error", exc_info=True)

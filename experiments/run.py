@@ -63,24 +63,24 @@ def names_from(args: Sequence[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = ["experiments.run", *(sys.argv[1:] if argv is None else argv)]
-    fv = flags.FlagValues()
-    _define(fv, argv)
-    if "--help" in argv or "-h" in argv:
-        print(f"{__doc__}\nexperiments: {', '.join(EXPERIMENTS)}\n\n{fv.get_help()}")
-        return 0
-    try:
-        positional = fv(argv)[1:]
-        names = names_from(positional)
-        from ml_collections import config_flags
+    from cnn_jax import cli
 
-        overrides = config_flags.get_override_values(fv["config"])
-        seeds = [int(s) for s in fv.seeds] if fv.seeds else None
-    except (flags.Error, ValueError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = [a for a in argv if a.startswith("-")]  # recorded in each README's command
+    return cli.run_command("experiments.run", _define, lambda fv, args: _run(fv, args, given),
+                           argv, positional="NAME|all [NAME ...]",
+                           description=f"{__doc__}\nexperiments: {', '.join(EXPERIMENTS)}")
+
+
+def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int:
     from absl import logging
+    from ml_collections import config_flags
 
+    names = names_from(args)
+    overrides = config_flags.get_override_values(fv["config"])
+    if fv.seeds and not all(s.strip().lstrip("-").isdigit() for s in fv.seeds):
+        raise ValueError(f"--seeds takes integers, e.g. --seeds=0,1,2 (got {','.join(fv.seeds)})")
+    seeds = [int(s) for s in fv.seeds] if fv.seeds else None
     logging.set_verbosity(logging.ERROR)  # TFDS's notices about generated `shapes` configs
     if fv.compilation_cache:
         from cnn_jax import cli
@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.time()
         try:
             exp = importlib.import_module(f"experiments.{name}").get_experiment(fv.smoke)
-            command = common.command_line([name, *[a for a in argv[1:] if a.startswith("-")]])
+            command = common.command_line([name, *given])
             common.run(exp, seeds=seeds, variants=fv.variants, overrides=overrides,
                        workdir=os.path.join(fv.workdir, name) if fv.workdir else None,
                        out=os.path.join(fv.out, name) if fv.out else None, command=command)

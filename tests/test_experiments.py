@@ -269,6 +269,10 @@ def test_runner_bad_input_is_one_line(capsys):
                                                + ", ".join(run.EXPERIMENTS) + " or all")
     assert run.main([]) == 1
     assert "error: name an experiment" in capsys.readouterr().err
+    assert run.main(["shortcuts", "--seeds=0,a"]) == 1
+    assert "error: --seeds takes integers, e.g. --seeds=0,1,2 (got 0,a)" in capsys.readouterr().err
+    assert run.main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m experiments.run NAME|all")
     assert run.main(["shortcuts", "--smoke", "--variants=Z", "--nocompilation_cache"]) == 1
     assert "error: unknown variant(s) Z of shortcuts; choose from A, B, C" in \
         capsys.readouterr().err
