@@ -115,6 +115,21 @@ def parse_profile_steps(text: str) -> Optional[Tuple[int, int]]:
     return start, end
 
 
+def profile_compile_note(profile: Optional[Tuple[int, int]], start_step: int) -> Optional[str]:
+    """A note when the profiler window opens at this run's first step (that step compiles the
+    train step, so the trace holds the compilation too: tens of seconds to write, hard to read) or
+    before it (a resumed run: nothing is traced)."""
+    if not profile or profile[0] > start_step:
+        return None
+    start, end = profile
+    if start < start_step:
+        return (f"profiler: the window {start}:{end} opens before step {start_step}, where this "
+                "run starts: nothing is traced")
+    return (f"profiler: the window {start}:{end} opens at this run's first step and traces its "
+            f"compilation too (a large, slow trace); --config.profile_steps={start + 1}:{end + 1} "
+            "starts after it")
+
+
 def checkpoint_meta(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
     """What a checkpoint records about its run (checked on resume, used by evaluate)."""
     return {"arch": config.arch, "dataset": config.dataset, "num_classes": int(num_classes),
@@ -388,6 +403,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bar = metrics_lib.ProgressBar(total_steps, start_step, enabled=is_main and config.progress_bar)
     if start_step:
         bar.write(f"resuming {config.arch} from step {start_step} in {checkpointer.directory}")
+    note = profile_compile_note(profile, start_step) if is_main else None
+    if note:
+        bar.write(note)
 
     eval_metrics: Optional[Dict[str, float]] = None
     ema_metrics: Optional[Dict[str, float]] = None

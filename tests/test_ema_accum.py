@@ -145,3 +145,9 @@ def test_bad_options_are_one_line_errors():
         train_lib.parse_profile_steps("5")
     assert train_lib.parse_profile_steps("2:4") == (2, 4)
     assert train_lib.parse_profile_steps("") is None
+    # A window opening at the run's first step (0, or the step it resumes from) traces the compile.
+    assert "--config.profile_steps=1:4" in train_lib.profile_compile_note((0, 3), 0)
+    assert "--config.profile_steps=8:10" in train_lib.profile_compile_note((7, 9), 7)
+    assert "nothing is traced" in train_lib.profile_compile_note((2, 4), 3)
+    assert train_lib.profile_compile_note((2, 4), 0) is None
+    assert train_lib.profile_compile_note(None, 0) is None
