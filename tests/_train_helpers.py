@@ -91,6 +91,25 @@ def run_python(args: Sequence[str], timeout: float = 300, **env_kwargs) -> subpr
                           capture_output=True, text=True, timeout=timeout)
 
 
+_BLOCKER = '''
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked: the GPU machine does not have it")
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def blocking_site(tmp_path, blocked: Sequence[str]):
+    """A folder with a sitecustomize.py that makes ``blocked`` packages unimportable (as on the
+    GPU machine); put it first on a subprocess's PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked=tuple(blocked)))
+    return site
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

@@ -18,14 +18,6 @@ import _train_helpers as h
 FAST_INIT = {"JAX_THREEFRY_PARTITIONABLE": "0"}
 
 # Makes the packages the GPU machine lacks unimportable (in the suite and its row processes).
-BLOCKER = '''
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked!r}:
-            raise ImportError(f"{{name}} is blocked: the GPU machine does not have it")
-sys.meta_path.insert(0, _Block())
-'''
 
 
 def test_select_rows_defaults_and_overrides():
@@ -99,9 +91,7 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
 
 def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
     """The suite end to end at a tiny size, pmap over 8 CPU devices, with TF & co. unimportable."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=benchmark_gpu.FORBIDDEN))
+    site = h.blocking_site(tmp_path, benchmark_gpu.FORBIDDEN)
     out = tmp_path / "out"
     proc = h.run_python(
         ["-m", "cnn_jax.benchmark", "--suite=gpu", f"--arch={h.TINY_ARCH}",

@@ -281,3 +281,37 @@ def test_runner_bad_input_is_one_line(capsys):
                      "--nocompilation_cache"]) == 1
     assert ("error: unknown config field --config.learnin_rate; did you mean "
             "--config.learning_rate?") in capsys.readouterr().err
+
+
+def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
+    """The accelerator script end to end at a toy size on the CPU, with TensorFlow, TFDS,
+    ml_collections and clu unimportable (the GPU machine has none of them)."""
+    import _train_helpers as h
+    from cnn_jax import benchmark_gpu
+
+    site = h.blocking_site(tmp_path, benchmark_gpu.FORBIDDEN)
+    out = tmp_path / "out"
+    proc = h.run_python(
+        ["-m", "experiments.degradation_gpu", "--depths=8,14", "--families=plain", "--widths=4,4,8",
+         "--train_images=600", "--val_images=500", "--steps=20", "--chunk=10",
+         "--eval_every=10", "--batch_size=16", "--workers=2", f"--out={out}"],
+        PYTHONPATH=os.pathsep.join([str(site), REPO]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in result["runs"]] == ["plain8", "plain14"]
+    for r in result["runs"]:
+        assert [c["step"] for c in r["curve"]] == [10, 20] and r["steps"] == 20
+        assert math.isfinite(r["final"]["train_loss"]) and 0 <= r["final"]["val_top1"] <= 1
+        assert r["params"] > 0
+    assert result["runs"][1]["params"] > result["runs"][0]["params"]  # 14 layers > 8
+    md = (out / "README.md").read_text()
+    assert "| plain14 | 0 |" in md and "the deeper plain net has the higher training loss" in md
+    assert proc.stdout.count("train loss") == 4  # two evaluations of two networks
+
+
+def test_degradation_gpu_bad_depth_is_one_line(capsys):
+    from experiments import degradation_gpu
+
+    assert degradation_gpu.main(["--depths=21"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --depths must be 6n + 2 (20, 32, 44, 56, "
+                                               "110), got [21]")

@@ -1,0 +1,266 @@
+"""Degradation at the paper's scale, on an accelerator (He et al. 2016, Sec. 4.2, Fig. 6).
+
+    PYTHONPATH=. python -m experiments.degradation_gpu --out=experiments/results/degradation_gpu
+
+The CIFAR plain nets and ResNets of Sec. 4.2 (``plainN`` / ``resnetN``, widths 16-32-64, option A
+shortcuts) with the paper's recipe: SGD momentum 0.9, lr 0.1, weight decay 1e-4, batch 128, lr
+divided by 10 at 50% and 75% of the steps (32k and 48k of 64k in the paper), 4-px zero-padded
+random crops and flips. Data: the hard `shapes` level drawn by
+``cnn_jax.datasets.shapes_generator`` (NumPy and Pillow, in parallel processes) and kept on the
+device: no TensorFlow, TFDS or ml_collections, which the accelerator machine lacks. Batches are
+drawn with replacement on the device, ``--chunk`` steps per ``lax.scan`` call. Every
+``--eval_every`` steps: training loss and top-1 in eval mode on a fixed 10,000-image training
+subset, validation top-1. Writes ``results.json`` and ``README.md`` (curves table, the paper's
+two claims as outcomes) to ``--out``; the CPU-sized experiment is ``python -m experiments.run
+degradation``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `cnn_jax` and `experiments` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+LEVEL, IMAGE_SIZE, NUM_CLASSES = "hard", 32, 20
+PROBE_SIZE = 10_000
+
+
+def _define(fv: flags.FlagValues, argv: List[str]) -> None:
+    del argv
+    flags.DEFINE_list("depths", ["20", "32", "44", "56"], "network depths (6n + 2)",
+                      flag_values=fv)
+    flags.DEFINE_list("families", ["plain", "resnet"], "plain and/or resnet", flag_values=fv)
+    flags.DEFINE_list("widths", ["16", "32", "64"], "channels of the three stages",
+                      flag_values=fv)
+    flags.DEFINE_integer("train_images", 50_000, "training images (CIFAR's 50k)", flag_values=fv)
+    flags.DEFINE_integer("val_images", 10_000, "validation images", flag_values=fv)
+    flags.DEFINE_integer("steps", 64_000, "SGD steps per network (the paper: 64k)",
+                         flag_values=fv)
+    flags.DEFINE_integer("batch_size", 128, "batch size", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 0.1, "peak learning rate", flag_values=fv)
+    flags.DEFINE_integer("eval_every", 4000, "steps between evaluations", flag_values=fv)
+    flags.DEFINE_integer("chunk", 500, "steps per compiled lax.scan call", flag_values=fv)
+    flags.DEFINE_list("seeds", ["0"], "seeds (initialization and batch order)", flag_values=fv)
+    flags.DEFINE_string("out", "experiments/results/degradation_gpu", "results folder",
+                        flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "processes drawing the images (0: one per CPU core)",
+                         flag_values=fv)
+
+
+def draw(num: int, split: str, workers: int):
+    """``num`` hard-level images of ``split`` (uint8) and labels, drawn in ``workers`` processes."""
+    import numpy as np
+
+    from cnn_jax.datasets.shapes_generator import make_arrays
+
+    workers = max(1, min(workers or os.cpu_count() or 1, num // 1000 or 1))
+    bounds = np.linspace(0, num, workers + 1).astype(int)
+    make = functools.partial(make_arrays, image_size=IMAGE_SIZE, split=split, level=LEVEL)
+    if workers == 1:
+        return make(num)
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(make, int(b - a), start=int(a)) for a, b in zip(bounds, bounds[1:])]
+        parts = [f.result() for f in futures]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def make_trainer(model, steps: int, batch_size: int, lr: float, chunk: int, mean, std):
+    """(state, jitted scan of ``chunk`` steps, jitted eval sums) for the paper's recipe."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from cnn_jax import optim
+    from cnn_jax import train_step as ts
+
+    schedule = optax.piecewise_constant_schedule(lr, {steps // 2: 0.1, (3 * steps) // 4: 0.1})
+    tx = optim.create_optimizer("sgd", schedule, momentum=0.9, weight_decay=1e-4)
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    def prepare(images):
+        return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+    def augment(key, images):  # the paper's 4-px zero padding, random 32x32 crops and flips
+        k_crop, k_flip = jax.random.split(key)
+        padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+        offsets = jax.random.randint(k_crop, (images.shape[0], 2), 0, 9)
+        crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
+            im, (o[0], o[1], 0), (IMAGE_SIZE, IMAGE_SIZE, images.shape[-1])))
+        out = crop(padded, offsets)
+        flip = jax.random.bernoulli(k_flip, 0.5, (images.shape[0], 1, 1, 1))
+        return jnp.where(flip, out[:, :, ::-1], out)
+
+    def one_step(carry, key, images, labels):
+        state = carry
+        k_idx, k_aug = jax.random.split(key)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
+        batch = {"image": augment(k_aug, prepare(images[idx])), "label": labels[idx]}
+        state, metrics = ts.train_step(state, batch)
+        return state, metrics["loss"]
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def run_chunk(state, key, images, labels):
+        keys = jax.random.split(key, chunk)
+        return jax.lax.scan(lambda c, k: one_step(c, k, images, labels), state, keys)
+
+    @jax.jit
+    def eval_sums(state, images, labels):
+        def body(_, xy):
+            return None, ts.eval_step(state, {"image": prepare(xy[0]), "label": xy[1]})
+        n = images.shape[0] // 500 * 500
+        xs = (images[:n].reshape(-1, 500, *images.shape[1:]), labels[:n].reshape(-1, 500))
+        _, sums = jax.lax.scan(body, None, xs)
+        return jax.tree_util.tree_map(jnp.sum, sums)
+
+    return tx, run_chunk, eval_sums
+
+
+def train_one(family: str, depth: int, widths, seed: int, data, fv, log=print) -> Dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from cnn_jax import train_step as ts
+    from cnn_jax.models import count_params, create_model
+
+    n = (depth - 2) // 6
+    model = create_model(f"{family}20", num_classes=NUM_CLASSES, widths=tuple(widths),
+                         stage_sizes=(n, n, n))
+    (x_train, y_train), (x_val, y_val), (mean, std) = data
+    tx, run_chunk, eval_sums = make_trainer(model, fv.steps, fv.batch_size, fv.learning_rate,
+                                            fv.chunk, mean, std)
+    key = jax.random.key(seed)
+    state = ts.create_train_state(model, tx, jax.random.fold_in(key, 0),
+                                  (IMAGE_SIZE, IMAGE_SIZE, 3))
+    label = f"{family}{depth}"
+    curve, start, compile_s = [], time.time(), None
+    step = 0
+    while step < fv.steps:
+        t = time.time()
+        state, losses = run_chunk(state, jax.random.fold_in(key, step + 1), *data[0])
+        losses = np.asarray(losses)
+        if compile_s is None:
+            compile_s = time.time() - t
+        step += fv.chunk
+        if step % fv.eval_every == 0 or step >= fv.steps:
+            tr = {k: float(v) for k, v in eval_sums(state, x_train[:PROBE_SIZE],
+                                                     y_train[:PROBE_SIZE]).items()}
+            va = {k: float(v) for k, v in eval_sums(state, x_val, y_val).items()}
+            row = {"step": step, "train_loss": tr["loss"] / tr["count"],
+                   "train_top1": tr["top1"] / tr["count"], "val_loss": va["loss"] / va["count"],
+                   "val_top1": va["top1"] / va["count"],
+                   "last_batch_loss": float(losses[-1])}
+            curve.append(row)
+            log(f"{label} seed {seed} step {step}: train loss {row['train_loss']:.4f} "
+                f"top-1 {100 * row['train_top1']:.1f}%, val top-1 {100 * row['val_top1']:.1f}% "
+                f"({time.time() - start:.0f} s)")
+    wall = time.time() - start
+    return {"variant": label, "family": family, "depth": depth, "seed": seed,
+            "params": count_params(state.params), "steps": step, "wall_s": round(wall, 1),
+            "first_chunk_s": round(compile_s or 0.0, 1),
+            "steps_per_s": round(step / max(wall - (compile_s or 0.0), 1e-9), 1), "curve": curve,
+            "final": curve[-1] if curve else {}}
+
+
+def outcomes(runs: Sequence[Dict[str, Any]], depths: Sequence[int]) -> List[str]:
+    """The paper's claims on these runs: final training loss (eval mode), deep vs shallow."""
+    from experiments import stats
+
+    def losses(family, depth):
+        return [r["final"]["train_loss"] for r in runs
+                if (r["family"], r["depth"]) == (family, depth) and r["final"]]
+
+    shallow, deep = min(depths), max(depths)
+    lines = []
+    for family, claim in (("plain", "the deeper plain net has the higher training loss"),
+                          ("resnet", "the deeper residual net's training loss is not higher")):
+        a, b = losses(family, deep), losses(family, shallow)
+        if not a or not b:
+            continue
+        d = stats.welch(a, b)
+        seen = d.diff > 0 if family == "plain" else d.diff <= 0
+        lines.append(f"- {claim} ({family}{deep} - {family}{shallow}: "
+                     f"{d.describe(1.0, ' nats')}): {'as the paper says' if seen else 'not seen'}")
+    return lines
+
+
+def write(out: str, runs: Sequence[Dict[str, Any]], fv, depths, command: str,
+          draw_s: float) -> None:
+    import jax
+
+    os.makedirs(out, exist_ok=True)
+    meta = {"command": command, "device": str(jax.devices()[0].device_kind),
+            "jax": jax.__version__, "train_images": fv.train_images,
+            "val_images": fv.val_images, "steps": fv.steps, "batch_size": fv.batch_size,
+            "draw_images_s": round(draw_s, 1)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": list(runs)}, f, indent=1)
+    rows = ["| variant | seed | params | steps | train loss (eval mode) | train top-1 | "
+            "val top-1 | steps/s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        f_ = r["final"]
+        rows.append(f"| {r['variant']} | {r['seed']} | {r['params']:,} | {r['steps']} | "
+                    f"{f_['train_loss']:.4f} | {100 * f_['train_top1']:.1f}% | "
+                    f"{100 * f_['val_top1']:.1f}% | {r['steps_per_s']} | {r['wall_s']} |")
+    text = [f"# Degradation at the paper's scale ({meta['device']})", "",
+            f"Command: `{command}`", "",
+            f"`shapes` hard level, {fv.train_images:,} training / {fv.val_images:,} validation "
+            f"images at 32 px (drawn in {draw_s:.0f} s), {fv.steps:,} SGD steps of "
+            f"{fv.batch_size} per network (lr {fv.learning_rate}, /10 at 50% and 75%), JAX "
+            f"{meta['jax']}.", "", *rows, "", "## The paper's claims on these runs", "",
+            *outcomes(runs, depths), ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(text))
+
+
+def _run(fv: flags.FlagValues) -> int:
+    import numpy as np
+
+    depths = [int(d) for d in fv.depths]
+    bad = [d for d in depths if d < 8 or (d - 2) % 6]
+    if bad:
+        raise ValueError(f"--depths must be 6n + 2 (20, 32, 44, 56, 110), got {bad}")
+    unknown = [f for f in fv.families if f not in ("plain", "resnet")]
+    if unknown:
+        raise ValueError(f"--families: choose from plain, resnet (got {', '.join(unknown)})")
+    if fv.eval_every % fv.chunk or fv.steps % fv.chunk:
+        raise ValueError(f"--steps and --eval_every must be multiples of --chunk ({fv.chunk})")
+    widths = [int(w) for w in fv.widths]
+    t = time.time()
+    x_train, y_train = draw(fv.train_images, "train", fv.workers)
+    x_val, y_val = draw(fv.val_images, "validation", fv.workers)
+    draw_s = time.time() - t
+    pixels = x_train.reshape(-1, 3).astype(np.float64) / 255.0
+    data = ((x_train, y_train), (x_val, y_val), (pixels.mean(0), pixels.std(0)))
+    print(f"drew {len(x_train):,} + {len(x_val):,} images in {draw_s:.0f} s", flush=True)
+    import jax
+
+    data = jax.device_put(data)
+    command = "PYTHONPATH=. python -m experiments.degradation_gpu " + " ".join(sys.argv[1:])
+    runs = []
+    for seed in (int(s) for s in fv.seeds):
+        for family in fv.families:
+            for depth in depths:
+                runs.append(train_one(family, depth, widths, seed, data, fv))
+                write(fv.out, runs, fv, depths, command, draw_s)  # kept if a later run times out
+    print(f"wrote {os.path.join(fv.out, 'README.md')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from cnn_jax import cli
+
+    return cli.run_command("experiments.degradation_gpu", _define, _run, argv,
+                           description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
