@@ -187,12 +187,15 @@ def test_transform_input_matches_torchvision_scaling():
     variables = shared_variables()
     img = jax.random.uniform(jax.random.key(3), (2, 64, 64, 3))
     mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
-    outs = []
-    for transform, x in ((True, (img - mean) / std), (False, (img - 0.5) / 0.5)):
-        model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=True,
-                             transform_input=transform)
-        # Eager, at the shapes of the eager forward test above, so XLA's op cache is warm.
-        outs.append(model.apply(variables, x, train=False))
+    with_transform, without = (create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=True,
+                                            transform_input=t) for t in (True, False))
+
+    @jax.jit  # both in one program: one compilation (un-jitted, every op compiles: ~20 s)
+    def run(v, img):
+        return (with_transform.apply(v, (img - mean) / std, train=False),
+                without.apply(v, (img - 0.5) / 0.5, train=False))
+
+    outs = run(variables, img)
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
