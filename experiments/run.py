@@ -62,11 +62,17 @@ def names_from(args: Sequence[str]) -> List[str]:
     return names
 
 
+def recorded_args(argv: Sequence[str]) -> List[str]:
+    """The arguments each README's command records: all but the experiment names (a flag's value
+    may be the next argument, ``--workdir DIR``)."""
+    return [a for a in argv if a not in (*EXPERIMENTS, "all")]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cnn_jax import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = [a for a in argv if a.startswith("-")]  # recorded in each README's command
+    given = recorded_args(argv)
     return cli.run_command("experiments.run", _define, lambda fv, args: _run(fv, args, given),
                            argv, positional="NAME|all [NAME ...]",
                            description=f"{__doc__}\nexperiments: {', '.join(EXPERIMENTS)}")

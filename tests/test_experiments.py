@@ -273,6 +273,9 @@ def test_runner_bad_input_is_one_line(capsys):
     assert "error: --seeds takes integers, e.g. --seeds=0,1,2 (got 0,a)" in capsys.readouterr().err
     assert run.main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: python -m experiments.run NAME|all")
+    # A flag's value given as the next argument stays in the command each README records.
+    assert run.recorded_args(["all", "--workdir", "/tmp/w", "--smoke"]) == \
+        ["--workdir", "/tmp/w", "--smoke"]
     assert run.main(["shortcuts", "--smoke", "--variants=Z", "--nocompilation_cache"]) == 1
     assert "error: unknown variant(s) Z of shortcuts; choose from A, B, C" in \
         capsys.readouterr().err
