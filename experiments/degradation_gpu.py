@@ -74,7 +74,7 @@ def draw(num: int, split: str, workers: int):
 
 
 def make_trainer(model, steps: int, batch_size: int, lr: float, chunk: int, mean, std):
-    """(state, jitted scan of ``chunk`` steps, jitted eval sums) for the paper's recipe."""
+    """(optimizer, jitted scan of ``chunk`` steps, jitted eval sums) for the paper's recipe."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -99,8 +99,7 @@ def make_trainer(model, steps: int, batch_size: int, lr: float, chunk: int, mean
         flip = jax.random.bernoulli(k_flip, 0.5, (images.shape[0], 1, 1, 1))
         return jnp.where(flip, out[:, :, ::-1], out)
 
-    def one_step(carry, key, images, labels):
-        state = carry
+    def one_step(state, key, images, labels):
         k_idx, k_aug = jax.random.split(key)
         idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
         batch = {"image": augment(k_aug, prepare(images[idx])), "label": labels[idx]}

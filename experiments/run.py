@@ -82,6 +82,8 @@ def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int
     from absl import logging
     from ml_collections import config_flags
 
+    from cnn_jax import cli
+
     names = names_from(args)
     overrides = config_flags.get_override_values(fv["config"])
     if fv.seeds and not all(s.strip().lstrip("-").isdigit() for s in fv.seeds):
@@ -89,8 +91,6 @@ def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int
     seeds = [int(s) for s in fv.seeds] if fv.seeds else None
     logging.set_verbosity(logging.ERROR)  # TFDS's notices about generated `shapes` configs
     if fv.compilation_cache:
-        from cnn_jax import cli
-
         cli.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or
                                      cli.DEFAULT_COMPILATION_CACHE_DIR)
     from experiments import common

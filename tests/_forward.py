@@ -2,6 +2,8 @@
 (test_forward_eager.py): two files so that pytest-xdist's --dist loadfile puts them on different
 workers."""
 
+import itertools
+
 import chex
 import jax
 import numpy as np
@@ -65,11 +67,11 @@ def check_forward(variant, name, **options):
     chex.assert_trees_all_equal(eval_updates.get("batch_stats", {}), stats)
 
     main, aux = split_logits(out)
-    chex.assert_shape([main, *aux], (2, 5))
-    chex.assert_tree_all_finite([main, *aux])
-    assert len(aux) == (2 if getattr(model, "aux_logits", False) else 0), f"{name}: aux heads"
     heads = [main, *aux]
-    for i, j in [(i, j) for i in range(len(heads)) for j in range(i)]:
+    chex.assert_shape(heads, (2, 5))
+    chex.assert_tree_all_finite(heads)
+    assert len(aux) == (2 if getattr(model, "aux_logits", False) else 0), f"{name}: aux heads"
+    for i, j in itertools.combinations(range(len(heads)), 2):
         assert not np.allclose(heads[i], heads[j]), f"{name}: output heads {i} and {j} are equal"
     if stats:
         chex.assert_trees_all_equal_shapes(updates["batch_stats"], stats)

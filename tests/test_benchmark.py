@@ -17,8 +17,6 @@ import _train_helpers as h
 # tiny resnet20 on the loaded 2-core machine), which would dominate these tests.
 FAST_INIT = {"JAX_THREEFRY_PARTITIONABLE": "0"}
 
-# Makes the packages the GPU machine lacks unimportable (in the suite and its row processes).
-
 
 def test_select_rows_defaults_and_overrides():
     rows = benchmark_torch.select_rows()
