@@ -11,6 +11,10 @@ fusion emitters, for the whole session (and for the subprocesses, which inherit 
 tests' programs are small and run a few steps, so compiling is most of their cost. Measured here
 (cold compiles): an un-jitted densenet121 forward (968 per-op compiles) 50 s -> 33 s (-O0) -> 24 s
 (both), its jitted forward 9.1 s -> 5.6 s -> ~4.5 s. Results differ by float rounding at most.
+YNNPACK runs single dots and convolutions only, not XLA's multi-op library fusions: at the tests'
+small inputs VGG's head upsamples a 1x1 map to 7x7 before fc6, and XLA fuses that broadcast and
+the three classifier matmuls into one YNNPACK call that costs 2.3 s of CPU per 2-image eval
+forward of vgg11 at 32x32 (0.24 s with single ops; XLA's default at 224x224 is as fast).
 CNN_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
 """
 
@@ -19,7 +23,8 @@ import os
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEST_XLA_FLAGS = ("" if os.environ.get("CNN_JAX_TEST_XLA_OPT", "0") == "1"
-                  else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+                  else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                  "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution")
 if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
