@@ -211,6 +211,19 @@ def check_compatible(meta: Optional[Dict[str, Any]], expected: Dict[str, Any], d
                 f"pass another --workdir (or delete that one to start over)")
 
 
+def check_workdir(checkpointer: Checkpointer, expected: Dict[str, Any]) -> None:
+    """:func:`check_compatible` against the newest checkpoint whose meta reads, before the run
+    builds (and compiles) its model: a workdir of another run is refused at once.
+    :func:`restore_for_training` checks again once damaged checkpoints are moved aside."""
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        try:
+            meta = checkpointer.read_meta(step)
+        except Exception:  # noqa: BLE001 -- unreadable: restore_for_training moves it aside
+            continue
+        check_compatible(meta, expected, checkpointer.directory)
+        return
+
+
 # ----------------------------------------------------------------------------- resuming
 
 

@@ -312,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                          async_save=config.async_checkpointing,
                                          best_metric=best_metric)
     meta = {**checkpoint_meta(config, info.num_classes), **info.checkpoint_meta()}
+    ckpt_lib.check_workdir(checkpointer, meta)  # before the model's init compiles
 
     _prepare_shapes(config)
     setup = create_setup(config, info)

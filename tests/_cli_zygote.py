@@ -5,8 +5,9 @@ Orbax before the command does anything. :class:`Zygote` starts one Python proces
 (without starting a JAX backend or running a TensorFlow op) and then forks a child per command: the
 child is a real process (its own exit code, stdout, stderr, JAX backend, ``XLA_FLAGS`` and device
 count) that runs the command's module as ``__main__``, exactly as ``python -m`` does, minus the
-imports. Tests that are about a single process start (the first screen of a run, SIGTERM) still
-start one with :func:`_train_helpers.run_python`.
+imports. :meth:`Zygote.start` returns while the command runs (its pid, to signal it: the SIGTERM
+test). Tests that are about a single process start (the first screen of a run) still start one
+with :func:`_train_helpers.run_python`.
 
 Run as a script, this file is the zygote: one JSON request per line on stdin
 (``{"module", "args", "env", "stdout", "stderr"}``), one JSON reply per line on stdout
@@ -47,6 +48,11 @@ class Zygote:
     def run(self, args: Sequence[str], timeout: float = 300,
             **env_kwargs) -> subprocess.CompletedProcess:
         """``args`` as for ``python``: ``["-m", "cnn_jax.train", "--arch=..."]``."""
+        return self.start(args, max(timeout, 300), **env_kwargs).wait(timeout)
+
+    def start(self, args: Sequence[str], timeout: float = 300, **env_kwargs) -> "Child":
+        """Start the command and return at once (once it is forked): :class:`Child` has its
+        ``pid`` (to signal it), ``poll()`` and ``wait()``. One command at a time."""
         assert args[0] == "-m", args
         self._count += 1
         out = os.path.join(self._dir, f"{self._count}.out")
@@ -55,17 +61,8 @@ class Zygote:
                    "stdout": out, "stderr": err}
         self._proc.stdin.write(json.dumps(request) + "\n")
         self._proc.stdin.flush()
-        pid = json.loads(self._reply(max(timeout, 300)))["pid"]  # the first waits for imports
-        try:
-            reply = self._reply(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)  # as subprocess.run does; the zygote then replies
-            self._reply(60)
-            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
-        with open(out) as f_out, open(err) as f_err:
-            return subprocess.CompletedProcess([sys.executable, *args],
-                                               json.loads(reply)["returncode"], f_out.read(),
-                                               f_err.read())
+        pid = json.loads(self._reply(timeout))["pid"]  # the first waits for the imports
+        return Child(self, [sys.executable, *args], pid, out, err)
 
     def _reply(self, timeout: float) -> str:
         """The next line from the zygote (read from the raw pipe: no buffer that select misses)."""
@@ -88,6 +85,41 @@ class Zygote:
                 self._proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+
+
+class Child:
+    """A command forked by :meth:`Zygote.start`; like a :class:`subprocess.Popen` of it."""
+
+    def __init__(self, zygote: Zygote, args, pid: int, out: str, err: str):
+        self._zygote, self.args, self.pid, self._out, self._err = zygote, args, pid, out, err
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        """The exit code once the command has ended, else None (does not wait)."""
+        if self.returncode is None:
+            try:
+                self.returncode = json.loads(self._zygote._reply(0))["returncode"]
+            except subprocess.TimeoutExpired:
+                pass
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Wait for the end (SIGKILL after ``timeout`` s, as subprocess.run does): its exit code,
+        stdout and stderr."""
+        if self.returncode is None:
+            try:
+                self.returncode = json.loads(self._zygote._reply(timeout))["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)  # the zygote then replies
+                self.returncode = json.loads(self._zygote._reply(60))["returncode"]
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        with open(self._out) as f_out, open(self._err) as f_err:
+            return subprocess.CompletedProcess(self.args, self.returncode, f_out.read(),
+                                               f_err.read())
 
 
 def _child(request: Dict) -> int:

@@ -45,7 +45,7 @@ def test_alternate_interleaves_after_warmup():
 def test_compare_torch_one_row(tmp_path):
     # One torch thread: two spin-waiting OpenMP threads on a busy 2-core machine take 10x longer.
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
-                         "--batch_size=2", "--steps=1", "--warmup=1", "--dtype=bfloat16",
+                         "--batch_size=2", "--steps=1", "--warmup=0", "--dtype=bfloat16",
                          "--torch_threads=1", "--json", f"--output={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))

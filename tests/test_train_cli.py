@@ -5,8 +5,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -37,7 +35,8 @@ def train_args(workdir, data_dir, *extra, arch=h.TINY_ARCH):
 @pytest.fixture(scope="module")
 def cli():
     """Runs `python -m cnn_jax.<command>` in forked processes that skip the imports: for the error
-    cases and the resume; each command also runs once as a plain subprocess (h.run_python)."""
+    cases, SIGTERM and the resume; each command also runs once as a plain subprocess
+    (h.run_python)."""
     zygote = Zygote()
     yield zygote
     zygote.close()
@@ -130,24 +129,33 @@ def test_one_line_errors(case, tmp_path, data_dir, cli):
         assert not os.path.exists(workdir)  # checked before anything is written
 
 
+def _stderr_tail(proc) -> str:
+    """The end of a started command's stderr (killed first if it still runs)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    return proc.wait(60).stderr[-3000:]
+
+
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir, cli):
     workdir = str(tmp_path / "w")
     args = train_args(workdir, data_dir, "--config.eval_every_steps=100000",
                       "--config.progress_bar=False")
     args = [a for a in args if not a.startswith("--config.num_train_steps")]
     args.append("--config.num_train_steps=100000")
-    proc = subprocess.Popen([sys.executable, *args], cwd=h.REPO, env=h.python_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A forked child of the zygote is a process of its own (its own pid, signal handlers and exit
+    # code): the signal and the clean exit are the same as for a `python -m` process.
+    proc = cli.start(args)
     try:
         deadline = time.time() + 600
         while not metrics_lib.read_metrics(workdir, "train"):  # wait until it is training
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            assert proc.poll() is None and time.time() < deadline, _stderr_tail(proc)
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
+        err = proc.wait(timeout=300).stderr
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(60)
     assert proc.returncode == 0, err[-3000:]
     m = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", err)
     assert m, err[-3000:]
