@@ -37,6 +37,17 @@ def small_shapes(tmp_path_factory):
     return sources.get_builder(f"shapes/{CONFIG}", data_dir)
 
 
+@pytest.fixture(scope="module")
+def small_arrays(small_shapes):
+    """{split: (images, labels)} of `small_shapes`, decoded once for the tests that read them (a
+    pass over the 4000 training JPEGs costs about a second); read-only."""
+    arrays = {split: _arrays(small_shapes, split) for split in ("train", "validation")}
+    for pair in arrays.values():
+        for a in pair:
+            a.flags.writeable = False
+    return arrays
+
+
 def test_configs():
     assert NUM_CLASSES >= 10
     assert [c.name for c in shapes.Shapes.BUILDER_CONFIGS] == ["32px", "64px", "224px",
@@ -134,9 +145,9 @@ def test_hard_level(tmp_path):
     assert np.abs(standard.astype(np.float32) - arrays.astype(np.float32)).mean() > 20
 
 
-def test_images_and_class_balance(small_shapes):
+def test_images_and_class_balance(small_shapes, small_arrays):
     for split, n in (("train", 4000), ("validation", 500)):
-        images, labels = _arrays(small_shapes, split)
+        images, labels = small_arrays[split]
         chex.assert_shape(images, (n, 32, 32, 3))
         np.testing.assert_array_equal(np.bincount(labels, minlength=NUM_CLASSES),
                                       np.full(NUM_CLASSES, n // NUM_CLASSES))
@@ -144,10 +155,10 @@ def test_images_and_class_balance(small_shapes):
     assert small_shapes.info.features["label"].names == list(shapes.CLASSES)
 
 
-def test_colour_does_not_give_the_class(small_shapes):
+def test_colour_does_not_give_the_class(small_arrays):
     """Nearest class-mean colour classifies at chance: a model has to look at shape."""
-    x_train, y_train = _arrays(small_shapes, "train")
-    x_val, y_val = _arrays(small_shapes, "validation")
+    x_train, y_train = small_arrays["train"]
+    x_val, y_val = small_arrays["validation"]
     def feats(x):  # mean colour and colour spread per image
         x = x.astype(np.float32).reshape(len(x), -1, 3)
         return np.concatenate([x.mean(1), x.std(1)], 1)
@@ -171,10 +182,10 @@ class _TinyCNN(nn.Module):
 
 
 @pytest.mark.slow
-def test_tiny_cnn_learns_shapes(small_shapes):
+def test_tiny_cnn_learns_shapes(small_arrays):
     """~72k parameters, 1200 Adam steps of 64 on 4000 32x32 images: >= 90% validation top-1."""
-    x_train, y_train = _arrays(small_shapes, "train")
-    x_val, y_val = _arrays(small_shapes, "validation")
+    x_train, y_train = small_arrays["train"]
+    x_val, y_val = small_arrays["validation"]
     norm = lambda x: (x.astype(np.float32) / 255.0 - 0.5) / 0.25  # noqa: E731
     x_train, x_val = norm(x_train), norm(x_val)
     model = _TinyCNN()
