@@ -231,9 +231,22 @@ class TrainProbeHook:
         event.write("train_probe", {k: float(v) for k, v in out.items()})
 
 
+# (dataset, data_dir, image_size, split, n) -> probe_batch's arrays: the experiments of one
+# invocation mostly share a dataset, and each tf.data pipeline costs about half a second.
+_PROBE_CACHE: Dict[tuple, Tuple[np.ndarray, np.ndarray]] = {}
+
+
 def probe_batch(config, n: int, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
     """The first ``n`` images of ``split`` with the evaluation preprocessing (centre crop,
     normalization), as numpy: the same images in every run and at every evaluation."""
+    key = (config.dataset, config.data_dir or None, int(config.image_size), split, int(n))
+    if key not in _PROBE_CACHE:
+        _PROBE_CACHE[key] = _probe_batch(config, n, split)
+    images, labels = _PROBE_CACHE[key]
+    return images.copy(), labels.copy()
+
+
+def _probe_batch(config, n: int, split: str) -> Tuple[np.ndarray, np.ndarray]:
     import tensorflow as tf
 
     from cnn_jax import preprocessing, train_lib
@@ -352,6 +365,11 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
+# (arch, options, classes, image size) -> (params, MACs): every seed of a variant, and a re-run
+# that reads finished runs, would trace the same model again.
+_COST_CACHE: Dict[tuple, Tuple[int, int]] = {}
+
+
 def model_cost(config, num_classes: int) -> Tuple[int, int]:
     """(parameters by ``cnn_jax.models.count_params``, MACs per image by cnn_jax.analysis)."""
     from cnn_jax import analysis, configs
@@ -359,10 +377,15 @@ def model_cost(config, num_classes: int) -> Tuple[int, int]:
         create_model
 
     options = check_model_options(config.arch, configs.model_options(config))
-    model = create_model(config.arch, num_classes=num_classes, **options)
-    params = count_params(abstract_variables(model, config.image_size)["params"])
-    macs = analysis.analyze(model, (1, config.image_size, config.image_size, 3)).totals.macs
-    return params, macs
+    key = (config.arch, repr(sorted(options.items())), int(num_classes), int(config.image_size))
+    if key not in _COST_CACHE:
+        model = create_model(config.arch, num_classes=num_classes, **options)
+        variables = abstract_variables(model, config.image_size)  # traced once, for both
+        params = count_params(variables["params"])
+        macs = analysis.analyze(model, (1, config.image_size, config.image_size, 3),
+                                variables=variables).totals.macs
+        _COST_CACHE[key] = (params, macs)
+    return _COST_CACHE[key]
 
 
 def train_run(exp: Experiment, label: str, seed: int, workdir: str,

@@ -57,7 +57,7 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     Needs at least two values per side (otherwise the interval is NaN). When both samples have
     zero variance the difference is exact: the interval is the point and p is 0 (or 1 if equal).
     """
-    from scipy import stats
+    from scipy import special  # scipy.stats.t's own functions; importing scipy.stats costs 1 s
 
     x = np.asarray([v for v in a if math.isfinite(v)], np.float64)
     y = np.asarray([v for v in b if math.isfinite(v)], np.float64)
@@ -69,8 +69,8 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     if se == 0:
         return Difference(diff, diff, diff, 0.0 if diff else 1.0, math.inf, x.size, y.size)
     df = (va + vb) ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (y.size - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
-    p = float(2 * stats.t.sf(abs(diff) / se, df))
+    half = float(special.stdtrit(df, 0.5 + confidence / 2)) * se
+    p = float(2 * special.stdtr(df, -abs(diff) / se))
     return Difference(diff, diff - half, diff + half, p, float(df), x.size, y.size)
 
 

@@ -288,7 +288,9 @@ def test_runner_bad_input_is_one_line(capsys):
 
 def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
     """The accelerator script end to end at a toy size on the CPU, with TensorFlow, TFDS,
-    ml_collections and clu unimportable (the GPU machine has none of them)."""
+    ml_collections and clu unimportable (the GPU machine has none of them). Steps are few and
+    small: at the session's -O0 a step runs slowly (0.2-0.4 s per 16 images), while two
+    evaluations of two networks check the same paths as more."""
     import _train_helpers as h
     from cnn_jax import benchmark_gpu
 
@@ -296,14 +298,14 @@ def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
     out = tmp_path / "out"
     proc = h.run_python(
         ["-m", "experiments.degradation_gpu", "--depths=8,14", "--families=plain", "--widths=4,4,8",
-         "--train_images=600", "--val_images=500", "--steps=20", "--chunk=10",
-         "--eval_every=10", "--batch_size=16", "--workers=2", f"--out={out}"],
+         "--train_images=600", "--val_images=500", "--steps=4", "--chunk=2",
+         "--eval_every=2", "--batch_size=8", "--workers=2", f"--out={out}"],
         PYTHONPATH=os.pathsep.join([str(site), REPO]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in result["runs"]] == ["plain8", "plain14"]
     for r in result["runs"]:
-        assert [c["step"] for c in r["curve"]] == [10, 20] and r["steps"] == 20
+        assert [c["step"] for c in r["curve"]] == [2, 4] and r["steps"] == 4
         assert math.isfinite(r["final"]["train_loss"]) and 0 <= r["final"]["val_top1"] <= 1
         assert r["params"] > 0
     assert result["runs"][1]["params"] > result["runs"][0]["params"]  # 14 layers > 8
