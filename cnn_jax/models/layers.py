@@ -386,12 +386,17 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
     if groups != 1 or not use_fast_formulations():
         return _xla_conv(x, kernel, strides, padding, groups)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-        # A 1x1 convolution is a matrix product over the channels of the strided positions.
-        if strides != (1, 1):
-            x = x[:, ::strides[0], ::strides[1]]
-        n, h, w, c = x.shape
-        return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+        return _conv1x1(x, kernel, strides)
     return _conv_fast_jit(x, kernel, strides, padding)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))  # one program op by op, as _conv_fast_jit
+def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int]) -> Array:
+    """A 1x1 convolution as a matrix product over the channels of the strided positions."""
+    if strides != (1, 1):
+        x = x[:, ::strides[0], ::strides[1]]
+    n, h, w, c = x.shape
+    return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
 
 
 class Conv2d(nn.Module):
@@ -425,11 +430,78 @@ class Conv2d(nn.Module):
         return y if bias is None else y + bias
 
 
+def _bn_out(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float,
+            dtype: Optional[Dtype]) -> Array:
+    # flax.linen.BatchNorm's arithmetic, in its order and dtypes.
+    y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return jnp.asarray(y, nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon", "dtype"))
+def _bn_eval(x, mean, var, scale, bias, *, epsilon, dtype):
+    return _bn_out(x, mean, var, scale, bias, epsilon, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast"))
+def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis_name, fast):
+    """Batch statistics (float32 at least, over ``axis_name`` too), the normalized output and the
+    updated running averages."""
+    xf = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    if fast:  # Var = E[x^2] - E[x]^2 in one pass, clipped at 0 (flax's default)
+        mu, mu2 = xf.mean(axes), jax.lax.square(xf).mean(axes)
+        if axis_name is not None:
+            mu, mu2 = jax.lax.pmean(jnp.stack([mu, mu2]), axis_name)
+        var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+    else:
+        mu = xf.mean(axes)
+        if axis_name is not None:
+            mu = jax.lax.pmean(mu, axis_name)
+        var = jax.lax.square(xf - mu).mean(axes)
+        if axis_name is not None:
+            var = jax.lax.pmean(var, axis_name)
+    y = _bn_out(x, mu, var, scale, bias, epsilon, dtype)
+    return y, momentum * ra_mean + (1 - momentum) * mu, momentum * ra_var + (1 - momentum) * var
+
+
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` (same fields, variables and arithmetic) whose per-channel arithmetic runs
+    as one jitted function per call: op by op (un-jitted) a BN layer then compiles one program per
+    shape instead of a dozen (one per mean, square, rsqrt, ...); under jit it inlines. Options
+    beyond the project's (masks, other feature axes, index groups) take ``nn.BatchNorm``'s path."""
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+        if (mask is not None or self.axis not in (-1, x.ndim - 1) or self.axis_index_groups
+                is not None or not (self.use_bias and self.use_scale)
+                or not self.force_float32_reductions):
+            return super().__call__(x, use_running_average, mask=mask)
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        if use_running_average:
+            return _bn_eval(x, ra_mean.value, ra_var.value, scale, bias, epsilon=self.epsilon,
+                            dtype=self.dtype)
+        initializing = self.is_initializing()
+        y, new_mean, new_var = _bn_train(
+            x, ra_mean.value, ra_var.value, scale, bias, momentum=self.momentum,
+            epsilon=self.epsilon, dtype=self.dtype, fast=self.use_fast_variance,
+            axis_name=None if initializing else self.axis_name)
+        if not initializing:  # as nn.BatchNorm: init does not update the running averages
+            ra_mean.value, ra_var.value = new_mean, new_var
+        return y
+
+
 def batch_norm(train: bool, dtype: Optional[Dtype] = None, name: Optional[str] = None,
-               epsilon: float = 1e-5, scale_init: Callable = nn.initializers.ones) -> nn.BatchNorm:
+               epsilon: float = 1e-5, scale_init: Callable = nn.initializers.ones) -> BatchNorm:
     """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                        dtype=dtype, scale_init=scale_init, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
+                     dtype=dtype, scale_init=scale_init, name=name)
 
 
 class ConvBNAct(nn.Module):
