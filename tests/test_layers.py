@@ -1,8 +1,10 @@
 """The shared layers against brute-force NumPy references of torch's semantics."""
 
+import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,65 @@ def test_conv_bn_act_train_updates_stats_and_bf16():
     y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
     assert y.dtype == jnp.bfloat16
     assert not np.allclose(upd["batch_stats"]["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
+
+
+def _bn_pair(train, dtype):
+    flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return flax_bn, layers.batch_norm(train, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batch_norm_equals_flax_batch_norm(train, dtype):
+    """layers.BatchNorm is nn.BatchNorm with its arithmetic jitted: same variables (names, order,
+    init values), outputs, dtypes, running averages and gradients, jitted or not."""
+    flax_bn, ours = _bn_pair(train, dtype)
+    assert isinstance(ours, nn.BatchNorm)  # what train_step.batch_norm_axis intercepts
+    x = (jax.random.normal(jax.random.key(0), (4, 5, 5, 7)) * 3 + 1).astype(dtype)
+    v = flax_bn.init(jax.random.key(1), x)
+    mine = ours.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(mine, v)
+    assert [list(c) for c in mine.values()] == [list(c) for c in v.values()]
+    v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), v)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+    (want, want_stats) = flax_bn.apply(v, x, mutable=["batch_stats"])
+    apply = functools.partial(ours.apply, mutable=["batch_stats"])
+    for run in (apply, jax.jit(apply)):
+        got, stats = run(v, x)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+        chex.assert_trees_all_close(stats, want_stats, rtol=1e-6, atol=1e-7)
+    if dtype == jnp.float32:
+        def grads(m):
+            return jax.grad(lambda p, x: jnp.sum(m.apply({**v, "params": p}, x, mutable=[
+                "batch_stats"])[0] ** 2), argnums=(0, 1))(v["params"], x)
+        chex.assert_trees_all_close(grads(ours), grads(flax_bn), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_over_a_named_axis_and_with_a_mask():
+    """Statistics over vmap's named axis (cross-device BN) equal those of the whole batch; a mask
+    (an option the project does not use) takes nn.BatchNorm's own path."""
+    from cnn_jax import train_step as ts
+
+    flax_bn, ours = _bn_pair(True, None)
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 3)) * 2 + 0.5
+    v = ours.init(jax.random.key(1), x)
+
+    def apply(x, axis):
+        with ts.batch_norm_axis(axis):
+            return ours.apply(v, x, mutable=["batch_stats"])
+
+    full, full_stats = apply(x, None)
+    split, split_stats = jax.vmap(lambda xs: apply(xs, "d"), axis_name="d")(x.reshape(4, 4, 4, 4, 3))
+    np.testing.assert_allclose(split.reshape(x.shape), full, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[0], split_stats), full_stats,
+                                rtol=1e-5, atol=1e-7)
+    local, _ = jax.vmap(lambda xs: apply(xs, None))(x.reshape(4, 4, 4, 4, 3))
+    assert not np.allclose(local.reshape(x.shape), full, atol=1e-3)  # per-device BN differs
+    mask = jnp.arange(16)[:, None, None, None] < 10
+    np.testing.assert_allclose(ours.apply(v, x, mask=mask, mutable=["batch_stats"])[0],
+                               flax_bn.apply(v, x, mask=mask, mutable=["batch_stats"])[0],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_split_logits():
