@@ -42,10 +42,11 @@ else:
 # --dist loadfile hands each worker one file at a time, so a slow file picked up last would leave
 # the other worker idle at the end. Files not listed keep their collection order after these.
 SLOW_FILES_FIRST = (
-    "test_forward_jit.py", "test_forward_eager.py", "test_train_cli.py", "test_experiments.py",
-    "test_notebooks.py", "test_convert.py", "test_models.py", "test_predict_export.py",
-    "test_googlenet.py", "test_damaged_checkpoints.py", "test_parallel.py", "test_train_step.py",
-    "test_fast_layers.py", "test_shapes_dataset.py", "test_checkpoint.py", "test_summary.py",
+    "test_forward_jit.py", "test_experiments.py", "test_convert.py", "test_forward_eager.py",
+    "test_notebooks.py", "test_train_cli.py", "test_shapes_dataset.py", "test_train_step.py",
+    "test_models.py", "test_predict_export.py", "test_benchmark.py", "test_resnet.py",
+    "test_densenet.py", "test_vgg.py", "test_fast_layers.py", "test_checkpoint.py",
+    "test_googlenet.py", "test_input_pipeline.py", "test_alexnet.py", "test_augment.py",
 )
 
 
