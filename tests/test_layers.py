@@ -152,8 +152,9 @@ def test_batch_norm_equals_flax_batch_norm(train, dtype):
 
 
 def test_batch_norm_over_a_named_axis_and_with_a_mask():
-    """Statistics over vmap's named axis (cross-device BN) equal those of the whole batch; a mask
-    (an option the project does not use) takes nn.BatchNorm's own path."""
+    """Statistics over vmap's named axis (cross-device BN) equal those of the whole batch; the
+    two-pass variance equals nn.BatchNorm's; a mask (an option the project does not use) takes
+    nn.BatchNorm's own path."""
     from cnn_jax import train_step as ts
 
     flax_bn, ours = _bn_pair(True, None)
@@ -171,6 +172,10 @@ def test_batch_norm_over_a_named_axis_and_with_a_mask():
                                 rtol=1e-5, atol=1e-7)
     local, _ = jax.vmap(lambda xs: apply(xs, None))(x.reshape(4, 4, 4, 4, 3))
     assert not np.allclose(local.reshape(x.shape), full, atol=1e-3)  # per-device BN differs
+    two_pass = dict(use_running_average=False, momentum=0.9, use_fast_variance=False)
+    got = layers.BatchNorm(**two_pass).apply(v, x, mutable=["batch_stats"])
+    chex.assert_trees_all_close(got, nn.BatchNorm(**two_pass).apply(v, x, mutable=["batch_stats"]),
+                                rtol=1e-6, atol=1e-6)  # Var = E[(x - E[x])^2]
     mask = jnp.arange(16)[:, None, None, None] < 10
     np.testing.assert_allclose(ours.apply(v, x, mask=mask, mutable=["batch_stats"])[0],
                                flax_bn.apply(v, x, mask=mask, mutable=["batch_stats"])[0],

@@ -430,16 +430,14 @@ class Conv2d(nn.Module):
         return y if bias is None else y + bias
 
 
-def _bn_out(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float,
+def _bn_out(x: Array, mean: Array, var: Array, scale: Array, bias: Array, *, epsilon: float,
             dtype: Optional[Dtype]) -> Array:
     # flax.linen.BatchNorm's arithmetic, in its order and dtypes.
     y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
     return jnp.asarray(y, nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("epsilon", "dtype"))
-def _bn_eval(x, mean, var, scale, bias, *, epsilon, dtype):
-    return _bn_out(x, mean, var, scale, bias, epsilon, dtype)
+_bn_eval = jax.jit(_bn_out, static_argnames=("epsilon", "dtype"))
 
 
 @functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast"))
@@ -448,19 +446,18 @@ def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis
     updated running averages."""
     xf = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
+    def pmean(v):  # over axis_name's devices too (cross-device BN)
+        return v if axis_name is None else jax.lax.pmean(v, axis_name)
+
     if fast:  # Var = E[x^2] - E[x]^2 in one pass, clipped at 0 (flax's default)
         mu, mu2 = xf.mean(axes), jax.lax.square(xf).mean(axes)
-        if axis_name is not None:
+        if axis_name is not None:  # one collective for both, as flax
             mu, mu2 = jax.lax.pmean(jnp.stack([mu, mu2]), axis_name)
         var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
     else:
-        mu = xf.mean(axes)
-        if axis_name is not None:
-            mu = jax.lax.pmean(mu, axis_name)
-        var = jax.lax.square(xf - mu).mean(axes)
-        if axis_name is not None:
-            var = jax.lax.pmean(var, axis_name)
-    y = _bn_out(x, mu, var, scale, bias, epsilon, dtype)
+        mu = pmean(xf.mean(axes))
+        var = pmean(jax.lax.square(xf - mu).mean(axes))
+    y = _bn_out(x, mu, var, scale, bias, epsilon=epsilon, dtype=dtype)
     return y, momentum * ra_mean + (1 - momentum) * mu, momentum * ra_var + (1 - momentum) * var
 
 
