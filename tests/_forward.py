@@ -6,6 +6,7 @@ import itertools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.models import create_model, model_info
@@ -40,13 +41,17 @@ def shortened(name, keep=2):
 CHECK_OPTIONS = {"googlenet": {"aux_logits": True}}
 
 
+def _model(name, **options):
+    return create_model(name, num_classes=5, **{**CHECK_OPTIONS.get(name, {}), **options})
+
+
 def check_forward(variant, name, **options):
     """Eval and train mode of ``name`` through ``variant`` (chex's jit or no-jit wrapper): shapes,
     finite logits, deterministic eval that reads batch statistics without changing them, train
     mode that updates all of them and differs from eval where there is batch norm or dropout, and
     dropout rngs that change the output (the same rng repeating it); auxiliary heads only in train
     mode, each different from the others."""
-    model = create_model(name, num_classes=5, **{**CHECK_OPTIONS.get(name, {}), **options})
+    model = _model(name, **options)
     size = forward_size(name)
     x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     variables = fast_init(model, x)
@@ -96,3 +101,30 @@ def check_forward(variant, name, **options):
         f"{name}: a new dropout rng {'changed' if differs else 'did not change'} the output")
     if differs:  # ... and the same rng repeats the same output
         np.testing.assert_array_equal(split_logits(train(variables, x, 2)[0])[0], main)
+
+
+def check_forward_shapes(name, **options):
+    """The structural half of ``check_forward``, abstractly (``jax.eval_shape``: traced, never
+    compiled or run): eval mode (``init_with_output``: init runs the eval forward pass) returns
+    only the logits, float32 of shape (2, 5); train mode returns the main head and exactly the
+    expected auxiliary heads, each float32 (2, 5), and batch_stats of the init's tree, shapes and
+    dtypes. What it cannot check (finite values, eval mode leaving the statistics unchanged and
+    train mode changing all of them, eval != train, dropout) needs a real forward pass."""
+    model = _model(name, **options)
+    size = forward_size(name)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    logits, variables = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+    stats = variables.get("batch_stats", {})
+    out, updates = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.key(2)}), variables, x)
+    assert not isinstance(logits, tuple), f"{name}: eval mode returns more than the logits"
+    assert (logits.shape, logits.dtype) == ((2, 5), jnp.float32), f"{name}: eval logits {logits}"
+    main, aux = split_logits(out)
+    assert len(aux) == (2 if getattr(model, "aux_logits", False) else 0), f"{name}: aux heads"
+    for head in (main, *aux):
+        assert (head.shape, head.dtype) == ((2, 5), jnp.float32), f"{name}: train head {head}"
+    assert set(updates) == ({"batch_stats"} if stats else set()), f"{name}: {set(updates)}"
+    if stats:
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates["batch_stats"], stats)
