@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
+import hashlib
+import json
 import math
 import os
 import re
@@ -289,6 +292,7 @@ class Run:
     total_steps: int
     wall_seconds: float
     error: str = ""
+    shared_from: str = ""  # another experiment's run of the same config, read instead of trained
 
     def split(self, name: str) -> List[Dict[str, Any]]:
         return [r for r in self.records if r.get("split") == name]
@@ -307,6 +311,8 @@ class Run:
 
     @property
     def status(self) -> str:
+        if self.shared_from:
+            return f"{dataclasses.replace(self, shared_from='').status} (= {self.shared_from})"
         if self.error:
             return self.error
         if self.plateaued:
@@ -388,6 +394,49 @@ def model_cost(config, num_classes: int) -> Tuple[int, int]:
     return _COST_CACHE[key]
 
 
+RUN_KEY_FILE = "run_key.txt"
+
+
+def run_key(exp: Experiment, config) -> str:
+    """What makes two runs one: the training config with the model resolved to every field of the
+    built module (defaults included: `shortcut` A given or not is one model) and what the
+    experiment measures (its hooks, its probe). Experiments that share a config (resnet20 is
+    `shortcuts`' A, `bn_placement`'s post, `degradation`'s resnet20 and `resnet_vs_densenet`'s
+    baseline) then train it once."""
+    from cnn_jax import configs
+    from cnn_jax.models import check_model_options, create_model
+
+    module = create_model(config.arch, num_classes=1,
+                          **check_model_options(config.arch, configs.model_options(config)))
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+              if f.name not in ("parent", "name", "num_classes")}
+    training = {k: v for k, v in config.to_dict().items() if k not in ("arch", "model")}
+    hooks = getattr(exp.hooks, "__qualname__", repr(exp.hooks)) if exp.hooks else ""
+    text = json.dumps({"module": type(module).__name__, "fields": fields, "config": training,
+                       "hooks": hooks, "probe_size": exp.probe_size}, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _shared_run(workdir: str, key: str, total: int) -> Optional[Tuple[str, list, float]]:
+    """A finished run of the same key in a sibling experiment's workdir (same seed):
+    (its ``experiment/variant`` label, records, wall seconds), or None."""
+    seed_dir = os.path.basename(workdir)
+    base = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(workdir))))
+    for path in sorted(glob.glob(os.path.join(base, "*", "*", seed_dir, RUN_KEY_FILE))):
+        other = os.path.dirname(path)
+        if other == os.path.abspath(workdir) or open(path).read().strip() != key:
+            continue
+        from cnn_jax import metrics as metrics_lib
+
+        records = metrics_lib.read_metrics(other)
+        if _finished(records, total):
+            seconds = os.path.join(other, "wall_seconds.txt")
+            wall = float(open(seconds).read()) if os.path.exists(seconds) else 0.0
+            exp_dir, variant_dir = os.path.split(os.path.dirname(other))
+            return f"{os.path.basename(exp_dir)}/{variant_dir}", records, wall
+    return None
+
+
 def train_run(exp: Experiment, label: str, seed: int, workdir: str,
               overrides: Mapping[str, Any] = (), probe=None, log=print) -> Run:
     """Train one (variant, seed) unless its workdir holds a finished run; resumes otherwise."""
@@ -405,7 +454,17 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
     diverged_file = os.path.join(workdir, "diverged.txt")
+    key = run_key(exp, config)
+    shared = None if _finished(records, total) else _shared_run(workdir, key, total)
+    if shared:
+        log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, not "
+            "trained again")
+        return Run(label, seed, config.arch, params, macs, shared[1], spe, total, shared[2],
+                   shared_from=shared[0])
     if not _finished(records, total) and not os.path.exists(diverged_file):
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, RUN_KEY_FILE), "w") as f:
+            f.write(key)
         log(f"--- {exp.name} / {label} / seed {seed}: {config.arch} {dict(exp.variants[label])} "
             f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)")
         if probe is None:
