@@ -420,14 +420,14 @@ def run_key(exp: Experiment, config) -> str:
 def _shared_run(workdir: str, key: str, total: int) -> Optional[Tuple[str, list, float]]:
     """A finished run of the same key in a sibling experiment's workdir (same seed):
     (its ``experiment/variant`` label, records, wall seconds), or None."""
+    from cnn_jax import metrics as metrics_lib
+
     seed_dir = os.path.basename(workdir)
     base = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(workdir))))
     for path in sorted(glob.glob(os.path.join(base, "*", "*", seed_dir, RUN_KEY_FILE))):
         other = os.path.dirname(path)
         if other == os.path.abspath(workdir) or open(path).read().strip() != key:
             continue
-        from cnn_jax import metrics as metrics_lib
-
         records = metrics_lib.read_metrics(other)
         if _finished(records, total):
             seconds = os.path.join(other, "wall_seconds.txt")
@@ -454,14 +454,14 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
     diverged_file = os.path.join(workdir, "diverged.txt")
-    key = run_key(exp, config)
-    shared = None if _finished(records, total) else _shared_run(workdir, key, total)
-    if shared:
-        log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, not "
-            "trained again")
-        return Run(label, seed, config.arch, params, macs, shared[1], spe, total, shared[2],
-                   shared_from=shared[0])
     if not _finished(records, total) and not os.path.exists(diverged_file):
+        key = run_key(exp, config)
+        shared = _shared_run(workdir, key, total)
+        if shared:
+            log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, "
+                "not trained again")
+            return Run(label, seed, config.arch, params, macs, shared[1], spe, total, shared[2],
+                       shared_from=shared[0])
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, RUN_KEY_FILE), "w") as f:
             f.write(key)
