@@ -201,3 +201,28 @@ def test_default_config_fits_every_family(arch):
     assert metrics["loss"].shape == ()
     sums = jax.eval_shape(ts.eval_step, new_state, batch)
     assert sums["top1"].shape == ()
+
+
+def test_evaluate_keeps_a_small_eval_split_and_reuses_it(tiny_shapes, monkeypatch):
+    """train_lib.evaluate with a cache: the second pass reads no pipeline and gives the same sums;
+    a split too large for the cache is read every time."""
+    from cnn_jax import parallel, train_lib
+
+    config = configs.load(configs.DEFAULT_CONFIG, "resnet20")
+    config.dataset, config.data_dir, config.image_size = h.TINY_DATASET, tiny_shapes, 32
+    config.eval_batch_size = 16
+    dp = parallel.DataParallel("pmap", devices=jax.local_devices()[:1])
+    state = dp.replicate(_state(image_size=32))
+    p_eval = dp.map(functools.partial(ts.eval_step, axis_name=dp.axis_name))
+    cache = train_lib.eval_cache_for(config, 64)
+    assert cache == [] and train_lib.eval_cache_for(config, 10 ** 6) is None  # 12 GB: not kept
+    fresh = train_lib.evaluate(p_eval, state, dp, config)
+    first = train_lib.evaluate(p_eval, state, dp, config, cache=cache)
+    assert len(cache) == 4 and first == fresh and first["count"] == 64
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the cached split was read again")
+
+    monkeypatch.setattr(input_pipeline, "create_eval_iterator", no_pipeline)
+    assert train_lib.evaluate(p_eval, state, dp, config, cache=cache) == first
+    assert len(cache) == 4
