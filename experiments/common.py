@@ -72,8 +72,8 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 # 10 epochs (30.6% best val top-1 over 3 seeds) and 15 (42.4%, train top-1 54%: optimization-bound),
 # and plateaus near 56% after 20, which the default set cannot afford in 100 minutes here. Batch 16
 # trains at the same images/s on this CPU (324 vs 322: the narrow convolutions are bound by
-# overheads, not by the batch), so it doubles the steps for free: 51.6% best, plateau criterion
-# met at epoch 12.5 (lr 1e-2 at batch 32: 51.2%, still rising at 15). 2026-12-02.
+# overheads, not by the batch), so it doubles the steps for free: 53.2% best after 15 epochs
+# (still rising; lr 1e-2 at batch 32: 51.2%, still rising too). 2026-12-02.
 BATCH_SIZE = 16
 EPOCHS = 15.0
 EVALS_PER_EPOCH = 1  # an evaluation of 1,000 images costs ~0.4 s here, a tenth of an epoch
