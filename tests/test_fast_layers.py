@@ -46,15 +46,21 @@ CONV_CASES = {
     "stem_7x7_stride2": ((2, 20, 20, 3), 7, 2, 3),
     "stem_11x11_stride4": ((2, 31, 31, 3), 11, 4, 2),
     "asymmetric_padding": ((2, 9, 9, 20), 3, 1, ((0, 1), (2, 0))),
+    # 64 x 64 channels and more: the weight gradient is one product per tap (narrower: XLA's).
+    "3x3_wide": ((2, 10, 10, 64), 3, 1, 1, 64),
+    "3x3_stride2_wide": ((2, 15, 15, 64), 3, 2, 1, 96),
+    "3x3_wide_asymmetric_padding": ((2, 9, 9, 64), 3, 1, ((0, 1), (2, 0)), 64),
+    "3x3_im2col_8_channels": ((2, 10, 10, 8), 3, 1, 1, 512),  # fewer than 16 inputs, wide out
 }
 
 
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
-    shape, k, stride, padding = CONV_CASES[case]
+    shape, k, stride, padding, *out = CONV_CASES[case]
     x = jax.random.normal(jax.random.key(0), shape, dtype)
-    w = (jax.random.normal(jax.random.key(1), (k, k, shape[-1], 7)) * 0.3).astype(dtype)
+    w = (jax.random.normal(jax.random.key(1), (k, k, shape[-1], *(out or [7]))) * 0.3
+         ).astype(dtype)
 
     def loss(x, w):
         y = layers.conv2d(x, w, stride, padding)
@@ -85,6 +91,21 @@ def test_auto_uses_matmuls_on_cpu_and_xla_says_convolution():
     assert "conv_general_dilated" not in program("auto")
     assert "dot_general" in program("auto")
     assert "conv_general_dilated" in program("xla")
+
+
+@pytest.mark.parametrize("shape,out,op", [
+    ((2, 10, 10, 20), 7, "conv_general_dilated"),  # narrow: XLA's (a convolution over the batch)
+    ((2, 10, 10, 64), 64, "dot_general"),  # 64 x 64: one product per tap
+    ((2, 10, 10, 3), 7, "dot_general"),  # a stem: one product over the im2col patches
+    ((2, 7, 7, 20), 7, "dot_general"),  # at most 7x7 outputs: one product over the patches
+])
+def test_which_op_computes_the_weight_gradient(shape, out, op):
+    x, kernel_shape = jnp.zeros(shape), (3, 3, shape[-1], out)
+    geo = layers._geometry(x.shape, kernel_shape, (1, 1), ((1, 1), (1, 1)))
+    g = jnp.zeros(shape[:3] + (out,))
+    jaxpr = str(jax.make_jaxpr(lambda x, g: layers._taps_weight_grad(x, g, kernel_shape, geo))(
+        x, g))
+    assert op in jaxpr and ({"conv_general_dilated", "dot_general"} - {op}).pop() not in jaxpr
 
 
 def test_unknown_implementation_is_one_line_error():
