@@ -221,7 +221,8 @@ def evaluate(p_eval_step, state, dp: parallel.DataParallel, config: ml_collectio
         it = input_pipeline.create_eval_iterator(
             config.dataset, config.data_dir or None, eval_batch, config.image_size,
             dtype=config.dtype, num_local_devices=dp.num_local_devices,
-            process_index=jax.process_index(), process_count=jax.process_count(), **extra)
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            threads=input_pipeline.threads_beside(jax.default_backend()), **extra)
         batches = dp.prefetch(it, config.prefetch)
         if cache is not None:
             batches = _keeping(batches, cache)
@@ -416,7 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         config.dataset, config.data_dir or None, micro_batch, config.image_size,
         seed=config.seed, start_step=start_micro, dtype=config.dtype,
         augment=config.augment or None, num_local_devices=dp.num_local_devices,
-        process_index=jax.process_index(), process_count=jax.process_count()), config.prefetch)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        threads=input_pipeline.threads_beside(jax.default_backend())), config.prefetch)
 
     stop_at = total_steps
     if config.max_steps_per_run > 0:

@@ -189,6 +189,21 @@ def test_resume_equals_uninterrupted_stream(data_dir):
     assert not np.array_equal(other["image"], full[0]["image"])
 
 
+def test_private_input_threads_give_the_same_batches(data_dir):
+    # The loop gives tf.data one private thread beside CPU training (threads_beside): same stream.
+    kwargs = dict(seed=3, **_layout(devices=2))
+    for make, n in ((lambda **k: input_pipeline.create_train_iterator(
+            NAME, data_dir, 16, SIZE, **kwargs, **k), 14),
+                    (lambda **k: input_pipeline.create_eval_iterator(
+                        NAME, data_dir, 16, SIZE, **_layout(devices=2), **k), None)):
+        for a, b in zip(itertools.islice(make(), n), itertools.islice(make(threads=1), n)):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    assert input_pipeline.threads_beside("cpu", 2) == 1
+    assert input_pipeline.threads_beside("cpu", 64) == 8
+    assert input_pipeline.threads_beside("gpu", 2) == 0  # tf.data autotunes beside accelerators
+
+
 def _epoch_fingerprints(data_dir, steps, batch, **layout):
     it = input_pipeline.create_train_iterator(NAME, data_dir, batch, SIZE, augment="none", **layout)
     out = []
