@@ -549,7 +549,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result: Dict[str, Any] = dict(eval_metrics or {})
     if ema_metrics:
         result.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-    result.update(step=step, stopped=stopped, total_steps=total_steps, stopped_by_hook=hook_stop)
+    # sigterm: a SIGTERM came while the loop ran, even one too late to stop it (a caller that runs
+    # several trainings, as experiments/run.py, stops there instead of starting the next).
+    result.update(step=step, stopped=stopped, total_steps=total_steps, stopped_by_hook=hook_stop,
+                  sigterm=stop_signal.received)
     if is_main and (hook_stop or not stopped):
         print(metrics_lib.summary_line(config.arch, config.dataset, step, time.time() - t_start,
                                        eval_metrics, best, workdir, ema_metrics), flush=True)

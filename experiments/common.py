@@ -488,7 +488,8 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
         try:
             result = train_lib.train_and_evaluate(config, workdir, hooks=hooks)
             # SIGTERM (or max_steps_per_run): the loop saved a checkpoint; stop the whole set
-            interrupted = result["stopped"] and not result.get("stopped_by_hook")
+            interrupted = (result["stopped"] and not result.get("stopped_by_hook")
+                           ) or result.get("sigterm", False)
         except train_lib.NonFiniteLossError as e:
             error = "diverged: " + str(e).split(";")[0]
             log(f"{label} seed {seed}: {error}")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
+import signal
 import sys
 import types
 
@@ -24,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # `experiments` is a top-level folder of the repository, not installed
     sys.path.insert(0, REPO)
 
-from experiments import common, run, stats  # noqa: E402
+from experiments import common, run, shortcuts, stats  # noqa: E402
 
 # experiment -> the (variant, seed) runs its smoke config trains
 SMOKE = {
@@ -143,6 +145,26 @@ def test_activations_gradient_norms(smoke):
     assert len(norms("trained", "sigmoid", 8, 0)) == len(norms("trained", "sigmoid", 8, 6)) == 8
     md = (smoke.out / "activations" / "README.md").read_text()
     assert "![grad_norms](grad_norms.png)" in md and "First-conv / last-conv" in md
+
+
+def test_a_sigterm_too_late_to_stop_a_run_stops_the_set(tmp_path):
+    """A SIGTERM that arrives at a run's last evaluation (the run ends normally) still stops the
+    runner before the next run; the same command then reads the finished run."""
+    sent = []
+
+    def sigterm_at_the_end(event):
+        if event.step == event.total_steps and not sent:
+            sent.append(event.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    exp = dataclasses.replace(shortcuts.get_experiment(smoke=True),
+                              hooks=lambda config, *probe: [sigterm_at_the_end])
+    workdir = str(tmp_path / "C" / "seed0")
+    with pytest.raises(common.Interrupted, match="re-run the same command"):
+        common.train_run(exp, "C", 0, workdir, log=lambda *a: None)
+    assert sent == [6]
+    run = common.train_run(exp, "C", 0, workdir, log=lambda *a: None)  # read, not trained
+    assert run.status == "budget" and len(sent) == 1
 
 
 # ------------------------------------------------------------------------- no training below
