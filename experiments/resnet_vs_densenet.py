@@ -100,5 +100,5 @@ DenseNet module with the CIFAR stem and `growth_rate`, `block_config`, `num_init
             "read all earlier features, so the DenseNet does several times the multiply-"
             "accumulates (MACs column) and runs several times slower per image on this CPU.",
             "The paper's efficiency claim is about converged test error after 300 epochs of "
-            "CIFAR; the epoch budget here is 6.",
+            f"CIFAR; the epoch budget here is {common.EPOCHS:g}.",
         ])
