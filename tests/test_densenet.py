@@ -93,16 +93,19 @@ def test_channels_grow_by_k_per_layer_and_shrink_in_transitions(compression):
     for i, num_layers in enumerate(blocks, start=1):
         block = shapes[f"features_denseblock{i}"]
         for j in range(1, num_layers + 1):  # each layer adds exactly k feature maps
-            assert block[f"denselayer{j}"]["__call__"][0] == (1, spatial, spatial, growth)
+            # (new feature maps, normalized inputs): nothing is normalized in evaluation
+            assert block[f"denselayer{j}"]["__call__"][0] == ((1, spatial, spatial, growth), ())
         channels += num_layers * growth
-        assert block["__call__"][0] == (1, spatial, spatial, channels)
+        pieces, _ = block["__call__"][0]  # the block's output: its input and every layer's maps
+        assert sum(p[-1] for p in pieces) == channels
+        assert {p[:3] for p in pieces} == {(1, spatial, spatial)}
         if i < len(blocks):
             channels, spatial = math.floor(channels * compression), spatial // 2
             assert shapes[f"features_transition{i}"]["__call__"][0] == (
                 1, spatial, spatial, channels)
     if compression == 0.5:  # torchvision's DenseNet-121 widths
-        assert [shapes[f"features_denseblock{i}"]["__call__"][0][-1] for i in range(1, 5)] == [
-            256, 512, 1024, 1024]
+        assert [sum(p[-1] for p in shapes[f"features_denseblock{i}"]["__call__"][0][0])
+                for i in range(1, 5)] == [256, 512, 1024, 1024]
 
 
 def dropout_key(seed=1):
@@ -174,9 +177,9 @@ def _saved_activation_channels(block, x):
     variables = fast_init(block, x)
 
     def loss(params):
-        y, _ = block.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=True, mutable=["batch_stats"])
-        return jnp.sum(y)
+        (pieces, _), _ = block.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                     x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.concatenate(pieces, axis=-1))
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -62,7 +62,11 @@ class DenseLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs: Sequence[Array], train: bool = False) -> Array:
+    def __call__(self, inputs: Sequence[Array], train: bool = False,
+                 normalized: Sequence[layers.Normalized] = ()
+                 ) -> Tuple[Array, Tuple[layers.Normalized, ...]]:
+        """The new feature maps, and ``normalized`` extended by the inputs this layer normalized
+        first (``layers.ConcatBatchNorm``: each input's batch statistics are computed once)."""
         def bottleneck(module: DenseLayer, inputs: Sequence[Array]) -> Array:
             x = jnp.concatenate(inputs, axis=-1)
             x = nn.relu(layers.batch_norm(train, module.dtype, "norm1")(x))
@@ -73,16 +77,22 @@ class DenseLayer(nn.Module):
             # Only the inputs (each layer's own k channels) are saved for the backward pass; the
             # concatenation and its BN/ReLU/conv are recomputed there. ``train`` is a closed-over
             # Python bool, so it needs no static_argnums; batch_stats updates happen in the forward.
-            bottleneck = nn.remat(bottleneck)
-        x = bottleneck(self, list(inputs))
+            x = nn.remat(bottleneck)(self, list(inputs))
+        else:
+            x, normalized = layers.batch_norm(train, self.dtype, "norm1", concat=True)(
+                inputs, normalized)
+            x = layers.Conv2d(self.bn_size * self.growth_rate, (1, 1), use_bias=False,
+                              dtype=self.dtype, kernel_init=_conv_init, name="conv1")(nn.relu(x))
         x = nn.relu(layers.batch_norm(train, self.dtype, "norm2")(x))
         x = layers.Conv2d(self.growth_rate, (3, 3), padding=layers.torch_padding(1), use_bias=False,
                           dtype=self.dtype, kernel_init=_conv_init, name="conv2")(x)
-        return nn.Dropout(self.drop_rate, deterministic=not train, name="dropout")(x)
+        return nn.Dropout(self.drop_rate, deterministic=not train, name="dropout")(x), normalized
 
 
 class DenseBlock(nn.Module):
-    """``num_layers`` dense layers; returns the input and every new feature map concatenated."""
+    """``num_layers`` dense layers; returns the input and every new feature map (the pieces of
+    the block's output, in channel order) and the pieces' ``layers.Normalized`` so far, which the
+    transition's BN reuses."""
 
     num_layers: int
     growth_rate: int
@@ -92,13 +102,15 @@ class DenseBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        features = [x]
+    def __call__(self, x: Array, train: bool = False
+                 ) -> Tuple[Tuple[Array, ...], Tuple[layers.Normalized, ...]]:
+        features, normalized = [x], ()
         for i in range(self.num_layers):
-            features.append(DenseLayer(self.growth_rate, self.bn_size, self.drop_rate,
-                                       self.memory_efficient, self.dtype,
-                                       name=f"denselayer{i + 1}")(features, train))
-        return jnp.concatenate(features, axis=-1)
+            new, normalized = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate,
+                                         self.memory_efficient, self.dtype,
+                                         name=f"denselayer{i + 1}")(features, train, normalized)
+            features.append(new)
+        return tuple(features), normalized
 
 
 class Transition(nn.Module):
@@ -108,10 +120,12 @@ class Transition(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = nn.relu(layers.batch_norm(train, self.dtype, "norm")(x))
+    def __call__(self, pieces: Sequence[Array], train: bool = False,
+                 normalized: Sequence[layers.Normalized] = ()) -> Array:
+        """``pieces``: a dense block's output, as ``DenseBlock`` returns it."""
+        x, _ = layers.batch_norm(train, self.dtype, "norm", concat=True)(pieces, normalized)
         x = layers.Conv2d(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                          kernel_init=_conv_init, name="conv")(x)
+                          kernel_init=_conv_init, name="conv")(nn.relu(x))
         return layers.avg_pool(x, 2, 2)
 
 
@@ -152,16 +166,18 @@ class DenseNet(nn.Module):
 
         num_features = self.num_init_features
         for i, num_layers in enumerate(self.block_config):
-            x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
-                           self.memory_efficient, self.dtype,
-                           name=f"features_denseblock{i + 1}")(x, train)
+            pieces, normalized = DenseBlock(num_layers, self.growth_rate, self.bn_size,
+                                            self.drop_rate, self.memory_efficient, self.dtype,
+                                            name=f"features_denseblock{i + 1}")(x, train)
             num_features += num_layers * self.growth_rate
             if i != len(self.block_config) - 1:
                 num_features = int(math.floor(num_features * self.compression))
                 x = Transition(num_features, self.dtype, name=f"features_transition{i + 1}")(
-                    x, train)
+                    pieces, train, normalized)
 
-        x = nn.relu(layers.batch_norm(train, self.dtype, "features_norm5")(x))
+        x, _ = layers.batch_norm(train, self.dtype, "features_norm5", concat=True)(
+            pieces, normalized)
+        x = nn.relu(x)
         x = layers.global_avg_pool(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_linear_init,
                         name="classifier")(x)

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -460,10 +460,9 @@ def _bn_out(x: Array, mean: Array, var: Array, scale: Array, bias: Array, *, eps
 _bn_eval = jax.jit(_bn_out, static_argnames=("epsilon", "dtype"))
 
 
-@functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast"))
-def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis_name, fast):
-    """Batch statistics (float32 at least, over ``axis_name`` too), the normalized output and the
-    updated running averages."""
+def _batch_statistics(x: Array, *, dtype: Optional[Dtype], axis_name: Optional[str],
+                      fast: bool) -> Tuple[Array, Array]:
+    """Per-channel batch mean and variance (float32 at least, over ``axis_name`` too)."""
     xf = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
     axes = tuple(range(x.ndim - 1))
     def pmean(v):  # over axis_name's devices too (cross-device BN)
@@ -473,12 +472,36 @@ def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis
         mu, mu2 = xf.mean(axes), jax.lax.square(xf).mean(axes)
         if axis_name is not None:  # one collective for both, as flax
             mu, mu2 = jax.lax.pmean(jnp.stack([mu, mu2]), axis_name)
-        var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
-    else:
-        mu = pmean(xf.mean(axes))
-        var = pmean(jax.lax.square(xf - mu).mean(axes))
+        return mu, jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+    mu = pmean(xf.mean(axes))
+    return mu, pmean(jax.lax.square(xf - mu).mean(axes))
+
+
+def _running(ra_mean, ra_var, mu, var, momentum):
+    return momentum * ra_mean + (1 - momentum) * mu, momentum * ra_var + (1 - momentum) * var
+
+
+@functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast"))
+def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis_name, fast):
+    """Batch statistics, the normalized output and the updated running averages."""
+    mu, var = _batch_statistics(x, dtype=dtype, axis_name=axis_name, fast=fast)
     y = _bn_out(x, mu, var, scale, bias, epsilon=epsilon, dtype=dtype)
-    return y, momentum * ra_mean + (1 - momentum) * mu, momentum * ra_var + (1 - momentum) * var
+    return (y,) + _running(ra_mean, ra_var, mu, var, momentum)
+
+
+class Normalized(NamedTuple):
+    """A feature map normalized by its own batch statistics: ``(x - mean) / sqrt(var + eps)``."""
+
+    xhat: Array
+    mean: Array
+    var: Array
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon", "dtype", "axis_name", "fast"))
+def _normalize(x, *, epsilon, dtype, axis_name, fast) -> Normalized:
+    mu, var = _batch_statistics(x, dtype=dtype, axis_name=axis_name, fast=fast)
+    xhat = (x - mu) * jax.lax.rsqrt(var + epsilon)
+    return Normalized(jnp.asarray(xhat, nn.dtypes.canonicalize_dtype(x, mu, dtype=dtype)), mu, var)
 
 
 class BatchNorm(nn.BatchNorm):
@@ -495,12 +518,10 @@ class BatchNorm(nn.BatchNorm):
             return super().__call__(x, use_running_average, mask=mask)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
-        features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
-                                features)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
-        scale = self.param("scale", self.scale_init, features, self.param_dtype)
-        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        return self._apply(x, use_running_average)
+
+    def _apply(self, x: Array, use_running_average: bool) -> Array:
+        ra_mean, ra_var, scale, bias = self._variables(x.shape[-1])
         if use_running_average:
             return _bn_eval(x, ra_mean.value, ra_var.value, scale, bias, epsilon=self.epsilon,
                             dtype=self.dtype)
@@ -513,12 +534,63 @@ class BatchNorm(nn.BatchNorm):
             ra_mean.value, ra_var.value = new_mean, new_var
         return y
 
+    def _variables(self, channels: int):
+        """nn.BatchNorm's variables, in its order: running mean and variance, scale, bias."""
+        features = (channels,)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        return ra_mean, ra_var, scale, bias
+
+
+class ConcatBatchNorm(BatchNorm):
+    """BatchNorm of the channel concatenation of ``pieces`` (a dense layer's input), with
+    BatchNorm's variables. BN is per channel, so in training the concatenation's batch statistics
+    are its pieces' own: each piece is normalized once, by the first layer that reads it
+    (``normalized`` holds those of earlier pieces and comes back extended), and every later
+    layer only scales, shifts and concatenates them. Recomputing the statistics of the whole
+    concatenation in every layer costs O(L^2) reductions over a block of L layers, forward and
+    backward. Evaluation (running averages) normalizes the concatenation as BatchNorm does.
+    Returns ``(y, normalized)``."""
+
+    @nn.compact
+    def __call__(self, pieces: Sequence[Array], normalized: Sequence[Normalized] = (),
+                 use_running_average: Optional[bool] = None):
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        if (self.axis != -1 or self.axis_index_groups is not None
+                or not (self.use_bias and self.use_scale) or not self.force_float32_reductions):
+            raise ValueError("ConcatBatchNorm supports BatchNorm's default options only "
+                             "(last axis, scale and bias, float32 reductions)")
+        normalized = tuple(normalized)
+        if use_running_average:
+            return self._apply(jnp.concatenate(pieces, axis=-1), True), normalized
+        initializing = self.is_initializing()
+        axis_name = None if initializing else self.axis_name
+        normalized += tuple(_normalize(p, epsilon=self.epsilon, dtype=self.dtype,
+                                       axis_name=axis_name, fast=self.use_fast_variance)
+                            for p in pieces[len(normalized):])
+        cat = lambda parts: jnp.concatenate(parts, axis=-1)  # noqa: E731
+        xhat, mu, var = (cat(parts) for parts in zip(*normalized))
+        ra_mean, ra_var, scale, bias = self._variables(xhat.shape[-1])
+        if not initializing:  # as nn.BatchNorm: init does not update the running averages
+            ra_mean.value, ra_var.value = _running(ra_mean.value, ra_var.value, mu, var,
+                                                   self.momentum)
+        y = xhat * scale + bias
+        dtype = nn.dtypes.canonicalize_dtype(pieces[0], scale, bias, dtype=self.dtype)
+        return jnp.asarray(y, dtype), normalized
+
 
 def batch_norm(train: bool, dtype: Optional[Dtype] = None, name: Optional[str] = None,
-               epsilon: float = 1e-5, scale_init: Callable = nn.initializers.ones) -> BatchNorm:
-    """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5)."""
-    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                     dtype=dtype, scale_init=scale_init, name=name)
+               epsilon: float = 1e-5, scale_init: Callable = nn.initializers.ones,
+               concat: bool = False) -> BatchNorm:
+    """BatchNorm with torch's defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5);
+    ``concat=True``: a ``ConcatBatchNorm`` (same variables)."""
+    return (ConcatBatchNorm if concat else BatchNorm)(
+        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype,
+        scale_init=scale_init, name=name)
 
 
 class ConvBNAct(nn.Module):
