@@ -182,6 +182,82 @@ def test_batch_norm_over_a_named_axis_and_with_a_mask():
                                rtol=1e-6, atol=1e-6)
 
 
+def _pieces(widths, batch=6, seed=0):
+    keys = jax.random.split(jax.random.key(seed), len(widths))
+    return [jax.random.normal(k, (batch, 3, 3, c)) * (1 + i) + i for i, (k, c) in
+            enumerate(zip(keys, widths))]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_concat_batch_norm_equals_batch_norm_of_the_concatenation(train):
+    """ConcatBatchNorm (DenseNet's layer inputs) has BatchNorm's variables, and its outputs,
+    running averages and gradients (in the pieces and the parameters) are those of BatchNorm
+    applied to the concatenation, whether it normalizes every piece itself or reuses those an
+    earlier layer normalized."""
+    pieces = _pieces((5, 2, 2, 2))
+    cat = jnp.concatenate(pieces, axis=-1)
+    plain, ours = layers.batch_norm(train), layers.batch_norm(train, concat=True)
+    assert isinstance(ours, nn.BatchNorm)  # what train_step.batch_norm_axis intercepts
+    v = plain.init(jax.random.key(1), cat)
+    chex.assert_trees_all_equal(ours.init(jax.random.key(1), pieces), v)  # names, values
+    v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), v)
+    want, want_stats = plain.apply(v, cat, mutable=["batch_stats"])
+    # An earlier layer (its own BN) read the first two pieces: its normalized pieces are reused.
+    first = layers.batch_norm(train, concat=True)
+    v_first = first.init(jax.random.key(4), pieces[:2])
+    _, earlier = jax.jit(lambda: first.apply(v_first, pieces[:2], mutable=["batch_stats"])[0])()
+    assert len(earlier) == (2 if train else 0)  # evaluation normalizes by the running averages
+    for normalized in ((), earlier):
+        (got, normalized_all), stats = jax.jit(
+            lambda p, n: ours.apply(v, p, n, mutable=["batch_stats"]))(pieces, normalized)
+        assert len(normalized_all) == (4 if train else 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(stats, want_stats, rtol=1e-6, atol=1e-6)
+    if train:
+        for xhat, piece in zip(normalized_all, pieces):  # each piece's own batch statistics
+            np.testing.assert_allclose(xhat.mean, piece.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(xhat.var, piece.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+    w = jax.random.normal(jax.random.key(3), want.shape)  # a loss that weighs every output
+    def loss_plain(params, pieces):
+        y = plain.apply({**v, "params": params}, jnp.concatenate(pieces, axis=-1),
+                        mutable=["batch_stats"])[0]
+        return jnp.sum(jnp.sin(y) * w)
+
+    def loss_ours(params, pieces):
+        # As in a dense block: the first two pieces are normalized by an earlier layer.
+        (_, earlier), _ = first.apply(v_first, pieces[:2], mutable=["batch_stats"])
+        y = ours.apply({**v, "params": params}, pieces, earlier, mutable=["batch_stats"])[0][0]
+        return jnp.sum(jnp.sin(y) * w)
+
+    grads = [jax.jit(jax.grad(f, argnums=(0, 1)))(v["params"], pieces)
+             for f in (loss_plain, loss_ours)]
+    chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_concat_batch_norm_over_a_named_axis():
+    """Each piece's statistics span vmap's named axis (cross-device BN), as BatchNorm's do."""
+    from cnn_jax import train_step as ts
+
+    pieces = _pieces((3, 2), batch=16)
+    bn = layers.batch_norm(True, concat=True)
+    v = bn.init(jax.random.key(1), pieces)
+
+    def apply(ps, axis):
+        with ts.batch_norm_axis(axis):
+            return bn.apply(v, ps, mutable=["batch_stats"])
+
+    (full, _), full_stats = apply(pieces, None)
+    (split, _), split_stats = jax.vmap(lambda ps: apply(ps, "d"), axis_name="d")(
+        [p.reshape(4, 4, 3, 3, -1) for p in pieces])
+    np.testing.assert_allclose(split.reshape(full.shape), full, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[0], split_stats), full_stats,
+                                rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="default options"):
+        layers.ConcatBatchNorm(use_running_average=False, use_scale=False).init(
+            jax.random.key(0), pieces)
+
+
 def test_split_logits():
     a = jnp.zeros((2, 3))
     main, aux = layers.split_logits(a)

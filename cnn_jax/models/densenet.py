@@ -6,6 +6,9 @@ Every dense layer sees the concatenation of all earlier feature maps of its bloc
 registered variant is a DenseNet-BC. ``memory_efficient=True`` recomputes the concatenation, BN,
 ReLU and 1x1 conv of each layer in the backward pass (``nn.remat``; Pleiss et al. 2017), so only
 the ``growth_rate``-channel outputs of each layer are kept instead of every concatenation.
+In training, each feature map is batch-normalized by its own batch statistics once, by the first
+layer that reads it (``layers.ConcatBatchNorm``); every later layer's BN (and the transition's)
+only scales, shifts and concatenates, instead of recomputing the statistics of its whole input.
 
 Parameter names follow torchvision's state_dict, with the first '.' after ``features`` turned into
 '_' and the rest into '/' nesting: ``features.conv0.weight`` is ``features_conv0/kernel``, and
