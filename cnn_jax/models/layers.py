@@ -553,7 +553,8 @@ class ConcatBatchNorm(BatchNorm):
     layer only scales, shifts and concatenates them. Recomputing the statistics of the whole
     concatenation in every layer costs O(L^2) reductions over a block of L layers, forward and
     backward. Evaluation (running averages) normalizes the concatenation as BatchNorm does.
-    Returns ``(y, normalized)``."""
+    ``normalized`` must come from ConcatBatchNorms of the same ``epsilon`` and variance mode (a
+    block's layers share them). Returns ``(y, normalized)``."""
 
     @nn.compact
     def __call__(self, pieces: Sequence[Array], normalized: Sequence[Normalized] = (),
