@@ -50,7 +50,9 @@ _IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar("implement
 def implementation(impl: str):
     """Within this block (at trace time) layers use ``impl``: 'auto' (the fast formulations on
     CPU, XLA's ops elsewhere), 'xla' (always ``lax.conv_general_dilated`` / ``reduce_window``) or
-    'fast' (always the matmul and slice formulations)."""
+    'fast' (always the matmul and slice formulations). It is read when a function is traced,
+    and ``jax.jit`` caches traces by function, not by this setting: jit a new function (e.g. a
+    fresh lambda) for each implementation, or the second runs the first one's program."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown layer implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     token = _IMPLEMENTATION.set(impl)
@@ -352,6 +354,43 @@ def _taps_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -> Array
     return dw
 
 
+# At or below this ratio of output to input channels (DenseNet's 4k -> k bottleneck 3x3 conv),
+# with at least _TAPS_MIN_KERNEL_CHANNELS input x output channels, a stride-1 convolution's
+# gradients are matrix products over the im2col patches of the output gradient (k*k*O channels,
+# a quarter or less of the input's k*k*C): one product for the input gradient, one for the weight
+# gradient.
+_GRAD_PATCHES_MAX_OUT_IN_RATIO = 0.25
+
+
+def _use_grad_patches(kernel_shape, geo: _Geometry) -> bool:
+    c, o = kernel_shape[2:]
+    return (geo.strides == (1, 1) and o <= _GRAD_PATCHES_MAX_OUT_IN_RATIO * c
+            and c * o >= _TAPS_MIN_KERNEL_CHANNELS and not _small_output(geo))
+
+
+def _grad_patches_grads(x: Array, kernel: Array, g: Array, geo: _Geometry):
+    """Input and weight gradients of a stride-1 convolution from the im2col patches of ``g``.
+
+    With ``G[n, h, w, i, j] = g[n, h + top - i, w + left - j]`` (zero outside ``g``), both
+    gradients are one matrix product each: ``dx = G @ kernel`` over (i, j, o) and
+    ``dw[i, j] = x.T @ G[..., i, j, :]``.
+    """
+    kh, kw, c, o = kernel.shape
+    n = x.shape[0]
+    (top, _), (left, _) = geo.padding
+    h, w = geo.in_hw
+    ho, wo = geo.out_hw
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1 - top, h + top - ho, 0),
+                                                  (kw - 1 - left, w + left - wo, 0), (0, 0, 0)))
+    windows = [jax.lax.slice(gp, (0, kh - 1 - i, kw - 1 - j, 0),
+                             (n, kh - 1 - i + h, kw - 1 - j + w, o))
+               for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * o)
+    dx = _dot(patches, kernel.transpose(0, 1, 3, 2).reshape(kh * kw * o, c))
+    dw = _dot(x.reshape(-1, c), patches, contract_a=0).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
+    return dx.reshape(x.shape).astype(x.dtype), dw
+
+
 def _small_output(geo: _Geometry) -> bool:
     return geo.out_hw[0] * geo.out_hw[1] <= _TAPS_MAX_OUTPUT_POSITIONS
 
@@ -371,6 +410,9 @@ def _conv_fast_fwd(x, kernel, strides, padding):
 def _conv_fast_bwd(strides, padding, residuals, g):
     x, kernel = residuals
     geo = _geometry(x.shape, kernel.shape, strides, padding)
+    if _use_grad_patches(kernel.shape, geo):
+        dx, dw = _grad_patches_grads(x, kernel, g, geo)
+        return dx, dw.astype(kernel.dtype)
     if _small_output(geo):
         dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
     else:  # XLA's transposed convolution is as fast as the forward pass here
