@@ -70,22 +70,22 @@ class DenseLayer(nn.Module):
                  ) -> Tuple[Array, Tuple[layers.Normalized, ...]]:
         """The new feature maps, and ``normalized`` extended by the inputs this layer normalized
         first (``layers.ConcatBatchNorm``: each input's batch statistics are computed once)."""
-        def bottleneck(module: DenseLayer, inputs: Sequence[Array]) -> Array:
-            x = jnp.concatenate(inputs, axis=-1)
-            x = nn.relu(layers.batch_norm(train, module.dtype, "norm1")(x))
-            return layers.Conv2d(module.bn_size * module.growth_rate, (1, 1), use_bias=False,
-                                 dtype=module.dtype, kernel_init=_conv_init, name="conv1")(x)
+        def bottleneck(module: DenseLayer, inputs: Sequence[Array], normalized):
+            x, normalized = layers.batch_norm(train, module.dtype, "norm1", concat=True)(
+                inputs, normalized)
+            x = layers.Conv2d(module.bn_size * module.growth_rate, (1, 1), use_bias=False,
+                              dtype=module.dtype, kernel_init=_conv_init, name="conv1")(nn.relu(x))
+            return x, normalized
 
         if self.memory_efficient:
             # Only the inputs (each layer's own k channels) are saved for the backward pass; the
-            # concatenation and its BN/ReLU/conv are recomputed there. ``train`` is a closed-over
+            # normalized pieces, their concatenation, ReLU and conv are recomputed there, so each
+            # layer normalizes its inputs itself and shares nothing. ``train`` is a closed-over
             # Python bool, so it needs no static_argnums; batch_stats updates happen in the forward.
-            x = nn.remat(bottleneck)(self, list(inputs))
+            x = nn.remat(lambda module, inputs: bottleneck(module, inputs, ())[0])(
+                self, list(inputs))
         else:
-            x, normalized = layers.batch_norm(train, self.dtype, "norm1", concat=True)(
-                inputs, normalized)
-            x = layers.Conv2d(self.bn_size * self.growth_rate, (1, 1), use_bias=False,
-                              dtype=self.dtype, kernel_init=_conv_init, name="conv1")(nn.relu(x))
+            x, normalized = bottleneck(self, inputs, normalized)
         x = nn.relu(layers.batch_norm(train, self.dtype, "norm2")(x))
         x = layers.Conv2d(self.growth_rate, (3, 3), padding=layers.torch_padding(1), use_bias=False,
                           dtype=self.dtype, kernel_init=_conv_init, name="conv2")(x)
