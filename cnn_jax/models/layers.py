@@ -554,13 +554,17 @@ class BatchNorm(nn.BatchNorm):
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
-        if (mask is not None or self.axis not in (-1, x.ndim - 1) or self.axis_index_groups
-                is not None or not (self.use_bias and self.use_scale)
-                or not self.force_float32_reductions):
+        if mask is not None or not self._project_options(x.ndim):
             return super().__call__(x, use_running_average, mask=mask)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         return self._apply(x, use_running_average)
+
+    def _project_options(self, ndim: int) -> bool:
+        """The options the jitted arithmetic covers: the last axis, scale and bias, float32
+        reductions, no index groups."""
+        return (self.axis in (-1, ndim - 1) and self.axis_index_groups is None
+                and self.use_bias and self.use_scale and self.force_float32_reductions)
 
     def _apply(self, x: Array, use_running_average: bool) -> Array:
         ra_mean, ra_var, scale, bias = self._variables(x.shape[-1])
@@ -603,8 +607,7 @@ class ConcatBatchNorm(BatchNorm):
                  use_running_average: Optional[bool] = None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
-        if (self.axis != -1 or self.axis_index_groups is not None
-                or not (self.use_bias and self.use_scale) or not self.force_float32_reductions):
+        if not self._project_options(pieces[0].ndim):
             raise ValueError("ConcatBatchNorm supports BatchNorm's default options only "
                              "(last axis, scale and bias, float32 reductions)")
         normalized = tuple(normalized)
