@@ -449,8 +449,9 @@ def _shared_run(workdir: str, key: str, total: int) -> Optional[Tuple[str, list,
 
 
 def train_run(exp: Experiment, label: str, seed: int, workdir: str,
-              overrides: Mapping[str, Any] = (), probe=None, log=print) -> Run:
-    """Train one (variant, seed) unless its workdir holds a finished run; resumes otherwise."""
+              overrides: Mapping[str, Any] = (), probe=None, log=print, train: bool = True) -> Run:
+    """Train one (variant, seed) unless its workdir holds a finished run; resumes otherwise
+    (``train=False``: a run that is not finished is an error)."""
     from cnn_jax import input_pipeline, optim, train_lib
     from cnn_jax import metrics as metrics_lib
 
@@ -473,6 +474,9 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
                 "not trained again")
             return Run(label, seed, config.arch, params, macs, shared[1], spe, total, shared[2],
                        shared_from=shared[0])
+        if not train:
+            raise RuntimeError(f"{exp.name} / {label} / seed {seed} has not finished training "
+                               f"(workdir {workdir}); re-run the same command to train it")
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, RUN_KEY_FILE), "w") as f:
             f.write(key)
@@ -544,8 +548,11 @@ class Results:
 def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
         variants: Optional[Sequence[str]] = None, overrides: Mapping[str, Any] = (),
         workdir: Optional[str] = None, out: Optional[str] = None, command: str = "",
-        log: Callable[[str], None] = None) -> Results:
-    """Train (or resume, or read) every selected (variant, seed) and write the results."""
+        log: Callable[[str], None] = None, jobs: int = 0, start: Optional[float] = None
+        ) -> Results:
+    """Train (or resume, or read) every selected (variant, seed) and write the results.
+    ``jobs`` > 0: the runs were trained by ``jobs`` single-core workers (experiments/parallel.py)
+    since ``start``; here they are only read."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     labels = list(variants or exp.default_variants or exp.variants)
     unknown = [v for v in labels if v not in exp.variants]
@@ -558,7 +565,7 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
         from cnn_jax import configs
 
         configs.validate(exp.variant_config(label, seeds[0], overrides), check_paths=False)
-    start = time.time()
+    start = time.time() if start is None else start
     probe = None
     runs = []
     out = out or os.path.join(RESULTS_ROOT, exp.name)
@@ -569,17 +576,17 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
             try:
                 runs.append(train_run(exp, label, seed,
                                       os.path.join(root, slug(label), f"seed{seed}"), overrides,
-                                      probe, log))
+                                      probe, log, train=not jobs))
             except Interrupted:
                 if runs:  # what finished before the stop
                     write_results(Results(exp, runs, dict(overrides),
                                           {"probe_size": len(probe[1])}),
-                                  out, command, time.time() - start, partial=True)
+                                  out, command, time.time() - start, partial=True, jobs=jobs)
                 raise
         results = Results(exp, list(runs), dict(overrides), {"probe_size": len(probe[1])})
-        if i + 1 < len(seeds):  # what has finished so far, in case the set is stopped
-            write_results(results, out, command, time.time() - start, partial=True)
-    write_results(results, out, command, time.time() - start)
+        if i + 1 < len(seeds) and not jobs:  # what has finished so far, in case of a stop
+            write_results(results, out, command, time.time() - start, partial=True, jobs=jobs)
+    write_results(results, out, command, time.time() - start, jobs=jobs)
     return results
 
 
@@ -781,9 +788,10 @@ def setup_lines(results: Results) -> List[str]:
 
 
 def write_results(results: Results, out: str, command: str, seconds: float,
-                  partial: bool = False) -> Dict[str, str]:
+                  partial: bool = False, jobs: int = 0) -> Dict[str, str]:
     """runs.csv, summary.csv, curves.csv, <name>.png and README.md in ``out`` (``partial``: an
-    intermediate write while later seeds are still to run)."""
+    intermediate write while later seeds are still to run; ``jobs``: how many single-core
+    workers trained the runs, 0 for this process)."""
     exp = results.exp
     os.makedirs(out, exist_ok=True)
     paths = {"runs": write_csv(os.path.join(out, "runs.csv"),
@@ -814,8 +822,12 @@ def write_results(results: Results, out: str, command: str, seconds: float,
               "reads finished ones):", "", "```bash", command or f"python -m experiments.run "
               f"{exp.name}", "```", "",
               f"Training time of these {len(results.runs)} runs: "
-              f"{sum(r.wall_seconds for r in results.runs) / 60:.1f} min (sum over runs; the "
-              f"last invocation took {seconds / 60:.1f} min, reading runs that had finished).",
+              f"{sum(r.wall_seconds for r in results.runs) / 60:.1f} min (sum over runs"
+              + (f", each on one CPU core, {jobs} at a time; the last invocation took "
+                 f"{seconds / 60:.1f} min for every experiment it ran, reading runs that had "
+                 "finished)." if jobs else
+                 f"; the last invocation took {seconds / 60:.1f} min, reading runs that had "
+                 "finished)."),
               "", "## Setup", "",
               *setup_lines(results), "", "## Results", "", summary_table(results), ""]
     for heading, table in extra_tables:

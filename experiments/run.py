@@ -46,6 +46,10 @@ def _define(fv: flags.FlagValues, argv: List[str]) -> None:
                         "subfolder per experiment); keep it to resume", flag_values=fv)
     flags.DEFINE_bool("compilation_cache", True, "keep compiled programs on disk (as every "
                       "cnn_jax command)", flag_values=fv)
+    flags.DEFINE_integer("jobs", None, "train this many runs at a time, each in its own process "
+                         "on one CPU core (default: one per core; a run's numbers do not depend "
+                         "on it); 0: one run at a time in this process, on all its cores (the "
+                         "default on a GPU/TPU)", lower_bound=0, flag_values=fv)
     config_flags.DEFINE_config_dict("config", base_config(), "overrides of every variant's "
                                     "training config", flag_values=fv, lock_config=False,
                                     accept_new_attributes=True, sys_argv=argv)
@@ -90,20 +94,43 @@ def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int
         raise ValueError(f"--seeds takes integers, e.g. --seeds=0,1,2 (got {','.join(fv.seeds)})")
     seeds = [int(s) for s in fv.seeds] if fv.seeds else None
     logging.set_verbosity(logging.ERROR)  # TFDS's notices about generated `shapes` configs
+    cache_dir = ""
     if fv.compilation_cache:
-        cli.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or
-                                     cli.DEFAULT_COMPILATION_CACHE_DIR)
-    from experiments import common
+        cache_dir = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or
+                     cli.DEFAULT_COMPILATION_CACHE_DIR)
+        cli.enable_compilation_cache(cache_dir)
+    from experiments import common, parallel
 
-    status, code = {}, 0
+    def workdir_of(name):
+        return os.path.join(fv.workdir, name) if fv.workdir else None
+
+    jobs = fv.jobs
+    if jobs is None:
+        import jax
+
+        jobs = len(parallel.cores()) if jax.default_backend() == "cpu" else 0
+    status, code, failed, begin = {}, 0, {}, time.time()
+    if jobs:
+        tasks = parallel.plan(names, fv.smoke, seeds, fv.variants, overrides,
+                              lambda n: workdir_of(n) or os.path.join(common.WORKDIR_ROOT, n))
+        try:
+            failed = parallel.run(tasks, jobs, fv.smoke, overrides, cache_dir,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        except common.Interrupted as e:  # SIGTERM: every run in progress saved a checkpoint
+            print(f"=== {e}", file=sys.stderr, flush=True)
+            status = {n: {"status": "interrupted"} for n in names}
+            names, code = [], 1
     for name in names:
         start = time.time()
         try:
+            if name in failed:
+                raise RuntimeError(failed[name])
             exp = importlib.import_module(f"experiments.{name}").get_experiment(fv.smoke)
             command = common.command_line([name, *given])
             common.run(exp, seeds=seeds, variants=fv.variants, overrides=overrides,
-                       workdir=os.path.join(fv.workdir, name) if fv.workdir else None,
-                       out=os.path.join(fv.out, name) if fv.out else None, command=command)
+                       workdir=workdir_of(name),
+                       out=os.path.join(fv.out, name) if fv.out else None, command=command,
+                       jobs=jobs, start=begin if jobs else None)
             outcome = "ok"
         except common.Interrupted as e:  # SIGTERM: stop the set, resumable
             print(f"=== {name}: {e}", file=sys.stderr, flush=True)
@@ -115,12 +142,16 @@ def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int
             print(outcome, file=sys.stderr, flush=True)
             code = 1
         except Exception as e:  # noqa: BLE001 -- one broken experiment must not hide the others
-            traceback.print_exc()
+            if name not in failed:  # a worker's error was printed with its traceback
+                traceback.print_exc()
             outcome = f"{type(e).__name__}: {e}"
             code = 1
         status[name] = {"status": outcome, "wall_seconds": round(time.time() - start, 1)}
         print(f"=== {name}: {outcome} ({status[name]['wall_seconds']:.0f} s)", file=sys.stderr,
               flush=True)
+    if jobs and names:
+        print(f"=== all: {(time.time() - begin) / 60:.1f} min with {jobs} single-core "
+              "workers", file=sys.stderr, flush=True)
     if fv.out:
         os.makedirs(fv.out, exist_ok=True)
         with open(os.path.join(fv.out, "status.json"), "w") as f:
