@@ -9,7 +9,8 @@ DenseNet-BC-52's 240-268 against 185 ms (1.4x).
 Each worker is pinned to one core before it imports JAX, so XLA runs every program on one thread:
 a run's numbers are the same whatever ``--jobs`` is and however many cores the machine has. They
 are not those of an unpinned run on two threads: splitting an op between threads changes the
-order of float32 sums.
+order of float32 sums. Where the system cannot pin a process (no ``os.sched_setaffinity``,
+e.g. macOS), workers run unpinned and the numbers depend on the core count again.
 """
 
 from __future__ import annotations
@@ -50,21 +51,19 @@ class Task:
         return f"{self.name} / {self.label} / seed {self.seed}"
 
 
-def plan(names: Sequence[str], smoke: bool, seeds: Optional[Sequence[int]],
-         variants: Optional[Sequence[str]], overrides: Mapping[str, Any],
-         workdir_of: Callable[[str], str]) -> List[Task]:
-    """Every run of ``names`` that has to train, most expensive first (so that the last to
-    finish are short). A config that two experiments share (their run keys are equal) trains
-    once, in the first; the other reads it when the results are written."""
-    import importlib
-
+def plan(exps: Sequence[Any], seeds: Optional[Sequence[int]], variants: Optional[Sequence[str]],
+         overrides: Mapping[str, Any], workdir_of: Callable[[str], str]) -> List[Task]:
+    """Every run of the experiments ``exps`` that has to train, most expensive first (so that
+    the last to finish are short). A config that two experiments share (their run keys are
+    equal) trains once, in the first; the other reads it when the results are written. A run
+    that is finished, or finished in a sibling experiment's workdir, is not planned."""
     from cnn_jax import configs, input_pipeline, optim
     from cnn_jax import metrics as metrics_lib
     from experiments import common
 
     tasks, keys = [], set()
-    for name in names:
-        exp = importlib.import_module(f"experiments.{name}").get_experiment(smoke)
+    for exp in exps:
+        name = exp.name
         labels = list(variants or exp.default_variants or exp.variants)
         run_seeds = list(exp.seeds if seeds is None else seeds)
         try:  # bad input: common.run says so in one line when the results are written
@@ -95,8 +94,12 @@ def plan(names: Sequence[str], smoke: bool, seeds: Optional[Sequence[int]],
 def _worker(core: Optional[int], smoke: bool, overrides: Dict[str, Any], cache_dir: str,
             tasks, done) -> None:
     """A worker process: pin to ``core``, then train tasks until the queue says stop."""
+    # Ctrl-C reaches the whole process group: the runner turns it into SIGTERM for each worker,
+    # which its training loop answers with a checkpoint (a KeyboardInterrupt would lose the run).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})  # before JAX (and TensorFlow) size their thread pools
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import importlib
 
@@ -113,12 +116,13 @@ def _worker(core: Optional[int], smoke: bool, overrides: Dict[str, Any], cache_d
         if task is None:
             return
         start = time.time()
-        os.makedirs(task.workdir, exist_ok=True)
         sys.stdout.flush(), sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         try:
+            os.makedirs(task.workdir, exist_ok=True)
             with open(os.path.join(task.workdir, LOG_FILE), "a") as log:
                 os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+                print(f"worker pid {os.getpid()} on CPU cores {affinity}", flush=True)
                 exp = importlib.import_module(f"experiments.{task.name}").get_experiment(smoke)
                 probe = common.probe_batch(exp.variant_config(*task.probe_from, overrides),
                                            exp.probe_size)
@@ -165,7 +169,7 @@ def run(tasks: Sequence[Task], jobs: int, smoke: bool, overrides: Mapping[str, A
                            args=(where[i % len(where)], smoke, dict(overrides), cache_dir,
                                  todo, done))
                for i in range(jobs)]
-    log(f"training {len(tasks)} runs in {jobs} processes, one CPU core each "
+    log(f"training {len(tasks)} run(s) in {jobs} process(es), one CPU core each "
         f"(cores {', '.join(str(where[i % len(where)]) for i in range(jobs))}); each run's "
         f"output goes to {LOG_FILE} in its workdir")
 

@@ -24,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-# The default set, cheapest first (a partial run has the cheap ones done).
+# The default set, cheapest first (with --jobs=0 a partial run has the cheap ones done; workers
+# take the most expensive runs first, so that the last to finish are short).
 EXPERIMENTS = ("activations", "shortcuts", "bn_placement", "degradation", "alexnet_ablation",
                "resnet_vs_densenet")
 
@@ -111,7 +112,9 @@ def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int
         jobs = len(parallel.cores()) if jax.default_backend() == "cpu" else 0
     status, code, failed, begin = {}, 0, {}, time.time()
     if jobs:
-        tasks = parallel.plan(names, fv.smoke, seeds, fv.variants, overrides,
+        exps = [importlib.import_module(f"experiments.{n}").get_experiment(fv.smoke)
+                for n in names]
+        tasks = parallel.plan(exps, seeds, fv.variants, overrides,
                               lambda n: workdir_of(n) or os.path.join(common.WORKDIR_ROOT, n))
         try:
             failed = parallel.run(tasks, jobs, fv.smoke, overrides, cache_dir,

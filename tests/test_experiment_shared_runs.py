@@ -3,6 +3,7 @@ the same hooks and probe) in a sibling experiment's workdir is read instead of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -95,3 +96,41 @@ def test_a_finished_run_of_another_experiment_is_read_not_trained(tmp_path, no_t
     # A run that trains records its key, for the experiments after it.
     key = (tmp_path / "bn_placement" / "pre" / "seed0" / common.RUN_KEY_FILE).read_text()
     assert key == common.run_key(bn, bn.variant_config("pre", 0))
+
+
+def test_a_parallel_plan_trains_a_shared_config_once_longest_first(tmp_path, no_training):
+    """`experiments.run --jobs`: bn_placement's post is shortcuts' A, so the plan trains it
+    once (in shortcuts, the first to name it); it orders runs by cost, draws each experiment's
+    probe from its first run's config, and leaves out runs that finished (here or in a sibling
+    experiment's workdir). ``--jobs=0`` trains in the process; with workers, writing the
+    results reads runs and never trains one."""
+    from experiments import parallel
+
+    short = dataclasses.replace(shortcuts.get_experiment(smoke=True), default_variants=("A", "C"))
+    bn = dataclasses.replace(bn_placement.get_experiment(smoke=True),
+                             default_variants=("post", "none"))
+
+    def where(name):
+        return str(tmp_path / name)
+
+    tasks = parallel.plan([short, bn], None, None, {}, where)
+    assert sorted((t.name, t.label) for t in tasks) == [
+        ("bn_placement", "none"), ("shortcuts", "A"), ("shortcuts", "C")]
+    costs = {(t.name, t.label): t.cost for t in tasks}
+    assert [t.cost for t in tasks] == sorted(costs.values(), reverse=True)
+    assert costs["shortcuts", "C"] > costs["shortcuts", "A"]  # C adds projection convolutions
+    assert {t.probe_from for t in tasks} == {("A", 0), ("post", 0)}
+    assert tasks[0].workdir == str(tmp_path / "shortcuts" / "C" / "seed0")
+
+    finished_run(str(tmp_path / "shortcuts" / "A" / "seed0"), short, "A", 0,
+                 total_steps(short, "A"))
+    assert [(t.name, t.label) for t in parallel.plan([short, bn], None, None, {}, where)] == [
+        ("shortcuts", "C"), ("bn_placement", "none")]
+    assert [t.label for t in parallel.plan([bn], None, None, {}, where)] == ["none"]
+    assert parallel.plan([short], [0], ["A"], {}, where) == []
+    # Bad input plans nothing: the runner reports it in one line when it writes the results.
+    assert parallel.plan([short], None, ["Z"], {}, where) == []
+
+    with pytest.raises(RuntimeError, match="shortcuts / C / seed 0 has not finished training"):
+        common.run(short, workdir=where("shortcuts"), out=str(tmp_path / "out"), jobs=2,
+                   log=lambda m: None)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import types
@@ -40,8 +41,9 @@ SMOKE = {
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Every experiment's --smoke config, once, in this test process (its JAX, TensorFlow and
-    XLA flags: tests/conftest.py); then degradation again on the same workdirs."""
+    """Every experiment's --smoke config, once, trained by two single-core worker processes
+    (--jobs=2; they inherit the test session's XLA flags and compilation cache through the
+    environment: tests/conftest.py); then degradation again on the same workdirs."""
     from absl import logging
 
     out, work, data = (tmp_path_factory.mktemp(n) for n in ("results", "work", "tfds"))
@@ -51,14 +53,14 @@ def smoke(tmp_path_factory):
     first_log, second_log = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(first_log), contextlib.redirect_stderr(first_log):
-            first = run.main(["all", f"--out={out}", *flags])
+            first = run.main(["all", f"--out={out}", "--jobs=2", *flags])
         with contextlib.redirect_stdout(second_log), contextlib.redirect_stderr(second_log):
             second = run.main(["degradation", f"--out={out}/again", *flags])
     finally:
         logging.set_verbosity(verbosity)  # the runner silences absl's INFO lines
     status = json.loads((out / "status.json").read_text())
     driver = {"first": first, "second": second, "second_log": second_log.getvalue()}
-    return types.SimpleNamespace(out=out, work=work, driver=driver, status=status,
+    return types.SimpleNamespace(out=out, work=work, data=data, driver=driver, status=status,
                                  log=first_log.getvalue())
 
 
@@ -145,6 +147,70 @@ def test_activations_gradient_norms(smoke):
     assert len(norms("trained", "sigmoid", 8, 0)) == len(norms("trained", "sigmoid", 8, 6)) == 8
     md = (smoke.out / "activations" / "README.md").read_text()
     assert "![grad_norms](grad_norms.png)" in md and "First-conv / last-conv" in md
+
+
+def test_workers_run_on_one_core_and_jobs_do_not_change_a_run(smoke, tmp_path):
+    """Every smoke run trained in a worker pinned to one CPU core; one worker (--jobs=1) trains
+    the same run to the same numbers as one of two workers did."""
+    logs = sorted(smoke.work.glob("*/*/seed0/train.log"))
+    assert len(logs) == sum(len(v) for v in SMOKE.values())
+    for log in logs:
+        first = log.read_text().splitlines()[0]
+        assert re.fullmatch(r"worker pid \d+ on CPU cores \[\d+\]", first), (log, first)
+    assert "training 7 run(s) in 2 process(es), one CPU core each" in smoke.log
+
+    assert run.main(["shortcuts", "--smoke", "--jobs=1", f"--workdir={tmp_path / 'w'}",
+                     f"--out={tmp_path / 'o'}", f"--config.data_dir={smoke.data}",
+                     "--nocompilation_cache"]) == 0
+
+    def numbers(path):
+        return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in _read_csv(path)]
+
+    assert numbers(tmp_path / "o" / "shortcuts" / "runs.csv") == \
+        numbers(smoke.out / "shortcuts" / "runs.csv")
+
+
+def test_sigterm_stops_the_workers_at_a_checkpoint(tmp_path):
+    """SIGTERM to the runner: each worker's training loop saves a checkpoint and the worker
+    exits; the runner says to re-run the same command (which resumes from that checkpoint)."""
+    import subprocess
+    import time
+
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "shortcuts", "--smoke", "--jobs=1",
+         f"--workdir={work}", f"--out={tmp_path / 'o'}", f"--config.data_dir={tmp_path / 'd'}",
+         "--config.num_epochs=1000", "--nocompilation_cache"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = work / "shortcuts" / "C" / "seed0"
+    deadline = time.time() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and
+               '"eval"' in (run_dir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "re-run the same command to resume" in err, err[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "SIGTERM: saved a checkpoint at step" in log, log[-3000:]
+    assert any((run_dir / "checkpoints").iterdir())
+    with pytest.raises(ProcessLookupError):  # the worker is gone, not orphaned
+        os.kill(int(re.search(r"worker pid (\d+)", log).group(1)), 0)
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path):
+    """A worker whose run raises reports the error (one line per experiment, the traceback in
+    the log) and trains the next run."""
+    from experiments import parallel
+
+    tasks = [parallel.Task(name, "X", 0, str(tmp_path / name), ("X", 0), 1.0)
+             for name in ("no_such_experiment", "nor_this_one")]
+    lines = []
+    assert parallel.run(tasks, 1, True, {}, log=lines.append) == {  # one worker did both
+        name: f"{name} / X / seed 0: ModuleNotFoundError: No module named 'experiments.{name}'"
+        for name in ("no_such_experiment", "nor_this_one")}
+    assert "[1/2, " in lines[1] and ": error: ModuleNotFoundError" in lines[1]
+    assert "Traceback" in lines[2] and "[2/2, " in lines[3]
 
 
 def test_a_sigterm_too_late_to_stop_a_run_stops_the_set(tmp_path):
