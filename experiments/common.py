@@ -373,6 +373,17 @@ class Interrupted(Exception):
     """A run stopped before its end (SIGTERM): the set stops too, resumable."""
 
 
+def settled(workdir: str, total_steps: int) -> bool:
+    """A run that will not train again: finished (plateau or budget) or diverged."""
+    from cnn_jax import metrics as metrics_lib
+
+    records = metrics_lib.read_metrics(workdir) if os.path.exists(workdir) else []
+    return _finished(records, total_steps) or os.path.exists(os.path.join(workdir, DIVERGED_FILE))
+
+
+DIVERGED_FILE = "diverged.txt"
+
+
 def _finished(records: Sequence[Dict[str, Any]], total_steps: int) -> bool:
     return any(r.get("split") == "plateau" for r in records) or any(
         r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
@@ -465,7 +476,7 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     seconds_file = os.path.join(workdir, "wall_seconds.txt")
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
-    diverged_file = os.path.join(workdir, "diverged.txt")
+    diverged_file = os.path.join(workdir, DIVERGED_FILE)
     if not _finished(records, total) and not os.path.exists(diverged_file):
         key = run_key(exp, config)
         shared = _shared_run(workdir, key, total)

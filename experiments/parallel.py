@@ -58,7 +58,6 @@ def plan(exps: Sequence[Any], seeds: Optional[Sequence[int]], variants: Optional
     equal) trains once, in the first; the other reads it when the results are written. A run
     that is finished, or finished in a sibling experiment's workdir, is not planned."""
     from cnn_jax import configs, input_pipeline, optim
-    from cnn_jax import metrics as metrics_lib
     from experiments import common
 
     tasks, keys = [], set()
@@ -81,9 +80,7 @@ def plan(exps: Sequence[Any], seeds: Optional[Sequence[int]], variants: Optional
                                                    image_size=config.image_size)
             steps = optim.total_train_steps(config, info.num_train_examples, config.batch_size)
             workdir = os.path.join(workdir_of(name), common.slug(label), f"seed{seed}")
-            records = metrics_lib.read_metrics(workdir) if os.path.exists(workdir) else []
-            if (common._finished(records, steps) or common._shared_run(workdir, key, steps)
-                    or os.path.exists(os.path.join(workdir, "diverged.txt"))):
+            if common.settled(workdir, steps) or common._shared_run(workdir, key, steps):
                 continue
             _, macs = common.model_cost(config, info.num_classes)
             tasks.append(Task(name, label, int(seed), workdir, (labels[0], int(run_seeds[0])),
