@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from tqdm.auto import tqdm
 
@@ -97,6 +97,15 @@ def discard_after(workdir: str, step: int) -> None:
     for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
         if name.startswith("events.out.tfevents"):
             _truncate_events(os.path.join(workdir, name), step)
+
+
+def remove_records(workdir: str, drop: Callable[[Dict[str, Any]], bool]) -> None:
+    """Rewrite ``metrics.jsonl`` without the records for which ``drop`` is true (e.g. a stop
+    that no longer holds). TensorBoard's event files keep them: scalars there are append-only."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+        kept = [json.dumps(r) + "\n" for r in read_metrics(workdir) if not drop(r)]
+        _replace(path, "".join(kept).encode())
 
 
 def _replace(path: str, data: bytes) -> None:

@@ -302,6 +302,8 @@ class EvalEvent:
     metrics: Optional[Dict[str, float]]
     write: Callable[[str, Dict[str, float]], None]
     stop: bool = False
+    # the training metrics logged at this step (means since the last log), None at step 0
+    train_metrics: Optional[Dict[str, float]] = None
 
 
 Hook = Callable[[EvalEvent], None]
@@ -399,12 +401,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     del host_state
     eval_cache = eval_cache_for(config, info.num_eval_examples)
 
-    def call_hooks(step: int, metrics: Optional[Dict[str, float]]) -> bool:
+    def call_hooks(step: int, metrics: Optional[Dict[str, float]],
+                   train_metrics: Optional[Dict[str, float]] = None) -> bool:
         """Run the hooks; True if one asked to stop (on any process)."""
         if not hooks:
             return False
         event = EvalEvent(step, total_steps, steps_per_epoch, dp.unreplicate(state), metrics,
-                          lambda split, scalars: writer.write(step, split, scalars))
+                          lambda split, scalars: writer.write(step, split, scalars),
+                          train_metrics=train_metrics)
         for hook in hooks:
             hook(event)
         return _any_process(event.stop)
@@ -510,7 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     current = ema_metrics if best_split == "eval_ema" else eval_metrics
                     if best is None or current["top1"] > best["top1"]:
                         best = {"top1": current["top1"], "step": step}
-                    hook_stop = call_hooks(step, eval_metrics) and not done
+                    hook_stop = call_hooks(step, eval_metrics, train_metrics) and not done
                     do_save = do_save or hook_stop
                 if do_save:
                     saved_metrics = None

@@ -80,7 +80,7 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 BATCH_SIZE = 16
 EPOCHS = 30.0
 EVALS_PER_EPOCH = 1  # an evaluation of 1,000 images costs ~0.4 s here, a tenth of an epoch
-PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.4)
+PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.4, max_loss_drop=0.05)
 
 
 def recipe(smoke: bool, arch: str = "resnet20", **overrides):
@@ -202,17 +202,21 @@ class Experiment:
 class PlateauHook:
     """Stops the run when :class:`stats.Plateau` holds for its evaluations so far."""
 
-    def __init__(self, plateau: stats.Plateau, history: Sequence[Tuple[int, float]] = ()):
+    def __init__(self, plateau: stats.Plateau,
+                 history: Sequence[Tuple[int, float, float]] = ()):
         self.plateau = plateau
-        self.history = list(history)  # (step, top1) of the evaluations before a resume
+        # (step, val top-1, training loss) of the evaluations before a resume
+        self.history = [tuple(h) for h in history]
 
     def __call__(self, event) -> None:
         if event.metrics is None:
             return
-        self.history.append((event.step, event.metrics["top1"]))
-        fractions = [s / event.total_steps for s, _ in self.history]
-        if self.plateau.index([t for _, t in self.history], fractions) == len(self.history) - 1:
-            event.write("plateau", {"reached": 1.0})
+        loss = (event.train_metrics or {}).get("loss", math.nan)
+        self.history.append((event.step, event.metrics["top1"], loss))
+        steps, top1s, losses = zip(*self.history)
+        fractions = [s / event.total_steps for s in steps]
+        if self.plateau.index(top1s, fractions, losses) == len(self.history) - 1:
+            event.write("plateau", self.plateau.record())
             event.stop = True
 
 
@@ -317,7 +321,7 @@ class Run:
         return self.steps / max(self.steps_per_epoch, 1)
 
     @property
-    def plateaued(self) -> bool:
+    def plateaued(self) -> bool:  # train_run keeps only the current criterion's record
         return bool(self.split("plateau"))
 
     @property
@@ -373,21 +377,58 @@ class Interrupted(Exception):
     """A run stopped before its end (SIGTERM): the set stops too, resumable."""
 
 
-def settled(workdir: str, total_steps: int) -> bool:
-    """A run that will not train again: finished (plateau or budget) or diverged."""
+def settled(workdir: str, total_steps: int, plateau: stats.Plateau) -> bool:
+    """A run that will not train again: finished (``plateau`` or budget) or diverged."""
     from cnn_jax import metrics as metrics_lib
 
     records = metrics_lib.read_metrics(workdir) if os.path.exists(workdir) else []
-    return _finished(records, total_steps) or os.path.exists(os.path.join(workdir, DIVERGED_FILE))
+    return _finished(records, total_steps, plateau) or \
+        os.path.exists(os.path.join(workdir, DIVERGED_FILE))
 
 
 DIVERGED_FILE = "diverged.txt"
 
 
-def _finished(records: Sequence[Dict[str, Any]], total_steps: int) -> bool:
-    return any(r.get("split") == "plateau" for r in records) or any(
+def _finished(records: Sequence[Dict[str, Any]], total_steps: int, plateau: stats.Plateau) -> bool:
+    """Stopped by ``plateau`` (a stop under another criterion does not count) or at the budget."""
+    return any(r.get("split") == "plateau" and plateau.matches(r) for r in records) or any(
         r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
 
+
+
+def _history(records: Sequence[Dict[str, Any]]) -> List[Tuple[int, float, float]]:
+    """(step, val top-1, training loss) at each evaluation of a run's records."""
+    losses = {int(r["step"]): float(r["loss"]) for r in records if r.get("split") == "train"}
+    return [(int(r["step"]), float(r["top1"]), losses.get(int(r["step"]), math.nan))
+            for r in records if r.get("split") == "eval"]
+
+
+def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]], total: int,
+                     log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """A run stopped under another plateau criterion, judged by ``exp.plateau``: finished at the
+    same stop (the record is rewritten), or not yet (the record goes and the run resumes from that
+    stop's checkpoint: the same steps as an uninterrupted run). A criterion that would have
+    stopped it earlier cannot be met by resuming: an error says to train it again."""
+    from cnn_jax import metrics as metrics_lib
+
+    history = _history(records)
+    steps, top1s, losses = zip(*history)
+    at = exp.plateau.index(top1s, [s / total for s in steps], losses)
+    old = max(int(r["step"]) for r in records if r.get("split") == "plateau")
+    if at is not None and steps[at] < old:
+        raise ValueError(f"{workdir} stopped at step {old} under another plateau criterion; this "
+                         f"one holds at step {steps[at]}, before it: remove the workdir to train "
+                         "the run again under this criterion")
+    metrics_lib.remove_records(workdir, lambda r: r.get("split") == "plateau")
+    if at is not None:
+        writer = metrics_lib.MetricWriter(workdir)
+        writer.write(steps[at], "plateau", exp.plateau.record())
+        writer.close()
+        log(f"{workdir}: its plateau stop at step {old} holds under this criterion too")
+    else:
+        log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one "
+            "resumes it from there")
+    return metrics_lib.read_metrics(workdir)
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
@@ -439,8 +480,10 @@ def run_key(exp: Experiment, config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _shared_run(workdir: str, key: str, total: int) -> Optional[Tuple[str, list, float]]:
-    """A finished run of the same key in a sibling experiment's workdir (same seed):
+def _shared_run(workdir: str, key: str, total: int, plateau: stats.Plateau
+                ) -> Optional[Tuple[str, list, float]]:
+    """A run of the same key in a sibling experiment's workdir (same seed), finished under
+    ``plateau`` or at the budget:
     (its ``experiment/variant`` label, records, wall seconds), or None."""
     from cnn_jax import metrics as metrics_lib
 
@@ -451,7 +494,7 @@ def _shared_run(workdir: str, key: str, total: int) -> Optional[Tuple[str, list,
         if other == os.path.abspath(workdir) or open(path).read().strip() != key:
             continue
         records = metrics_lib.read_metrics(other)
-        if _finished(records, total):
+        if _finished(records, total, plateau):
             seconds = os.path.join(other, "wall_seconds.txt")
             wall = float(open(seconds).read()) if os.path.exists(seconds) else 0.0
             exp_dir, variant_dir = os.path.split(os.path.dirname(other))
@@ -477,9 +520,12 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
     diverged_file = os.path.join(workdir, DIVERGED_FILE)
-    if not _finished(records, total) and not os.path.exists(diverged_file):
+    if any(r.get("split") == "plateau" for r in records) and \
+            not _finished(records, total, exp.plateau):
+        records = _restate_plateau(exp, workdir, records, total, log)
+    if not _finished(records, total, exp.plateau) and not os.path.exists(diverged_file):
         key = run_key(exp, config)
-        shared = _shared_run(workdir, key, total)
+        shared = _shared_run(workdir, key, total, exp.plateau)
         if shared:
             log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, "
                 "not trained again")
@@ -495,7 +541,7 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
             f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)")
         if probe is None:
             probe = probe_batch(config, exp.probe_size)
-        resumed = [(int(r["step"]), float(r["top1"])) for r in records if r.get("split") == "eval"]
+        resumed = _history(records)
         hooks = [TrainProbeHook(*probe), PlateauHook(exp.plateau, resumed)]
         if exp.hooks:
             hooks += exp.hooks(config, *probe)

@@ -80,7 +80,8 @@ def plan(exps: Sequence[Any], seeds: Optional[Sequence[int]], variants: Optional
                                                    image_size=config.image_size)
             steps = optim.total_train_steps(config, info.num_train_examples, config.batch_size)
             workdir = os.path.join(workdir_of(name), common.slug(label), f"seed{seed}")
-            if common.settled(workdir, steps) or common._shared_run(workdir, key, steps):
+            if common.settled(workdir, steps, exp.plateau) or \
+                    common._shared_run(workdir, key, steps, exp.plateau):
                 continue
             _, macs = common.model_cost(config, info.num_classes)
             tasks.append(Task(name, label, int(seed), workdir, (labels[0], int(run_seeds[0])),

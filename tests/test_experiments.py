@@ -255,29 +255,83 @@ def test_mean_std_and_welch_on_known_numbers():
 
 
 def test_plateau_criterion():
-    p = stats.Plateau(patience=2, min_delta=0.01, min_fraction=0.5)
+    p = stats.Plateau(patience=2, min_delta=0.01, min_fraction=0.5, max_loss_drop=None)
     top1 = [0.10, 0.30, 0.40, 0.405, 0.41, 0.409]
     fractions = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]
     assert p.index(top1, fractions) == 4  # best 0.41 vs 0.40 two evaluations before
     assert p.index(top1, [0.1] * 6) is None  # too early in the budget
-    assert stats.Plateau(patience=2, min_delta=0.0).index([0.1, 0.2, 0.3], [1.0] * 3) is None
+    no_loss = dict(max_loss_drop=None)
+    assert stats.Plateau(patience=2, min_delta=0.0, **no_loss).index([0.1, 0.2, 0.3],
+                                                                     [1.0] * 3) is None
+    # with the training loss: flat validation is not enough while the loss still falls 10%
+    lossy = dataclasses.replace(p, max_loss_drop=0.05)
+    losses = [3.0, 2.0, 1.5, 1.4, 1.35, 1.33]  # 1.5 -> 1.35: -10%; 1.4 -> 1.33: -5.0%
+    assert lossy.index(top1, fractions, losses) == 5
+    assert lossy.index(top1, fractions, losses[:5] + [1.0]) is None
+    assert lossy.index(top1, fractions, losses[:5] + [math.nan]) is None
+    with pytest.raises(ValueError, match="training loss"):
+        lossy.index(top1, fractions)
+    assert "fell by at most 5%" in lossy.describe() and "fell" not in p.describe()
+    # the record names its criterion; a stop under another one does not count
+    assert lossy.matches(json.loads(json.dumps(lossy.record())))
+    assert not p.matches(lossy.record()) and not lossy.matches({"reached": 1.0})
 
 
 def test_plateau_hook_stops_and_writes():
-    hook = common.PlateauHook(stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0),
-                              history=[(10, 0.50)])  # an evaluation before a resume
+    plateau = stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0, max_loss_drop=0.1)
+    hook = common.PlateauHook(plateau, history=[(10, 0.50, 2.0)])  # an evaluation before a resume
     written = []
 
-    def event(step, top1):
-        return types.SimpleNamespace(step=step, total_steps=100, metrics=None if top1 is None
-                                     else {"top1": top1}, stop=False,
-                                     write=lambda split, s: written.append((step, split)))
+    def event(step, top1, loss=None):
+        return types.SimpleNamespace(
+            step=step, total_steps=100, metrics=None if top1 is None else {"top1": top1},
+            train_metrics=None if loss is None else {"loss": loss}, stop=False,
+            write=lambda split, s: written.append((step, split, s)))
 
-    e0, e1, e2 = event(0, None), event(20, 0.60), event(30, 0.62)
+    # 20: top-1 flat but the loss fell 25%; 30: both flat
+    e0, e1, e2 = event(0, None), event(20, 0.52, 1.5), event(30, 0.53, 1.4)
     for e in (e0, e1, e2):
         hook(e)
     assert (e0.stop, e1.stop, e2.stop) == (False, False, True)
-    assert written == [(30, "plateau")]
+    assert written == [(30, "plateau", plateau.record())]
+
+
+def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
+    """degradation's smoke run stopped at step 4 of 6. A criterion that also holds there keeps
+    the stop (nothing trains); a stricter one resumes the run to its own stop at step 6; one that
+    would have stopped earlier (step 2) is an error that says what to do."""
+    import shutil
+
+    from cnn_jax import metrics
+    from experiments import degradation
+
+    exp = degradation.get_experiment(smoke=True)
+    overrides = {"data_dir": str(smoke.data)}
+    done = smoke.work / "degradation" / "plain8" / "seed0"
+
+    def judged(name, **plateau):
+        workdir = tmp_path / name
+        shutil.copytree(done, workdir)
+        lines = []
+        rerun = dataclasses.replace(exp, plateau=dataclasses.replace(exp.plateau, **plateau))
+        result = common.train_run(rerun, "plain8", 0, str(workdir), overrides, log=lines.append)
+        return result, metrics.read_metrics(str(workdir)), "\n".join(lines)
+
+    before = metrics.read_metrics(str(done))
+    same, records, log = judged("same", min_delta=0.9)
+    assert "holds under this criterion too" in log and same.steps == 4
+    assert [r for r in records if r["split"] != "plateau"] == \
+        [r for r in before if r["split"] != "plateau"]  # nothing trained
+    assert [(r["step"], r["min_delta"]) for r in records if r["split"] == "plateau"] == [(4, 0.9)]
+
+    later, records, log = judged("later", min_fraction=0.9)
+    assert "resumes it from there" in log and later.status == "plateau at epoch 1.0"
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]
+    assert [(r["step"], r["min_fraction"]) for r in records if r["split"] == "plateau"] == \
+        [(6, 0.9)]
+
+    with pytest.raises(ValueError, match="holds at step 2, before it: remove the workdir"):
+        judged("earlier", patience=0, min_fraction=0.0)
 
 
 def test_outcomes_from_known_results():
