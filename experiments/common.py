@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -79,7 +80,13 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 # tail room for the criterion. 2026-12-03.
 BATCH_SIZE = 16
 EPOCHS = 30.0
-EVALS_PER_EPOCH = 1  # an evaluation of 1,000 images costs ~0.4 s here, a tenth of an epoch
+EVALS_PER_EPOCH = 1
+# Images per forward pass of an evaluation (validation and train probe). Small batches keep a
+# pass's activations in cache: the train probe's 500 images in one pass took 3.6 ms per image in
+# DenseNet-BC-52 on one core and 0.91 in resnet20, in passes of 25 1.7 and 0.73 (20: 1.6 / 0.75,
+# 50: 2.0 / 0.72, 100: 2.3 / 0.74). At 250 and 500 a DenseNet run's evaluations of 1,500 images
+# cost 7.1 s of each 38.6 s epoch. 2026-12-03.
+EVAL_BATCH = 25
 PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.4, max_loss_drop=0.05)
 
 
@@ -96,7 +103,7 @@ def recipe(smoke: bool, arch: str = "resnet20", **overrides):
         num_epochs=1.0 if smoke else EPOCHS, optimizer="adamw", learning_rate=3e-3,
         lr_reference_batch_size=0, lr_schedule="cosine", warmup_epochs=0.3, weight_decay=1e-4,
         weight_decay_skip_bn_bias=True, grad_clip_norm=5.0, keep_checkpoints=1,
-        async_checkpointing=False, progress_bar=False, eval_batch_size=32 if smoke else 250)
+        async_checkpointing=False, progress_bar=False, eval_batch_size=32 if smoke else EVAL_BATCH)
     values.update(overrides)
     info = input_pipeline.get_dataset_info(values["dataset"], values.get("data_dir") or None,
                                            image_size=values["image_size"])
@@ -220,16 +227,28 @@ class PlateauHook:
             event.stop = True
 
 
-def eval_mode_metrics(state, images, labels) -> Dict[str, Any]:
-    """Loss and top-1 of ``images`` in evaluation mode (running BN statistics, no dropout)."""
+def eval_mode_metrics(state, images, labels, chunk: int = 0) -> Dict[str, Any]:
+    """Loss and top-1 of ``images`` in evaluation mode (running BN statistics, no dropout);
+    ``chunk`` > 0: forward passes of that many images at a time (one ``lax.map``), which on a CPU
+    keeps each pass's activations in cache (see ``EVAL_BATCH``)."""
+    import jax
     import jax.numpy as jnp
     import optax
 
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
-                            train=False)
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return {"loss": jnp.mean(loss), "top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    def one(x, y):
+        logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
+                                train=False)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        return loss, jnp.argmax(logits, -1) == y
+
+    n = images.shape[0]
+    if 0 < chunk < n and n % chunk == 0:
+        loss, hits = jax.lax.map(lambda xy: one(*xy), (
+            images.reshape((n // chunk, chunk) + images.shape[1:]), labels.reshape(-1, chunk)))
+    else:
+        loss, hits = one(images, labels)
+    return {"loss": jnp.mean(loss), "top1": jnp.mean(hits)}
 
 
 class TrainProbeHook:
@@ -240,7 +259,7 @@ class TrainProbeHook:
         import jax
 
         self.images, self.labels = images, labels
-        self.fn = jax.jit(eval_mode_metrics)
+        self.fn = jax.jit(functools.partial(eval_mode_metrics, chunk=EVAL_BATCH))
 
     def __call__(self, event) -> None:
         if event.metrics is None:

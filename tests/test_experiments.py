@@ -277,6 +277,24 @@ def test_plateau_criterion():
     assert not p.matches(lossy.record()) and not lossy.matches({"reached": 1.0})
 
 
+def test_eval_mode_metrics_in_chunks_equal_one_pass():
+    """The train probe evaluates in chunks (``lax.map``); means over all images as one pass."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(12, 2, 2, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, size=12), jnp.int32)
+    state = types.SimpleNamespace(
+        params={"w": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)}, batch_stats={},
+        apply_fn=lambda v, x, train: x.reshape(x.shape[0], -1) @ v["params"]["w"])
+    one = common.eval_mode_metrics(state, images, labels)
+    for chunk in (3, 4, 5):  # 5 does not divide 12: one pass
+        out = common.eval_mode_metrics(state, images, labels, chunk=chunk)
+        np.testing.assert_allclose(out["loss"], one["loss"], rtol=1e-6)
+        assert float(out["top1"]) == float(one["top1"])
+
+
 def test_plateau_hook_stops_and_writes():
     plateau = stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0, max_loss_drop=0.1)
     hook = common.PlateauHook(plateau, history=[(10, 0.50, 2.0)])  # an evaluation before a resume
