@@ -36,7 +36,7 @@ SMOKE = {
     "bn_placement": ["none"],
     "degradation": ["plain8", "resnet14"],
     "alexnet_ablation": ["paper"],
-    "resnet_vs_densenet": ["densenet_bc_16_k3"],
+    "resnet_vs_densenet": ["densenet_bc_10_k4"],
 }
 
 @pytest.fixture(scope="module")
