@@ -79,7 +79,7 @@ A residual block *adds* its output to its input; a dense block *concatenates* th
 later layer reads every earlier one directly (Huang et al. 2017, Sec. 3). The paper's claim is
 parameter efficiency: on CIFAR-10 a DenseNet-BC with 0.8M parameters reaches about the error of
 a 1001-layer pre-activation ResNet with 10.2M parameters (Sec. 4.4, Fig. 4 right). Here a CIFAR
-ResNet ({res_params:,} parameters) meets a DenseNet-BC of the same parameter count ({dense},
+ResNet ({res_params:,} parameters) meets the DenseNet-BC nearest in parameters ({dense},
 {dense_params:,} parameters, growth rate k = the ResNet's first width): the registered
 DenseNet module with the CIFAR stem and `growth_rate`, `block_config`, `num_init_features` set.""",
         config=config,
