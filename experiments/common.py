@@ -414,7 +414,6 @@ def _finished(records: Sequence[Dict[str, Any]], total_steps: int, plateau: stat
         r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
 
 
-
 def _history(records: Sequence[Dict[str, Any]]) -> List[Tuple[int, float, float]]:
     """(step, val top-1, training loss) at each evaluation of a run's records."""
     losses = {int(r["step"]): float(r["loss"]) for r in records if r.get("split") == "train"}
@@ -448,6 +447,7 @@ def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]
         log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one "
             "resumes it from there")
     return metrics_lib.read_metrics(workdir)
+
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
