@@ -409,9 +409,16 @@ DIVERGED_FILE = "diverged.txt"
 
 
 def _finished(records: Sequence[Dict[str, Any]], total_steps: int, plateau: stats.Plateau) -> bool:
-    """Stopped by ``plateau`` (a stop under another criterion does not count) or at the budget."""
-    return any(r.get("split") == "plateau" and plateau.matches(r) for r in records) or any(
+    """Stopped by ``plateau`` or at the budget, with no stop of another criterion on record (that
+    one is judged again first: :func:`_restate_plateau`)."""
+    if _stale_stop(records, plateau):
+        return False
+    return any(r.get("split") == "plateau" for r in records) or any(
         r.get("split") == "eval" and int(r["step"]) >= total_steps for r in records)
+
+
+def _stale_stop(records: Sequence[Dict[str, Any]], plateau: stats.Plateau) -> bool:
+    return any(r.get("split") == "plateau" and not plateau.matches(r) for r in records)
 
 
 def _history(records: Sequence[Dict[str, Any]]) -> List[Tuple[int, float, float]]:
@@ -425,8 +432,9 @@ def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]
                      log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """A run stopped under another plateau criterion, judged by ``exp.plateau``: finished at the
     same stop (the record is rewritten), or not yet (the record goes and the run resumes from that
-    stop's checkpoint: the same steps as an uninterrupted run). A criterion that would have
-    stopped it earlier cannot be met by resuming: an error says to train it again."""
+    stop's checkpoint: the same steps as an uninterrupted run; a stop at the budget stays a budget
+    end). A criterion that would have stopped it earlier cannot be met by resuming: an error says
+    to train it again."""
     from cnn_jax import metrics as metrics_lib
 
     history = _history(records)
@@ -443,6 +451,9 @@ def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]
         writer.write(steps[at], "plateau", exp.plateau.record())
         writer.close()
         log(f"{workdir}: its plateau stop at step {old} holds under this criterion too")
+    elif old >= total:
+        log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one does "
+            "not hold there, the budget's end")
     else:
         log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one "
             "resumes it from there")
@@ -539,8 +550,7 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
     diverged_file = os.path.join(workdir, DIVERGED_FILE)
-    if any(r.get("split") == "plateau" for r in records) and \
-            not _finished(records, total, exp.plateau):
+    if _stale_stop(records, exp.plateau):
         records = _restate_plateau(exp, workdir, records, total, log)
     if not _finished(records, total, exp.plateau) and not os.path.exists(diverged_file):
         key = run_key(exp, config)

@@ -317,7 +317,8 @@ def test_plateau_hook_stops_and_writes():
 def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     """degradation's smoke run stopped at step 4 of 6. A criterion that also holds there keeps
     the stop (nothing trains); a stricter one resumes the run to its own stop at step 6; one that
-    would have stopped earlier (step 2) is an error that says what to do."""
+    would have stopped earlier (step 2) is an error that says what to do. A stop at the budget
+    (step 6) that a third criterion does not share becomes a budget end, not a plateau."""
     import shutil
 
     from cnn_jax import metrics
@@ -327,9 +328,9 @@ def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     overrides = {"data_dir": str(smoke.data)}
     done = smoke.work / "degradation" / "plain8" / "seed0"
 
-    def judged(name, **plateau):
+    def judged(name, source=done, **plateau):
         workdir = tmp_path / name
-        shutil.copytree(done, workdir)
+        shutil.copytree(source, workdir)
         lines = []
         rerun = dataclasses.replace(exp, plateau=dataclasses.replace(exp.plateau, **plateau))
         result = common.train_run(rerun, "plain8", 0, str(workdir), overrides, log=lines.append)
@@ -347,6 +348,11 @@ def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]
     assert [(r["step"], r["min_fraction"]) for r in records if r["split"] == "plateau"] == \
         [(6, 0.9)]
+
+    ended, records, log = judged("ended", source=tmp_path / "later", min_delta=-1.0)
+    assert "does not hold there, the budget's end" in log
+    assert ended.status == "budget" and not ended.plateaued and ended.steps == 6
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]  # nothing trained
 
     with pytest.raises(ValueError, match="holds at step 2, before it: remove the workdir"):
         judged("earlier", patience=0, min_fraction=0.0)
