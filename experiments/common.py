@@ -220,9 +220,7 @@ class PlateauHook:
             return
         loss = (event.train_metrics or {}).get("loss", math.nan)
         self.history.append((event.step, event.metrics["top1"], loss))
-        steps, top1s, losses = zip(*self.history)
-        fractions = [s / event.total_steps for s in steps]
-        if self.plateau.index(top1s, fractions, losses) == len(self.history) - 1:
+        if self.plateau.index_of(self.history, event.total_steps) == len(self.history) - 1:
             event.write("plateau", self.plateau.record())
             event.stop = True
 
@@ -438,17 +436,17 @@ def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]
     from cnn_jax import metrics as metrics_lib
 
     history = _history(records)
-    steps, top1s, losses = zip(*history)
-    at = exp.plateau.index(top1s, [s / total for s in steps], losses)
+    at = exp.plateau.index_of(history, total)
+    step = None if at is None else history[at][0]
     old = max(int(r["step"]) for r in records if r.get("split") == "plateau")
-    if at is not None and steps[at] < old:
+    if at is not None and step < old:
         raise ValueError(f"{workdir} stopped at step {old} under another plateau criterion; this "
-                         f"one holds at step {steps[at]}, before it: remove the workdir to train "
+                         f"one holds at step {step}, before it: remove the workdir to train "
                          "the run again under this criterion")
     metrics_lib.remove_records(workdir, lambda r: r.get("split") == "plateau")
     if at is not None:
         writer = metrics_lib.MetricWriter(workdir)
-        writer.write(steps[at], "plateau", exp.plateau.record())
+        writer.write(step, "plateau", exp.plateau.record())
         writer.close()
         log(f"{workdir}: its plateau stop at step {old} holds under this criterion too")
     elif old >= total:

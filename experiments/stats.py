@@ -132,3 +132,12 @@ class Plateau:
                     continue
             return i
         return None
+
+    def index_of(self, evaluations: Sequence[Tuple[int, float, float]],
+                 total_steps: int) -> Optional[int]:
+        """:meth:`index` over a run's evaluations as (step, val top-1, training loss), in a run of
+        ``total_steps`` steps (the epoch budget)."""
+        if not evaluations:
+            return None
+        steps, top1s, losses = zip(*evaluations)
+        return self.index(top1s, [s / total_steps for s in steps], losses)

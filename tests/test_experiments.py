@@ -269,6 +269,9 @@ def test_plateau_criterion():
     assert lossy.index(top1, fractions, losses) == 5
     assert lossy.index(top1, fractions, losses[:5] + [1.0]) is None
     assert lossy.index(top1, fractions, losses[:5] + [math.nan]) is None
+    # the same over a run's evaluations as (step, top-1, loss): steps of a 60-step budget
+    assert lossy.index_of(list(zip(range(10, 70, 10), top1, losses)), 60) == 5
+    assert lossy.index_of([], 60) is None
     with pytest.raises(ValueError, match="training loss"):
         lossy.index(top1, fractions)
     assert "fell by at most 5%" in lossy.describe() and "fell" not in p.describe()
