@@ -462,6 +462,11 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
+def run_dir(root: str, label: str, seed: int) -> str:
+    """The workdir of one (variant, seed) under an experiment's workdir ``root``."""
+    return os.path.join(root, slug(label), f"seed{seed}")
+
+
 # (arch, options, classes, image size) -> (params, MACs): every seed of a variant, and a re-run
 # that reads finished runs, would trace the same model again.
 _COST_CACHE: Dict[tuple, Tuple[int, int]] = {}
@@ -659,7 +664,7 @@ def run(exp: Experiment, *, seeds: Optional[Sequence[int]] = None,
                 probe = probe_batch(exp.variant_config(label, seed, overrides), exp.probe_size)
             try:
                 runs.append(train_run(exp, label, seed,
-                                      os.path.join(root, slug(label), f"seed{seed}"), overrides,
+                                      run_dir(root, label, seed), overrides,
                                       probe, log, train=not jobs))
             except Interrupted:
                 if runs:  # what finished before the stop

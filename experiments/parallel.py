@@ -79,7 +79,7 @@ def plan(exps: Sequence[Any], seeds: Optional[Sequence[int]], variants: Optional
             info = input_pipeline.get_dataset_info(config.dataset, config.data_dir or None,
                                                    image_size=config.image_size)
             steps = optim.total_train_steps(config, info.num_train_examples, config.batch_size)
-            workdir = os.path.join(workdir_of(name), common.slug(label), f"seed{seed}")
+            workdir = common.run_dir(workdir_of(name), label, seed)
             if common.settled(workdir, steps, exp.plateau) or \
                     common._shared_run(workdir, key, steps, exp.plateau):
                 continue
