@@ -31,7 +31,7 @@ def _both(fn, *args):
 def _assert_close(ref, got, rtol):
     for r, g in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         assert r.dtype == g.dtype and r.shape == g.shape
-        r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
+        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
         np.testing.assert_allclose(g, r, rtol=0, atol=rtol * max(np.abs(r).max(), 1e-6))
 
 
@@ -82,6 +82,22 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     # (bf16 outputs of the same convolution, rounded from different accumulation orders).
     scale = float(jnp.sum(jnp.abs(jnp.sin(ref_y.astype(jnp.float32)))))
     np.testing.assert_allclose(got_loss, ref_loss, rtol=0, atol=rtol * scale)
+
+
+# One case per product the fast path computes: forward and input gradient over im2col taps, the
+# weight gradient per tap (wide), over the patches (stem) and over the output gradient's patches.
+@pytest.mark.parametrize("case", ["3x3", "3x3_wide", "stem_7x7_stride2", "3x3_narrow_output"])
+def test_conv2d_keeps_float64(case):
+    """With ``jax_enable_x64`` (gradient checks in float64) the products accumulate in float64:
+    float32 accumulation would leave errors of ~1e-7, here 1e-12."""
+    shape, k, stride, padding, *out = CONV_CASES[case]
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+        w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], *(out or [7])), jnp.float64)
+        loss = lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, stride, padding)))  # noqa: E731
+        ref, got = _both(jax.value_and_grad(loss, argnums=(0, 1)), x, w)
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(got))
+        _assert_close(ref, got, 1e-12)
 
 
 def test_conv2d_grouped_falls_back_to_xla():

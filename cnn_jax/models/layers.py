@@ -254,9 +254,10 @@ def _pad_input(x: Array, geo: _Geometry) -> Array:
 
 
 def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
-    """``a @ b`` (``contract_a=0``: ``a.T @ b``), accumulated in float32 so bf16 stays accurate."""
-    return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    """``a @ b`` (``contract_a=0``: ``a.T @ b``), accumulated in float32 at least: bf16 stays
+    accurate and float64 (``jax_enable_x64``) stays float64."""
+    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), preferred_element_type=acc)
 
 
 def _patches(x: Array, geo: _Geometry) -> Array:
