@@ -38,27 +38,6 @@ else:
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 
-def _pin_xdist_worker():
-    """pytest-xdist's N workers share the CPU cores out: worker K runs on every N-th core from the
-    K-th (on two cores with -n 2: one core each), and so do the processes it starts (command-line
-    tools, the notebook kernel, experiment workers). Set before JAX, TensorFlow and torch size
-    their thread pools, so that each keeps to its own cores instead of every worker's pool
-    spanning all of them and contending (and spin-waiting) for the same cores.
-    CNN_JAX_TEST_PIN=0 leaves the workers unpinned."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get(
-        "PYTEST_XDIST_WORKER_COUNT", "")
-    if os.environ.get("CNN_JAX_TEST_PIN", "1") == "0" or not worker.startswith("gw") or \
-            not count.isdigit() or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    n, k = int(count), int(worker[2:])
-    if 1 < n <= len(cores):
-        os.sched_setaffinity(0, set(cores[k::n]))
-
-
-_pin_xdist_worker()
-
-
 # The slowest files first, those with one long indivisible item (a module fixture, one test)
 # before those made of many short tests: pytest-xdist's --dist loadfile hands each worker one file
 # at a time, so a slow file picked up last would leave the other worker idle at the end. Seconds
