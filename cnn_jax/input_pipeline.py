@@ -223,6 +223,65 @@ def _to_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
         yield batch
 
 
+# Training sets whose preprocessed images take at most this many bytes, and whose augmentation is
+# a fixed transform plus a flip (the experiments' `shapes` recipe), are decoded once and kept in
+# memory: per step the pipeline then only gathers and flips. Decoding 16 PNGs per step cost a
+# single-core resnet20 run on `shapes` 5 ms of its ~70 ms step; the cache costs ~1.2 ms.
+CACHE_MAX_BYTES = 1 << 30
+
+
+def _record_indices(instructions, order_seed: Optional[tf.Tensor] = None,
+                    cycle_length: int = 16) -> tf.data.Dataset:
+    """Like :func:`_records`, but each record's index in file order instead of its bytes."""
+    starts = tf.constant(np.cumsum([0] + [fi.take for fi in instructions[:-1]]), tf.int64)
+    takes = tf.constant([fi.take for fi in instructions], tf.int64)
+    order = tf.range(len(instructions))
+    if order_seed is not None:
+        order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
+
+    def read(i):
+        return tf.data.Dataset.range(starts[i], starts[i] + takes[i])
+
+    return tf.data.Dataset.from_tensor_slices(order).interleave(
+        read, cycle_length=min(cycle_length, len(instructions)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _decoded(instructions, parse, image_size: int, spec: sources.DatasetSpec,
+             augment: preprocessing.AugmentConfig, dtype: str, threads: int
+             ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Every record's fixed-preprocessed image and label, in file order: ([n, H, W, 3], [n])."""
+    def decode(serialized):
+        image_bytes, label = parse(serialized)
+        return preprocessing.preprocess_fixed(image_bytes, image_size, jpeg=spec.jpeg,
+                                              augment=augment, mean=spec.mean, std=spec.std,
+                                              dtype=dtype), label
+
+    ds = _records(instructions).map(decode, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True).batch(1024).with_options(_options(threads))
+    images, labels = zip(*ds.as_numpy_iterator())
+    return tf.constant(np.concatenate(images)), tf.constant(np.concatenate(labels))
+
+
+def _cached_train_dataset(indices: tf.data.Dataset, decoded: Tuple[tf.Tensor, tf.Tensor], *,
+                          per_process_batch: int, num_devices: int, seed_root: tf.Tensor,
+                          augment: preprocessing.AugmentConfig, prefetch: int,
+                          threads: int) -> tf.data.Dataset:
+    """(position, record index) stream -> the batches of :func:`train_dataset_from_records`."""
+    images, labels = decoded
+
+    def example(position, index):
+        seed = tf.random.experimental.stateless_fold_in(seed_root, position)
+        return {"image": preprocessing.train_flip(tf.gather(images, index), seed, augment),
+                "label": tf.gather(labels, index)}
+
+    ds = indices.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+    ds = ds.map(_to_devices(num_devices))
+    return ds.prefetch(prefetch).with_options(_options(threads))
+
+
 def train_dataset_from_records(records: tf.data.Dataset, parse, *, per_process_batch: int,
                                num_devices: int, image_size: int, seed_root: tf.Tensor,
                                jpeg: bool, augment: preprocessing.AugmentConfig, mean, std,
@@ -302,10 +361,15 @@ def create_train_iterator(
     augment_root = tf.random.experimental.stateless_fold_in(root, 1)
     buffer = max(1, min(shuffle_buffer, n))
 
+    cached = (preprocessing.is_fixed_then_flipped(augment_cfg)
+              and n * image_size * image_size * 3 * _np_dtype(dtype).itemsize <= CACHE_MAX_BYTES)
+
     def epoch(e):
         epoch_seed = tf.random.experimental.stateless_fold_in(order_root, e)
         file_seed, shuffle_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
-        records = _records(instructions, file_seed).shuffle(
+        # Cached: the records' indices in the same order (interleaving and shuffling do not look
+        # at the elements), so both paths yield the same examples in the same order.
+        records = (_record_indices if cached else _records)(instructions, file_seed).shuffle(
             buffer, seed=tf.random.stateless_uniform([], shuffle_seed, minval=None, maxval=None,
                                                      dtype=tf.int64))
         positions = tf.data.Dataset.range(e * n, (e + 1) * n)
@@ -313,6 +377,13 @@ def create_train_iterator(
 
     start_epoch, offset = divmod(start_step * per_process, n)
     records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+    if cached:
+        ds = _cached_train_dataset(
+            records, _decoded(instructions, _parse(builder, spec), image_size, spec, augment_cfg,
+                              dtype, threads),
+            per_process_batch=per_process, num_devices=devices, seed_root=augment_root,
+            augment=augment_cfg, prefetch=prefetch, threads=threads)
+        return _to_numpy(ds)
     ds = train_dataset_from_records(
         records, _parse(builder, spec), per_process_batch=per_process, num_devices=devices,
         image_size=image_size, seed_root=augment_root, jpeg=spec.jpeg, augment=augment_cfg,

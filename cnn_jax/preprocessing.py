@@ -237,14 +237,49 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float], dty
     return tf.cast(image, dtype)
 
 
+def _train_seeds(seed: tf.Tensor):
+    """(crop, flip, lighting) seeds of one training example."""
+    return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3))
+
+
+def is_fixed_then_flipped(augment: AugmentConfig) -> bool:
+    """Whether ``preprocess_for_train`` is a fixed function of the image followed by at most a
+    seeded horizontal flip (centre crop, no colour, auto-augment or erasing): then each image can
+    be decoded once (:func:`preprocess_fixed`) and only flipped per step (:func:`train_flip`)."""
+    return (augment.crop == "center" and not augment.auto_augment and not augment.pca_lighting
+            and augment.random_erasing == 0)
+
+
+def preprocess_fixed(image_bytes: tf.Tensor, image_size: int, *, jpeg: bool = True,
+                     augment: AugmentConfig = AugmentConfig(crop="center"),
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     dtype: Union[str, tf.DType] = tf.float32) -> tf.Tensor:
+    """``preprocess_for_train`` without its flip, for ``is_fixed_then_flipped`` configs.
+
+    The flip is a permutation of pixels and every later step is per pixel, so flipping this
+    result (:func:`train_flip`) gives the same bits as ``preprocess_for_train``.
+    """
+    if not is_fixed_then_flipped(augment):
+        raise ValueError(f"{augment} is not a fixed transform followed by a flip")
+    image = resize(decode_cropped(image_bytes, lambda shape: center_window(shape, EVAL_CROP_RATIO),
+                                  jpeg), image_size, augment.antialias)
+    return tf.cast(normalize(image / 255.0, mean, std, tf.float32), tf.as_dtype(dtype))
+
+
+def train_flip(image: tf.Tensor, seed: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
+    """The seeded flip of ``preprocess_for_train`` (same seed, same flip), if ``augment.flip``."""
+    if not augment.flip:
+        return image
+    return tf.image.stateless_random_flip_left_right(image, _train_seeds(seed)[1])
+
+
 def preprocess_for_train(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, *,
                          jpeg: bool = True, augment: AugmentConfig = AugmentConfig(),
                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                          dtype: Union[str, tf.DType] = tf.float32) -> tf.Tensor:
     """Encoded image -> augmented, normalized [image_size, image_size, 3] in ``dtype``."""
     dtype = tf.as_dtype(dtype)
-    seed = tf.cast(seed, tf.int64)
-    crop_seed, flip_seed, light_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    crop_seed, flip_seed, light_seed = _train_seeds(seed)
     if augment.crop == "random_resized":
         window_fn = lambda shape: random_resized_window(  # noqa: E731
             shape, crop_seed, augment.area_range, augment.aspect_ratio_range)

@@ -204,6 +204,36 @@ def test_private_input_threads_give_the_same_batches(data_dir):
     assert input_pipeline.threads_beside("gpu", 2) == 0  # tf.data autotunes beside accelerators
 
 
+@pytest.mark.parametrize("dtype,index,count,start", [("float32", 0, 1, 0), ("float32", 1, 2, 11),
+                                                     ("bfloat16", 0, 1, 23)])
+def test_cached_decoding_gives_the_same_batches(data_dir, monkeypatch, dtype, index, count, start):
+    # A centre crop plus a flip is decoded once and kept in memory: the same examples, flips and
+    # order as decoding every step, across epoch ends (200 / 16), process shards and resumption.
+    kwargs = dict(seed=5, start_step=start, dtype=dtype, augment="none,flip=true",
+                  **_layout(devices=2, index=index, count=count))
+    decoded = []
+    real = input_pipeline._decoded
+    monkeypatch.setattr(input_pipeline, "_decoded", lambda *a: decoded.append(1) or real(*a))
+    cached = list(itertools.islice(input_pipeline.create_train_iterator(
+        NAME, data_dir, 16, SIZE, **kwargs), 26))
+    assert decoded == [1]
+    monkeypatch.setattr(input_pipeline, "CACHE_MAX_BYTES", 0)  # too big for the cache
+    every_step = list(itertools.islice(input_pipeline.create_train_iterator(
+        NAME, data_dir, 16, SIZE, **kwargs), 26))
+    assert decoded == [1]
+    flipped = 0
+    for a, b in zip(cached, every_step):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+        flipped += int(np.sum(a["image"][..., 0, 0] != a["image"][..., -1, 0]))
+    assert flipped  # not every image the same way round
+    # Random crops are not fixed per image: those decode every step.
+    assert not preprocessing.is_fixed_then_flipped(preprocessing.parse_augment("inception"))
+    with pytest.raises(ValueError, match="not a fixed transform"):
+        preprocessing.preprocess_fixed(tf.constant(b""), SIZE,
+                                       augment=preprocessing.parse_augment("inception"))
+
+
 def _epoch_fingerprints(data_dir, steps, batch, **layout):
     it = input_pipeline.create_train_iterator(NAME, data_dir, batch, SIZE, augment="none", **layout)
     out = []
