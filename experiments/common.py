@@ -76,10 +76,13 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 # 3e-3). At 15 epochs every learning run was still rising. Once the narrow networks' train step
 # was twice as fast (XLA's weight gradients below 64 x 64 channels, cnn_jax/models/layers.py),
 # 25 epochs brought resnet20 A to 66.5 / 70.6 / 70.6% (seeds 0-2), two of three meeting PLATEAU
-# at epochs 24 and 25 and the third one evaluation short of it; 30 epochs give the cosine's flat
-# tail room for the criterion. 2026-12-03.
+# at epochs 24 and 25 and the third one evaluation short of it; 30 epochs gave the cosine's flat
+# tail room for the criterion (2026-12-03). 24 since 2026-12-04: at 30 the default set took 127
+# min on a slow afternoon of this 2-core host (~100 at best) and degradation alone 36 min, over
+# the 100 / 30-minute budgets; the loss term of PLATEAU stops a learning run only in the last
+# epochs of its cosine anyway, so a shorter cosine costs the runs accuracy, not their plateau.
 BATCH_SIZE = 16
-EPOCHS = 30.0
+EPOCHS = 24.0
 EVALS_PER_EPOCH = 1
 # Images per forward pass of an evaluation (validation and train probe). Small batches keep a
 # pass's activations in cache: the train probe's 500 images in one pass took 3.6 ms per image in
@@ -93,7 +96,7 @@ PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.4, max_loss_
 def recipe(smoke: bool, arch: str = "resnet20", **overrides):
     """The training config the experiments share (each may change fields): the hard `shapes`
     level, AdamW with warmup and cosine decay (in budgets of a few thousand steps it gets much
-    further than SGD), batch 16, flips only, one evaluation per epoch, at most 30 epochs;
+    further than SGD), batch 16, flips only, one evaluation per epoch, at most 24 epochs;
     --smoke: 96 images, one epoch of 6 steps, one evaluation."""
     from cnn_jax import input_pipeline, optim
 
