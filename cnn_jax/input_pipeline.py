@@ -186,16 +186,23 @@ def _records(instructions, order_seed: Optional[tf.Tensor] = None,
     filenames = tf.constant([str(fi.filename) for fi in instructions])
     skips = tf.constant([fi.skip for fi in instructions], tf.int64)
     takes = tf.constant([fi.take for fi in instructions], tf.int64)
-    order = tf.range(len(instructions))
-    if order_seed is not None:
-        order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
 
     def read(i):
         return tf.data.TFRecordDataset(filenames[i], buffer_size=1 << 20).skip(skips[i]).take(
             takes[i])
 
+    return _interleaved(read, len(instructions), order_seed, cycle_length)
+
+
+def _interleaved(read, num_files: int, order_seed: Optional[tf.Tensor],
+                 cycle_length: int) -> tf.data.Dataset:
+    """``read(i)`` of every file, files in a seeded random order if asked, one element of each
+    in turn: the order :func:`_records` and :func:`_record_indices` share."""
+    order = tf.range(num_files)
+    if order_seed is not None:
+        order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
     return tf.data.Dataset.from_tensor_slices(order).interleave(
-        read, cycle_length=min(cycle_length, len(instructions)), block_length=1,
+        read, cycle_length=min(cycle_length, num_files), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -236,16 +243,11 @@ def _record_indices(instructions, order_seed: Optional[tf.Tensor] = None,
     """Like :func:`_records`, but each record's index in file order instead of its bytes."""
     starts = tf.constant(np.cumsum([0] + [fi.take for fi in instructions[:-1]]), tf.int64)
     takes = tf.constant([fi.take for fi in instructions], tf.int64)
-    order = tf.range(len(instructions))
-    if order_seed is not None:
-        order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
 
     def read(i):
         return tf.data.Dataset.range(starts[i], starts[i] + takes[i])
 
-    return tf.data.Dataset.from_tensor_slices(order).interleave(
-        read, cycle_length=min(cycle_length, len(instructions)), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _interleaved(read, len(instructions), order_seed, cycle_length)
 
 
 def _decoded(instructions, parse, image_size: int, spec: sources.DatasetSpec,
