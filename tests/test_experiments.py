@@ -419,9 +419,11 @@ def test_variants_are_the_papers_comparisons_and_valid():
     res, dense = exps["resnet_vs_densenet"].extra["params"]
     assert (res, dense) == (68_380, 63_148)
     assert 0.9 <= dense / res <= 1.02, (res, dense)
-    # the learning-rate sweep: each default arm as it is, at another rate
+    # the learning-rate sweep: each arm as it is, at another rate; the DenseNet runs at 1e-3
     rvd = exps["resnet_vs_densenet"]
-    for arm in rvd.default_variants:
+    assert rvd.default_variants == ("resnet20", "densenet_bc_34_k8_lr0.001")
+    assert rvd.variant_config("densenet_bc_34_k8_lr0.001", 0).arch == "densenet121"
+    for arm in ("resnet20", "densenet_bc_34_k8"):
         for lr in (1e-3, 1e-2):
             assert rvd.variants[f"{arm}_lr{lr:g}"] == {**rvd.variants[arm], "learning_rate": lr}
             assert rvd.variant_config(f"{arm}_lr{lr:g}", 0).learning_rate == lr
