@@ -69,7 +69,7 @@ def apply(config, overrides: Mapping[str, Any]) -> None:
 
 
 DATASET = "shapes/32px_hard_n2000_v1000"
-# The budget: 30 epochs of batch 16. Batch 16 costs nothing per image on this CPU (324 vs 322 img/s
+# The budget: EPOCHS of batch 16. Batch 16 costs nothing per image on this CPU (324 vs 322 img/s
 # against batch 32 before the narrow-conv change below, 684 vs 524 after), so it doubles the steps
 # of an epoch (resnet20 A seed 0 after 15 epochs: 53.2% best val top-1 against 42.4%
 # at batch 32; lr 1e-2 at batch 32: 51.2%; at batch 16 lr 1e-3 and 1e-2 both learn slower than
@@ -81,6 +81,7 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 # min on a slow afternoon of this 2-core host (~100 at best) and degradation alone 36 min, over
 # the 100 / 30-minute budgets; the loss term of PLATEAU stops a learning run only in the last
 # epochs of its cosine anyway, so a shorter cosine costs the runs accuracy, not their plateau.
+# The 24-epoch set took 85.6 min in one fresh invocation (2026-12-04, experiments/README.md).
 BATCH_SIZE = 16
 EPOCHS = 24.0
 EVALS_PER_EPOCH = 1
