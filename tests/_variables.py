@@ -1,12 +1,53 @@
-"""Test utility: model variables drawn by NumPy instead of the model's JAX initializers.
+"""Test utilities: model variables as shapes (``abstract_init``) or drawn by NumPy instead of
+the model's JAX initializers (``fast_init``).
 
 ``jax.random.normal`` compiles once per parameter shape (1-2 s each on a busy 2-core CPU), which
 would dominate shape tests of 35 models. Values follow torchvision's init distributions; tests of
 the initializers themselves use ``model.init`` on tiny shapes.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_init(model, shape, dtype, call_items):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False,
+                                                           **dict(call_items)), x)
+
+
+def _copy_dicts(tree):
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def abstract_init(model, size=224, batch=1, dtype=jnp.float32, **call_kwargs):
+    """(eval-mode output, variables) of ``model.init_with_output`` on ``batch`` images of
+    ``size`` px, as shapes (``jax.eval_shape``: traced, never compiled or run).
+
+    Traced once per distinct (model, input) in a test process: modules hash and compare by their
+    fields, and tracing a deep model's init costs 0.5-1.5 s, which the shape tests of one file
+    repeated for the same networks (resnet18 at 224 px five times in test_resnet.py). Each call
+    gets its own copy of the dicts; the leaves are immutable ``ShapeDtypeStruct``s."""
+    return _abstract_init_of_shape(model, (batch, size, size, 3), dtype, **call_kwargs)
+
+
+def _abstract_init_of_shape(model, shape, dtype, **call_kwargs):
+    args = (model, tuple(shape), jnp.dtype(dtype), tuple(sorted(call_kwargs.items())))
+    try:
+        hash(args)
+    except TypeError:  # a module with an unhashable field: trace it every time
+        return _traced_init.__wrapped__(*args)
+    out, variables = _traced_init(*args)
+    return out, _copy_dicts(variables)
+
+
+def abstract_variables(model, size=224, batch=1, **call_kwargs):
+    """``model.init``'s variables as shapes (see ``abstract_init``)."""
+    return abstract_init(model, size, batch, **call_kwargs)[1]
 
 
 def fast_init(model, x, seed=0, **call_kwargs):
@@ -40,7 +81,7 @@ def fast_init(model, x, seed=0, **call_kwargs):
         fill = np.ones if name in ("scale", "var") else np.zeros
         return fill(shape, leaf.dtype)
 
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False, **call_kwargs))
+    shapes = _abstract_init_of_shape(model, x.shape, x.dtype, **call_kwargs)[1]
     # One transfer of the whole tree (a jnp.asarray per leaf costs ~1 ms each, 777 leaves for
     # ResNet-152).
     return jax.device_put(jax.tree_util.tree_map_with_path(fill_leaf, shapes))

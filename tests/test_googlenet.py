@@ -12,14 +12,13 @@ from cnn_jax.models import count_params, create_model
 from cnn_jax.models.googlenet import (INCEPTION_WIDTHS, MIN_INPUT_SIZE, PAPER_AUX_MIN_INPUT_SIZE,
                                       GoogLeNetOutputs)
 
-from _variables import fast_init
+from _variables import abstract_variables, fast_init
 
 NUM_CLASSES = 10
 
 
 def abstract_init(model, size=224):
-    x = jnp.zeros((1, size, size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return abstract_variables(model, size)
 
 
 def abstract_train_apply(model, variables, size):

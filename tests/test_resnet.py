@@ -8,8 +8,10 @@ import pytest
 
 from cnn_jax.models import count_params, create_model, list_models, model_info
 from cnn_jax.models import resnet
-from _variables import fast_init
+from _variables import abstract_variables, fast_init
 
+# torchvision's counts (the test of each is test_models.py's, with the registry's other
+# torchvision counts; resnet18's is the base of the norm-placement counts here).
 IMAGENET_COUNTS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
@@ -17,14 +19,12 @@ IMAGENET_COUNTS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
 }
-
 # Shortcut 'A' (the paper's CIFAR choice) has no parameters, so resnetN and plainN agree.
 CIFAR_COUNTS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
 
 
 def _shapes(model, size=224):
-    x = jnp.zeros((1, size, size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return abstract_variables(model, size)
 
 
 def _paths(tree):
@@ -53,11 +53,6 @@ def _images(n=2, size=8, channels=3, seed=1):
 
 
 # ---------------------------------------------------------------- parameter counts
-
-
-@pytest.mark.parametrize("name", sorted(IMAGENET_COUNTS))
-def test_imagenet_param_counts(name):
-    assert count_params(_shapes(create_model(name))["params"]) == IMAGENET_COUNTS[name]
 
 
 @pytest.mark.parametrize("depth", sorted(CIFAR_COUNTS))
