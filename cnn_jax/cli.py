@@ -36,20 +36,14 @@ flags.DEFINE_string("compilation_cache_dir",
 
 
 def enable_compilation_cache(directory: str = DEFAULT_COMPILATION_CACHE_DIR,
-                             min_compile_seconds: Optional[float] = None) -> None:
+                             min_compile_seconds: float = 0.5) -> None:
     """JAX's persistent compilation cache in ``directory``, for programs that took at least
-    ``min_compile_seconds`` to compile: by default JAX's own setting where the environment sets
-    it (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS; the tests cache every program, since their
-    subprocesses compile the same small ones), else 0.5 s."""
+    ``min_compile_seconds`` to compile (smaller ones cost more to look up than to rebuild)."""
     import jax
 
     if os.path.isfile(directory):
         raise ValueError(f"--compilation_cache_dir {directory} is a file; pass a directory "
                          "(or --nocompilation_cache)")
-    if min_compile_seconds is None:
-        min_compile_seconds = (jax.config.jax_persistent_cache_min_compile_time_secs
-                               if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" in os.environ
-                               else 0.5)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
 

@@ -2,9 +2,7 @@
 
 pytest-xdist's workers and the command-line tools the tests start in subprocesses compile many
 of the same programs (the same small models' init, train and eval steps); with the cache each is
-compiled once per checkout. It keeps every program, however quick to compile (the CLIs' default
-is those over 0.5 s): most of what a subprocess compiles is small (the experiments' smoke set,
-run a second time on the same cache: 36 s with the 0.5 s threshold, 32 s with none). It lives in .pytest_cache/ (git-ignored), so a fresh clone starts
+compiled once per checkout. It lives in .pytest_cache/ (git-ignored), so a fresh clone starts
 cold; set JAX_COMPILATION_CACHE_DIR to put it elsewhere, or CNN_JAX_TEST_COMPILATION_CACHE=0 to
 compile everything anew.
 
@@ -35,7 +33,7 @@ if os.environ.get("CNN_JAX_TEST_COMPILATION_CACHE", "1") != "0":
     # (python -m cnn_jax.train ...) inherit it through cnn_jax.cli's --compilation_cache_dir.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 else:
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 

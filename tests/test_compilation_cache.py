@@ -46,21 +46,3 @@ def test_test_session_uses_the_cache():
     # conftest.py turns it on for every test process and the subprocesses they start.
     assert jax.config.jax_compilation_cache_dir
     assert jax.jit(lambda x: x + 1)(jnp.ones(2)).sum() == 4
-
-
-def test_min_compile_time_is_jax_environment_setting_else_half_a_second(tmp_path, monkeypatch):
-    saved = (jax.config.jax_persistent_cache_min_compile_time_secs,
-             jax.config.jax_compilation_cache_dir)
-    try:
-        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as JAX read it
-        cli.enable_compilation_cache(str(tmp_path))
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-        cli.enable_compilation_cache(str(tmp_path))
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
-        cli.enable_compilation_cache(str(tmp_path), min_compile_seconds=2.0)
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[0])
-        jax.config.update("jax_compilation_cache_dir", saved[1])
