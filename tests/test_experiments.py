@@ -170,27 +170,45 @@ def test_workers_run_on_one_core_and_jobs_do_not_change_a_run(smoke, tmp_path):
         numbers(smoke.out / "shortcuts" / "runs.csv")
 
 
-def test_sigterm_stops_the_workers_at_a_checkpoint(tmp_path):
+def test_sigterm_stops_the_workers_at_a_checkpoint(smoke, tmp_path, capsys):
     """SIGTERM to the runner: each worker's training loop saves a checkpoint and the worker
-    exits; the runner says to re-run the same command (which resumes from that checkpoint)."""
-    import subprocess
+    exits; the runner says to re-run the same command (which resumes from that checkpoint).
+
+    The runner is this process (``run.main``, as ``python -m experiments.run`` calls it; its
+    worker is a real process): a thread sends SIGTERM once the run has evaluated, when the
+    runner's handler is in place (it is installed before the workers start)."""
+    import threading
     import time
 
     work = tmp_path / "w"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "shortcuts", "--smoke", "--jobs=1",
-         f"--workdir={work}", f"--out={tmp_path / 'o'}", f"--config.data_dir={tmp_path / 'd'}",
-         "--config.num_epochs=1000", "--nocompilation_cache"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = work / "shortcuts" / "C" / "seed0"
-    deadline = time.time() + 240
-    while not ((run_dir / "metrics.jsonl").exists() and
-               '"eval"' in (run_dir / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 1 and "re-run the same command to resume" in err, err[-3000:]
+    metrics, done, sent = run_dir / "metrics.jsonl", threading.Event(), []
+
+    def sigterm_after_the_first_evaluation():
+        deadline = time.time() + 240
+        while not done.is_set() and time.time() < deadline:
+            if metrics.exists() and '"eval"' in metrics.read_text():
+                sent.append(time.time())
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    sender = threading.Thread(target=sigterm_after_the_first_evaluation, daemon=True)
+    sender.start()
+    try:
+        code = run.main(["shortcuts", "--smoke", "--jobs=1", f"--workdir={work}",
+                         f"--out={tmp_path / 'o'}", f"--config.data_dir={smoke.data}",
+                         "--config.num_epochs=1000", "--nocompilation_cache"])
+    finally:
+        done.set()
+        sender.join()
+        logging.set_verbosity(verbosity)  # the runner silences absl's INFO lines
+    err = capsys.readouterr().err
+    assert sent, "the run never evaluated"
+    assert code == 1 and "re-run the same command to resume" in err, err[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "SIGTERM: saved a checkpoint at step" in log, log[-3000:]
     assert any((run_dir / "checkpoints").iterdir())
