@@ -34,9 +34,11 @@ def train_args(workdir, data_dir, *extra, arch=h.TINY_ARCH):
 
 @pytest.fixture(scope="module")
 def cli():
-    """Runs `python -m cnn_jax.<command>` in forked processes that skip the imports: for the error
-    cases, SIGTERM and the resume; each command also runs once as a plain subprocess
-    (h.run_python)."""
+    """Runs `python -m cnn_jax.<command>` in forked processes that skip the imports (5-7 s of
+    CPU each): every command here but the first training run, whose first screen and fresh start
+    are what it checks (h.run_python). `benchmark` and `predict` also run as plain subprocesses
+    (test_benchmark.py, test_predict_export.py); a forked child runs `evaluate`'s module as
+    `__main__` just as `python -m` does, minus the imports."""
     zygote = Zygote()
     yield zygote
     zygote.close()
@@ -75,10 +77,9 @@ def test_train_command(trained):
     c.close()
 
 
-def test_evaluate_command(trained):
+def test_evaluate_command(trained, cli):
     workdir, _ = trained
-    proc = h.run_python(["-m", "cnn_jax.evaluate", f"--arch={h.TINY_ARCH}",
-                         f"--workdir={workdir}"])
+    proc = cli.run(["-m", "cnn_jax.evaluate", f"--arch={h.TINY_ARCH}", f"--workdir={workdir}"])
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = h.last_line(proc.stdout)
     m = re.search(r"step (\d+) on .* \((\d+) images, 32px\): top-1 ([\d.]+)%, top-5 ([\d.]+)%, "
@@ -175,9 +176,9 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, data_dir, cli):
 
 
 def test_benchmark_command(cli):
-    proc = h.run_python(["-m", "cnn_jax.benchmark", f"--arch={h.TINY_ARCH}", "--batch_size=4",
-                         "--image_size=32", "--num_classes=10", "--steps=2", "--json",
-                         *h.TINY_MODEL_OPTIONS])
+    proc = cli.run(["-m", "cnn_jax.benchmark", f"--arch={h.TINY_ARCH}", "--batch_size=4",
+                    "--image_size=32", "--num_classes=10", "--steps=2", "--json",
+                    *h.TINY_MODEL_OPTIONS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))
     assert result["arch"] == h.TINY_ARCH and result["platform"] == "cpu"
