@@ -32,6 +32,7 @@ from absl import flags  # noqa: E402
 
 LEVEL, IMAGE_SIZE, NUM_CLASSES = "hard", 32, 20
 PROBE_SIZE = 10_000
+EVAL_BATCH = 500  # evaluation scans batches of this size: one compiled shape
 
 
 def _define(fv: flags.FlagValues, argv: List[str]) -> None:
@@ -115,8 +116,9 @@ def make_trainer(model, steps: int, batch_size: int, lr: float, chunk: int, mean
     def eval_sums(state, images, labels):
         def body(_, xy):
             return None, ts.eval_step(state, {"image": prepare(xy[0]), "label": xy[1]})
-        n = images.shape[0] // 500 * 500
-        xs = (images[:n].reshape(-1, 500, *images.shape[1:]), labels[:n].reshape(-1, 500))
+        n = images.shape[0] // EVAL_BATCH * EVAL_BATCH  # _run checks that n > 0
+        xs = (images[:n].reshape(-1, EVAL_BATCH, *images.shape[1:]),
+              labels[:n].reshape(-1, EVAL_BATCH))
         _, sums = jax.lax.scan(body, None, xs)
         return jax.tree_util.tree_map(jnp.sum, sums)
 
@@ -232,6 +234,12 @@ def _run(fv: flags.FlagValues) -> int:
         raise ValueError(f"--families: choose from plain, resnet (got {', '.join(unknown)})")
     if fv.eval_every % fv.chunk or fv.steps % fv.chunk:
         raise ValueError(f"--steps and --eval_every must be multiples of --chunk ({fv.chunk})")
+    if fv.val_images < EVAL_BATCH or fv.val_images % EVAL_BATCH or fv.train_images < EVAL_BATCH:
+        raise ValueError(f"--val_images must be a multiple of {EVAL_BATCH} and --train_images at "
+                         f"least {EVAL_BATCH} (evaluation runs in batches of {EVAL_BATCH}; the "
+                         f"training loss is measured on the first {PROBE_SIZE:,} training images, "
+                         f"rounded down to a multiple of {EVAL_BATCH}); got {fv.val_images} and "
+                         f"{fv.train_images}")
     widths = [int(w) for w in fv.widths]
     t = time.time()
     x_train, y_train = draw(fv.train_images, "train", fv.workers)

@@ -519,3 +519,8 @@ def test_degradation_gpu_bad_depth_is_one_line(capsys):
     assert degradation_gpu.main(["--depths=21"]) == 1
     assert capsys.readouterr().err.strip() == ("error: --depths must be 6n + 2 (20, 32, 44, 56, "
                                                "110), got [21]")
+    # Fewer images than one evaluation batch (a division by zero at the first evaluation before).
+    assert degradation_gpu.main(["--val_images=100", "--train_images=200"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --val_images must be a multiple of 500 and --train_images at "
+                          "least 500") and err.endswith("got 100 and 200") and "\n" not in err
