@@ -21,10 +21,6 @@ TORCHVISION_SHAPES = {
 }
 
 
-def _abstract_variables(model, size=224):
-    return abstract_variables(model, size)
-
-
 def _intermediates(model, variables, x):
     """Outputs of every submodule (and the sown pre-pool feature map) for one forward pass."""
     _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
@@ -33,7 +29,7 @@ def _intermediates(model, variables, x):
 
 def _map_sizes(model, size):
     """Spatial size of each conv's output and of the last map before the adaptive pool."""
-    variables = _abstract_variables(model, size)
+    variables = abstract_variables(model, size)
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     inter = jax.eval_shape(lambda v, x: _intermediates(model, v, x), variables, x)
     sizes = {f"conv{i}": inter[f"conv{i}"]["__call__"][0].shape[1] for i in range(1, 6)}
@@ -54,12 +50,12 @@ def _lrn_reference(a, n=5, k=2.0, alpha=1e-4, beta=0.75):
 def test_param_count_of_the_paper_layout():
     # torchvision's alexnet (61,100,840) is checked with the registry's other torchvision counts
     # (test_models.py); the paper's "60 million" with the two-tower split:
-    assert count_params(_abstract_variables(create_model("alexnet_original"))["params"]) == \
+    assert count_params(abstract_variables(create_model("alexnet_original"))["params"]) == \
         60_965_224
 
 
 def test_torchvision_names_map_to_transposed_shapes():
-    params = _abstract_variables(create_model("alexnet"))["params"]
+    params = abstract_variables(create_model("alexnet"))["params"]
     assert set(TORCHVISION_NAMES) == set(TORCHVISION_SHAPES)
     assert set(TORCHVISION_NAMES.values()) == set(params)
     for torch_name, torch_shape in TORCHVISION_SHAPES.items():
@@ -106,14 +102,14 @@ def test_lrn_only_where_asked():
     x = jnp.zeros((1, 64, 64, 3))
     for name, overrides in (("alexnet", {}), ("alexnet_original", {"use_lrn": False})):
         model = create_model(name, num_classes=3, fc_features=16, **overrides)
-        variables = _abstract_variables(model, 64)
+        variables = abstract_variables(model, 64)
         inter = jax.eval_shape(lambda v: _intermediates(model, v, x), variables)
         assert not [k for k in inter if k.startswith("lrn")], name
 
 
 def test_groups_split_conv2_conv4_conv5_into_two_towers():
-    grouped = _abstract_variables(create_model("alexnet_original"))["params"]
-    single = _abstract_variables(create_model("alexnet_original", groups=1))["params"]
+    grouped = abstract_variables(create_model("alexnet_original"))["params"]
+    single = abstract_variables(create_model("alexnet_original", groups=1))["params"]
     assert set(grouped) == set(single)
     for name in grouped:
         n_grouped, n_single = grouped[name]["kernel"].size, single[name]["kernel"].size
@@ -179,16 +175,16 @@ def test_torch_default_init_bound():
 def test_smallest_input_and_clear_errors():
     model = create_model("alexnet", num_classes=5)
     x = jax.ShapeDtypeStruct((1, 63, 63, 3), jnp.float32)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x), _abstract_variables(model, 63), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model, 63), x)
     chex.assert_shape(out, (1, 5))
     for size in (62, 8):
         with pytest.raises(ValueError, match="at least 63x63"):
-            _abstract_variables(model, size)
+            abstract_variables(model, size)
     with pytest.raises(ValueError, match="unknown activation"):
-        _abstract_variables(create_model("alexnet", activation="swishy"))
+        abstract_variables(create_model("alexnet", activation="swishy"))
     with pytest.raises(ValueError, match="weight_init"):
-        _abstract_variables(create_model("alexnet", weight_init="xavier"))
+        abstract_variables(create_model("alexnet", weight_init="xavier"))
     with pytest.raises(ValueError, match="groups=3 must divide"):
-        _abstract_variables(create_model("alexnet_original", groups=3))
+        abstract_variables(create_model("alexnet_original", groups=3))
     with pytest.raises(ValueError, match="widths"):
-        _abstract_variables(create_model("alexnet", widths=(64, 192)))
+        abstract_variables(create_model("alexnet", widths=(64, 192)))

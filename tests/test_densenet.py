@@ -20,10 +20,6 @@ from _variables import abstract_variables, fast_init
 NUM_CLASSES = 10
 
 
-def abstract_init(model, size):
-    return abstract_variables(model, size)
-
-
 def fake_variables(model, size):
     """Variables with the exact tree of ``model.init(..., train=False)``, drawn by numpy."""
     return fast_init(model, jnp.zeros((1, size, size, 3)))
@@ -42,7 +38,7 @@ def test_densenet_bc_100_is_the_papers_cifar_network():
     assert model.num_classes == 10 and model.stem == "cifar"
     assert model.block_config == (16, 16, 16) and model.growth_rate == 12
     assert model.num_init_features == 24 and model.compression == 0.5
-    params = abstract_init(model, 32)["params"]
+    params = abstract_variables(model, 32)["params"]
     n = count_params(params)
     assert n == 769_162
     assert 750_000 <= n <= 850_000  # "0.8M" in Huang et al. 2017, Table 2
@@ -53,7 +49,7 @@ def test_densenet_bc_100_is_the_papers_cifar_network():
 
 
 def test_parameter_names_mirror_torchvision():
-    variables = abstract_init(create_model("densenet121"), 224)
+    variables = abstract_variables(create_model("densenet121"), 224)
     params, stats = variables["params"], variables["batch_stats"]
     # features.denseblock1.denselayer1.conv1.weight: [128, 64, 1, 1] in torch (OIHW)
     chex.assert_shape(params["features_denseblock1"]["denselayer1"]["conv1"]["kernel"],
@@ -72,7 +68,7 @@ def test_parameter_names_mirror_torchvision():
 
 def _intermediate_shapes(model, size):
     x = jnp.zeros((1, size, size, 3))
-    variables = abstract_init(model, size)
+    variables = abstract_variables(model, size)
     _, state = jax.eval_shape(lambda v: model.apply(v, x, capture_intermediates=True,
                                                     mutable=["intermediates"]), variables)
     return jax.tree_util.tree_map(lambda a: a.shape, state["intermediates"])
@@ -155,7 +151,7 @@ def test_memory_efficient_gives_same_outputs_grads_and_batch_stats():
     plain, remat = DenseNet(**small), DenseNet(**small, memory_efficient=True)
     variables = fake_variables(plain, 16)
     # Same variables tree: checkpoints move freely between the two settings.
-    chex.assert_trees_all_equal_shapes(variables, abstract_init(remat, 16))
+    chex.assert_trees_all_equal_shapes(variables, abstract_variables(remat, 16))
     x, key = images(16), dropout_key(2)
     (loss_a, (out_a, upd_a)), grads_a = _loss_and_grads(plain, variables, x, key)
     (loss_b, (out_b, upd_b)), grads_b = _loss_and_grads(remat, variables, x, key)
@@ -220,6 +216,6 @@ def test_densenet_bc_cifar_helper():
 
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="stem"):
-        abstract_init(DenseNet(stem="tiny"), 32)
+        abstract_variables(DenseNet(stem="tiny"), 32)
     with pytest.raises(ValueError, match="compression"):
-        abstract_init(DenseNet(compression=0.0), 32)
+        abstract_variables(DenseNet(compression=0.0), 32)

@@ -39,25 +39,33 @@ SMOKE = {
     "resnet_vs_densenet": ["densenet_bc_10_k4"],
 }
 
+@contextlib.contextmanager
+def _absl_verbosity_kept():
+    """The runner silences absl's INFO lines (TFDS's notices); the test session's level comes
+    back after it."""
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Every experiment's --smoke config, once, trained by two single-core worker processes
     (--jobs=2; they inherit the test session's XLA flags and compilation cache through the
     environment: tests/conftest.py); then degradation again on the same workdirs."""
-    from absl import logging
-
     out, work, data = (tmp_path_factory.mktemp(n) for n in ("results", "work", "tfds"))
     # The session's compilation cache (or none) stays as conftest.py set it.
     flags = [f"--workdir={work}", f"--config.data_dir={data}", "--smoke", "--nocompilation_cache"]
-    verbosity = logging.get_verbosity()
     first_log, second_log = io.StringIO(), io.StringIO()
-    try:
+    with _absl_verbosity_kept():
         with contextlib.redirect_stdout(first_log), contextlib.redirect_stderr(first_log):
             first = run.main(["all", f"--out={out}", "--jobs=2", *flags])
         with contextlib.redirect_stdout(second_log), contextlib.redirect_stderr(second_log):
             second = run.main(["degradation", f"--out={out}/again", *flags])
-    finally:
-        logging.set_verbosity(verbosity)  # the runner silences absl's INFO lines
     status = json.loads((out / "status.json").read_text())
     driver = {"first": first, "second": second, "second_log": second_log.getvalue()}
     return types.SimpleNamespace(out=out, work=work, data=data, driver=driver, status=status,
@@ -193,19 +201,16 @@ def test_sigterm_stops_the_workers_at_a_checkpoint(smoke, tmp_path, capsys):
                 return
             time.sleep(0.2)
 
-    from absl import logging
-
-    verbosity = logging.get_verbosity()
     sender = threading.Thread(target=sigterm_after_the_first_evaluation, daemon=True)
     sender.start()
     try:
-        code = run.main(["shortcuts", "--smoke", "--jobs=1", f"--workdir={work}",
-                         f"--out={tmp_path / 'o'}", f"--config.data_dir={smoke.data}",
-                         "--config.num_epochs=1000", "--nocompilation_cache"])
+        with _absl_verbosity_kept():
+            code = run.main(["shortcuts", "--smoke", "--jobs=1", f"--workdir={work}",
+                             f"--out={tmp_path / 'o'}", f"--config.data_dir={smoke.data}",
+                             "--config.num_epochs=1000", "--nocompilation_cache"])
     finally:
         done.set()
         sender.join()
-        logging.set_verbosity(verbosity)  # the runner silences absl's INFO lines
     err = capsys.readouterr().err
     assert sent, "the run never evaluated"
     assert code == 1 and "re-run the same command to resume" in err, err[-3000:]

@@ -17,10 +17,6 @@ from _variables import abstract_variables, fast_init
 NUM_CLASSES = 10
 
 
-def abstract_init(model, size=224):
-    return abstract_variables(model, size)
-
-
 def abstract_train_apply(model, variables, size):
     x = jnp.zeros((2, size, size, 3))
     return jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
@@ -52,7 +48,7 @@ def images(size, batch=2, seed=0):
     ("googlenet", True, 13_004_888),
 ])
 def test_param_counts_match_torchvision(name, aux, expected):
-    variables = abstract_init(create_model(name, aux_logits=aux))
+    variables = abstract_variables(create_model(name, aux_logits=aux))
     assert count_params(variables["params"]) == expected
     assert ("aux1" in variables["params"]) == aux
 
@@ -77,13 +73,13 @@ def _paper_param_count(num_classes: int, aux: bool) -> int:
 
 @pytest.mark.parametrize("aux, expected", [(False, 6_998_552), (True, 13_378_280)])
 def test_paper_layout_param_count(aux, expected):
-    variables = abstract_init(create_model("googlenet_paper", aux_logits=aux))
+    variables = abstract_variables(create_model("googlenet_paper", aux_logits=aux))
     assert count_params(variables["params"]) == expected == _paper_param_count(1000, aux)
     assert "batch_stats" not in variables  # no batch norm anywhere in the paper's network
 
 
 def test_parameter_names_mirror_torchvision():
-    tv = abstract_init(create_model("googlenet", aux_logits=True))
+    tv = abstract_variables(create_model("googlenet", aux_logits=True))
     params, stats = tv["params"], tv["batch_stats"]
     # torchvision: inception3a.branch2.0.conv.weight, inception3a.branch4.1.bn.running_mean, ...
     chex.assert_shape(params["inception3a"]["branch2_0"]["conv"]["kernel"], (1, 1, 192, 96))
@@ -97,8 +93,8 @@ def test_parameter_names_mirror_torchvision():
 
 
 def test_third_branch_is_3x3_in_torchvision_and_5x5_in_paper():
-    tv = abstract_init(create_model("googlenet"))["params"]
-    paper = abstract_init(create_model("googlenet_paper"))["params"]
+    tv = abstract_variables(create_model("googlenet"))["params"]
+    paper = abstract_variables(create_model("googlenet_paper"))["params"]
     for name, (_, _, _, c5r, c5, _) in INCEPTION_WIDTHS.items():
         block = f"inception{name}"
         chex.assert_shape(tv[block]["branch3_1"]["conv"]["kernel"], (3, 3, c5r, c5))
@@ -135,7 +131,7 @@ def test_feature_maps_follow_table1(name):
 def test_aux_outputs_only_in_train_mode_with_aux_logits():
     for aux in (False, True):
         model = create_model("googlenet", num_classes=NUM_CLASSES, aux_logits=aux)
-        variables = abstract_init(model, 64)
+        variables = abstract_variables(model, 64)
         out, _ = abstract_train_apply(model, variables, 64)
         assert isinstance(out, GoogLeNetOutputs) == aux
         x = jnp.zeros((2, 64, 64, 3))
@@ -151,7 +147,7 @@ def test_aux_outputs_only_in_train_mode_with_aux_logits():
 ])
 def test_minimum_input_size(name, aux, min_size):
     model = create_model(name, num_classes=NUM_CLASSES, aux_logits=aux)
-    variables = abstract_init(model, min_size)
+    variables = abstract_variables(model, min_size)
     out, _ = abstract_train_apply(model, variables, min_size)
     chex.assert_shape(list(out) if aux else out, (2, NUM_CLASSES))
     # Every feature map is non-empty at the minimum (a 0x0 map would average to NaN).
@@ -159,7 +155,7 @@ def test_minimum_input_size(name, aux, min_size):
         jax.random.key(0), jnp.zeros((1, min_size, min_size, 3)), capture_intermediates=True))
     assert min(state["intermediates"]["inception5b"]["__call__"][0].shape[1:3]) >= 1
     with pytest.raises(ValueError, match="at least"):
-        abstract_init(model, min_size - 1)
+        abstract_variables(model, min_size - 1)
 
 
 def test_paper_layout_trains_with_aux_heads():
@@ -200,4 +196,4 @@ def test_transform_input_matches_torchvision_scaling():
 
 def test_unknown_layout_raises():
     with pytest.raises(ValueError, match="layout"):
-        abstract_init(create_model("googlenet", layout="caffe"), 64)
+        abstract_variables(create_model("googlenet", layout="caffe"), 64)

@@ -23,10 +23,6 @@ IMAGENET_COUNTS = {
 CIFAR_COUNTS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
 
 
-def _shapes(model, size=224):
-    return abstract_variables(model, size)
-
-
 def _paths(tree):
     return ["/".join(str(k.key) for k in path)
             for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
@@ -60,7 +56,7 @@ def test_cifar_param_counts(depth):
     for name in (f"resnet{depth}", f"plain{depth}"):
         model = create_model(name)
         assert model.num_classes == 10 and model.shortcut == "A"
-        assert count_params(_shapes(model, 32)["params"]) == CIFAR_COUNTS[depth]
+        assert count_params(abstract_variables(model, 32)["params"]) == CIFAR_COUNTS[depth]
     # The paper: 6n+2 weighted layers, ~0.27M params for ResNet-20, ~1.7M for ResNet-110.
     n = resnet.CIFAR_BLOCKS[depth]
     assert 6 * n + 2 == depth
@@ -70,7 +66,7 @@ def test_cifar_counts_match_paper():
     assert round(CIFAR_COUNTS[20] / 1e6, 2) == 0.27
     assert round(CIFAR_COUNTS[110] / 1e6, 1) == 1.7
     # Projections where the shape changes (16->32, 32->64): 1x1 conv + BN each.
-    b = count_params(_shapes(create_model("resnet20", shortcut="B"), 32)["params"])
+    b = count_params(abstract_variables(create_model("resnet20", shortcut="B"), 32)["params"])
     assert b == 272_474 == CIFAR_COUNTS[20] + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
 
 
@@ -85,20 +81,20 @@ def test_registered_names():
 
 
 def test_norm_placement_param_differences_resnet18():
-    post = _shapes(create_model("resnet18"))["params"]
+    post = abstract_variables(create_model("resnet18"))["params"]
     bn_channels = sum(v.shape[0] for p, v in zip(_paths(post), jax.tree_util.tree_leaves(post))
                       if p.endswith("/scale"))
-    crb = _shapes(create_model("resnet18", norm_placement="conv_relu_bn"))["params"]
+    crb = abstract_variables(create_model("resnet18", norm_placement="conv_relu_bn"))["params"]
     assert jax.tree.map(lambda a: a.shape, crb) == jax.tree.map(lambda a: a.shape, post)
 
     # 'none': each BN's scale and bias (2C) become one conv bias (C).
-    none = _shapes(create_model("resnet18", norm_placement="none"))
+    none = abstract_variables(create_model("resnet18", norm_placement="none"))
     assert "batch_stats" not in none
     assert count_params(none["params"]) == IMAGENET_COUNTS["resnet18"] - bn_channels
 
     # 'pre': no stem bn1 and no downsample_bn; a final BN over 512 channels; each block's bn1
     # normalizes its input, so the first block of stages 2-4 has half the bn1 channels.
-    pre = _shapes(create_model("resnet18", norm_placement="pre"))["params"]
+    pre = abstract_variables(create_model("resnet18", norm_placement="pre"))["params"]
     assert "bn1" not in pre and pre["final_bn"]["scale"].shape == (512,)
     assert not any("downsample_bn" in p for p in _paths(pre))
     removed = 2 * 64 + 2 * (128 + 256 + 512) + 2 * (64 + 128 + 256)
@@ -156,12 +152,12 @@ def test_every_shortcut_and_norm_placement(shortcut, place, block):
 
 
 def test_shortcut_c_projects_every_imagenet_block():
-    params = _shapes(create_model("resnet18", shortcut="C"))["params"]
+    params = abstract_variables(create_model("resnet18", shortcut="C"))["params"]
     assert all("downsample_conv" in v and "downsample_bn" in v for v in _blocks(params).values())
-    b = _shapes(create_model("resnet18"))["params"]
+    b = abstract_variables(create_model("resnet18"))["params"]
     assert sorted(k for k, v in _blocks(b).items() if "downsample_conv" in v) == [
         "layer2_0", "layer3_0", "layer4_0"]
-    a = _shapes(create_model("resnet18", shortcut="A"))["params"]
+    a = abstract_variables(create_model("resnet18", shortcut="A"))["params"]
     assert not any("downsample" in p for p in _paths(a))
 
 
@@ -242,7 +238,7 @@ def test_plain_networks_have_no_shortcut():
     res, plain = create_model("resnet20"), create_model("plain20")
     variables = fast_init(res, x)
     # Same parameters, different function: the plain net adds no shortcut.
-    chex.assert_trees_all_equal_shapes(variables, _shapes(plain, 32))
+    chex.assert_trees_all_equal_shapes(variables, abstract_variables(plain, 32))
     assert not np.allclose(res.apply(variables, x), plain.apply(variables, x))
 
     # A plain block is relu(branch): zeroing its last BN kills its output entirely.
@@ -254,7 +250,7 @@ def test_plain_networks_have_no_shortcut():
     np.testing.assert_array_equal(block.apply(vb, xb), 0.0)
 
     # With projection shortcuts requested, a plain net still has none.
-    params = _shapes(create_model("resnet18", skip=False, shortcut="C"))["params"]
+    params = abstract_variables(create_model("resnet18", skip=False, shortcut="C"))["params"]
     assert not any("downsample" in p for p in _paths(params))
 
 

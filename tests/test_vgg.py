@@ -25,10 +25,6 @@ PARAMS = {
 TINY = (8, "M", 8, "M", 16, "M", 16, "M", 16, "M")
 
 
-def _abstract_variables(model, size=224):
-    return abstract_variables(model, size)
-
-
 def _lrn_reference(a, n=5, k=2.0, alpha=1e-4, beta=0.75):
     """Krizhevsky et al. (2012), Sec. 3.3: a / (k + alpha * sum of squares over n channels)^beta."""
     out = np.empty_like(a)
@@ -46,18 +42,18 @@ def test_registered_names():
 # torchvision's eight are checked with the registry's other torchvision counts (test_models.py).
 @pytest.mark.parametrize("name", ["vgg11_lrn", "vgg16_c"])
 def test_param_counts(name):
-    assert count_params(_abstract_variables(create_model(name))["params"]) == PARAMS[name]
+    assert count_params(abstract_variables(create_model(name))["params"]) == PARAMS[name]
 
 
 def test_bn_variants_keep_the_conv_bias_like_torchvision():
-    params = _abstract_variables(create_model("vgg11_bn"))["params"]
+    params = abstract_variables(create_model("vgg11_bn"))["params"]
     assert set(params["conv1_1"]) == {"kernel", "bias"}
     assert set(params["bn1_1"]) == {"scale", "bias"}
 
 
 def test_config_c_has_1x1_convs_last_in_blocks_3_to_5():
-    c = _abstract_variables(create_model("vgg16_c"))["params"]
-    d = _abstract_variables(create_model("vgg16"))["params"]
+    c = abstract_variables(create_model("vgg16_c"))["params"]
+    d = abstract_variables(create_model("vgg16"))["params"]
     assert set(c) == set(d)
     for name, p in c.items():
         if not name.startswith("conv"):
@@ -69,7 +65,7 @@ def test_config_c_has_1x1_convs_last_in_blocks_3_to_5():
 
 def test_every_conv_is_3x3_in_configs_a_to_e():
     for name in ("vgg11", "vgg13", "vgg16", "vgg19"):
-        params = _abstract_variables(create_model(name))["params"]
+        params = abstract_variables(create_model(name))["params"]
         convs = [p["kernel"].shape[:2] for n, p in params.items() if n.startswith("conv")]
         assert set(convs) == {(3, 3)}, name
 
@@ -86,7 +82,7 @@ def test_torchvision_names(name, batch_norm, conv_indices):
                   if v.startswith("conv")) == conv_indices
     if batch_norm:
         assert all(mapping[f"features.{i + 1}"].startswith("bn") for i in conv_indices)
-    params = _abstract_variables(model)["params"]
+    params = abstract_variables(model)["params"]
     assert set(mapping.values()) == set(params)
     # torch's classifier.0 weight is [4096, 512 * 7 * 7].
     assert params[mapping["classifier.0"]]["kernel"].shape == (512 * 7 * 7, 4096)
@@ -170,14 +166,14 @@ def test_fully_conv_averages_the_score_map_of_a_larger_image():
 
 def test_real_vgg16_fully_conv_at_384():
     model = create_model("vgg16", fully_conv=True)
-    variables = _abstract_variables(model)
+    variables = abstract_variables(model)
     x = jax.ShapeDtypeStruct((2, 384, 384, 3), jnp.float32)
     out, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["intermediates"]),
                                 variables, x)
     chex.assert_shape(out, (2, 1000))
     chex.assert_shape(state["intermediates"]["score_map"][0], (2, 6, 6, 1000))  # 12x12 map
     # Same parameter tree as the dense head: the paper converts a trained net, no new weights.
-    dense = _abstract_variables(create_model("vgg16"))
+    dense = abstract_variables(create_model("vgg16"))
     assert jax.tree_util.tree_map(lambda a: a.shape, variables) == \
         jax.tree_util.tree_map(lambda a: a.shape, dense)
 
@@ -196,14 +192,14 @@ def test_torchvision_init():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="at least 32x32"):
-        _abstract_variables(create_model("vgg11"), 31)
+        abstract_variables(create_model("vgg11"), 31)
     with pytest.raises(ValueError, match="fully-convolutional.*at least 224x224"):
-        _abstract_variables(create_model("vgg11", fully_conv=True), 200)
+        abstract_variables(create_model("vgg11", fully_conv=True), 200)
     with pytest.raises(ValueError, match="bad VGG config entry"):
-        _abstract_variables(VGG(cfg=(64, "3x3:64", "M")))
+        abstract_variables(VGG(cfg=(64, "3x3:64", "M")))
 
 
 def test_config_c_with_batch_norm_by_override():
-    params = _abstract_variables(create_model("vgg16_c", batch_norm=True))["params"]
+    params = abstract_variables(create_model("vgg16_c", batch_norm=True))["params"]
     assert "bn5_3" in params and params["conv5_3"]["kernel"].shape[:2] == (1, 1)
     assert CONFIGS["C"].count("M") == 5
