@@ -107,6 +107,7 @@ def _worker(core: Optional[int], smoke: bool, overrides: Dict[str, Any], cache_d
     from experiments import common
 
     logging.set_verbosity(logging.ERROR)
+    cli.tune_gc()  # a spawned process: the runner's setting does not carry over
     if cache_dir:
         cli.enable_compilation_cache(cache_dir)
     while True:

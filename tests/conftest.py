@@ -38,6 +38,13 @@ else:
     os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 
+from cnn_jax import cli  # noqa: E402 (after XLA_FLAGS: it imports absl only, not JAX)
+
+# The test processes trace hundreds of models: the commands' garbage-collector thresholds
+# (cnn_jax/cli.py, GC_THRESHOLDS) spare them most of the collector's rescans of a growing heap.
+cli.tune_gc()
+
+
 # The slowest files first, those with one long indivisible item (a module fixture, one test)
 # before those made of many short tests: pytest-xdist's --dist loadfile hands each worker one file
 # at a time, so a slow file picked up last would leave the other worker idle at the end. Seconds

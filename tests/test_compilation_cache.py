@@ -1,5 +1,7 @@
-"""The persistent compilation cache: a program compiled once is read back, not compiled again."""
+"""What the commands set for their whole process: the persistent compilation cache (a program
+compiled once is read back, not compiled again) and the garbage collector's thresholds."""
 
+import gc
 import subprocess
 import sys
 
@@ -46,3 +48,14 @@ def test_test_session_uses_the_cache():
     # conftest.py turns it on for every test process and the subprocesses they start.
     assert jax.config.jax_compilation_cache_dir
     assert jax.jit(lambda x: x + 1)(jnp.ones(2)).sum() == 4
+
+
+def test_commands_and_the_test_session_tune_the_garbage_collector():
+    assert gc.get_threshold() == cli.GC_THRESHOLDS  # conftest.py
+    default = (700, 10, 10)
+    try:
+        gc.set_threshold(*default)
+        assert cli.run_command("probe", lambda fv, argv: None, lambda fv: 0, []) == 0
+        assert gc.get_threshold() == cli.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*cli.GC_THRESHOLDS)
