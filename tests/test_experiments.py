@@ -503,10 +503,16 @@ def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
     proc = h.run_python(
         ["-m", "experiments.degradation_gpu", "--depths=8,14", "--families=plain", "--widths=4,4,8",
          "--train_images=600", "--val_images=500", "--steps=4", "--chunk=2",
-         "--eval_every=2", "--batch_size=8", "--workers=2", f"--out={out}"],
+         "--eval_every=2", "--batch_size=8", "--workers=2", f"--out={out}",
+         # fitted to a budget far above the toy runs: --steps (the most) stays
+         "--time_budget_s=3000"],
         PYTHONPATH=os.pathsep.join([str(site), REPO]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
+    fit = result["meta"]["fitted_steps"]
+    assert (fit["steps"], fit["eval_every"], fit["calibrated_on"]) == (4, 2, "plain14")
+    assert fit["step_ms"] > 0 and fit["estimated_s"] < fit["budget_s"] < 3000
+    assert "fitted to 3000 s: 4 steps per network" in proc.stdout
     assert [r["variant"] for r in result["runs"]] == ["plain8", "plain14"]
     for r in result["runs"]:
         assert [c["step"] for c in r["curve"]] == [2, 4] and r["steps"] == 4
@@ -516,6 +522,30 @@ def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
     md = (out / "README.md").read_text()
     assert "| plain14 | 0 |" in md and "the deeper plain net has the higher training loss" in md
     assert proc.stdout.count("train loss") == 4  # two evaluations of two networks
+    assert "![curves](curves.png)" in md and (out / "curves.png").stat().st_size > 0
+    # --report rewrites the README from results.json with the recorded command's flags
+    (out / "README.md").unlink()
+    from experiments import degradation_gpu
+
+    assert degradation_gpu.main(["--report", f"--out={out}"]) == 0
+    assert (out / "README.md").read_text() == md
+
+
+def test_degradation_gpu_steps_for_budget():
+    from experiments import degradation_gpu as g
+
+    runs = [("plain", 20), ("plain", 56), ("plain", 20), ("plain", 56)]  # two seeds
+    # calibrated on the 56-layer net: 10 ms per step, 1 s per evaluation, 20 s to compile
+    fit = g.steps_for_budget(0.010, 1.0, 20.0, 56, runs, 400.0, 100, 64_000)
+    scale = 20 / 56
+    fixed = (1 + scale) * (20.0 + 8 * 1.0) + (1 + scale) * (0.2 * 20.0 + 8 * 1.0)
+    per_step = 2 * 0.010 * (1 + scale)
+    assert fit["steps"] == int((400 - fixed) / per_step) // 100 * 100 == 12_700
+    assert fit["eval_every"] == 1_600 and fit["steps"] / fit["eval_every"] <= g.EVALS
+    assert fit["estimated_s"] == pytest.approx(fixed + per_step * 12_700, abs=0.1)
+    assert g.steps_for_budget(0.010, 1.0, 20.0, 56, runs, 400.0, 100, 2_000)["steps"] == 2_000
+    with pytest.raises(ValueError, match="not one chunk of 100 steps each"):
+        g.steps_for_budget(0.010, 1.0, 20.0, 56, runs, 56.0, 100, 64_000)
 
 
 def test_degradation_gpu_bad_depth_is_one_line(capsys):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The accelerator checks in one call, from the source tree (no TensorFlow, TFDS, ml_collections
+# or clu needed): issue 10's one-shot GPU suite, then issue 14's degradation experiment at the
+# paper's widths and data size with its step count fitted to the time left.
+#
+#   bash scripts/gpu_check.sh OUT [SUITE_SECONDS] [DEGRADATION_SECONDS]
+#
+# Writes OUT/env.txt, OUT/suite.log, OUT/suite/gpu_suite.{json,md}, OUT/degradation.log and
+# OUT/degradation/{results.json,README.md}. SUITE_ARGS and DEGRADATION_ARGS (environment) are
+# appended to the two commands' flags (a later flag wins), e.g. to try it small on a CPU.
+set -u -o pipefail
+out=${1:?usage: bash scripts/gpu_check.sh OUT [SUITE_SECONDS] [DEGRADATION_SECONDS]}
+suite_s=${2:-220}
+degradation_s=${3:-250}
+python=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
+mkdir -p "$out"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>&1 || true
+  "$python" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
+'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee "$out/env.txt"
+# shellcheck disable=SC2086  # the extra arguments are meant to split
+timeout $((suite_s + 30)) "$python" -m cnn_jax.benchmark --suite=gpu --output="$out/suite" \
+  --time_budget_s="$suite_s" ${SUITE_ARGS:-} 2>&1 | tee "$out/suite.log"
+echo "suite: exit ${PIPESTATUS[0]}"
+# shellcheck disable=SC2086
+timeout $((degradation_s + 30)) "$python" -m experiments.degradation_gpu \
+  --out="$out/degradation" --depths=20,56 --seeds=0,1,2 --time_budget_s="$degradation_s" \
+  ${DEGRADATION_ARGS:-} 2>&1 | tee "$out/degradation.log"
+echo "degradation: exit ${PIPESTATUS[0]}"
