@@ -174,4 +174,4 @@ def test_gpu_suite_table_of_a_gpu_row(tmp_path, monkeypatch):
     lines = (tmp_path / "gpu_suite.md").read_text().splitlines()
     assert lines[0].startswith("1 x NVIDIA H200 (gpu, jax 0.11.0)")
     assert lines[-1] == ("| resnet50 | bfloat16 | 256 | 5,120 | 5,120 | 20.0 s | 5.0 s | 30.0 GiB"
-                         " | 30.0 GiB | 4.00 | 120.0 | 14,000 | 0.37 |")
+                         " | 30.0 GiB | 4.00 | 61.4 | 14,000 | 0.37 |")  # 3 x 4 GFLOP x 5,120
