@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
+import jax
 import pytest
 
 from cnn_jax import benchmark_gpu, benchmark_torch
@@ -120,6 +123,21 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
         row["train"]["images_per_sec_per_device"] / row["flop_share_images_per_sec"])
     table = (out / "gpu_suite.md").read_text()
     assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and "8 x cpu" in table
+
+
+def test_gpu_check_script_records_the_environment_and_skips_parts_given_0_s(tmp_path):
+    """scripts/gpu_check.sh (the device call) parses, writes env.txt, and runs neither the suite
+    nor the degradation experiment when their seconds are 0 (both run in the tests above and in
+    tests/test_experiments.py)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(h.REPO, "scripts", "gpu_check.sh"), str(out),
+                           "0", "0"], env=h.python_env(PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    env = (out / "env.txt").read_text()
+    assert f"jax {jax.__version__}" in env and "CpuDevice" in env
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt"]
+    assert "suite: exit" not in proc.stdout and "degradation: exit" not in proc.stdout
 
 
 def test_gpu_suite_keeps_to_its_time_budget(tmp_path):
