@@ -141,9 +141,10 @@ def _model(family: str, depth: int, widths):
 
 
 def fit_steps(family: str, depth: int, widths, data, fv, runs: Sequence[tuple],
-              budget_s: float) -> Dict[str, Any]:
+              deadline: float) -> Dict[str, Any]:
     """The step count (a multiple of ``--chunk``, at most ``--steps``) at which the networks of
-    ``runs`` (``(family, depth)`` in run order, repeats being later seeds) fit in ``budget_s``.
+    ``runs`` (``(family, depth)`` in run order, repeats being later seeds) end by ``deadline``
+    (a ``time.time()``; this calibration's own time counts against it).
 
     Compiles and times the ``depth``-layer network (the deepest): one chunk and one evaluation,
     each twice (the first includes compilation). Step, evaluation and compile times are taken
@@ -174,6 +175,7 @@ def fit_steps(family: str, depth: int, widths, data, fv, runs: Sequence[tuple],
     (chunk_first, eval_first), (chunk_s, eval_s) = times
     step_s = chunk_s / fv.chunk
     compile_s = max(0.0, chunk_first - chunk_s) + max(0.0, eval_first - eval_s)
+    budget_s = deadline - time.time()
     return {**steps_for_budget(step_s, eval_s, compile_s, depth, runs, budget_s, fv.chunk,
                                fv.steps),
             "budget_s": round(budget_s, 1), "calibrated_on": f"{family}{depth}",
@@ -454,7 +456,7 @@ def _run(fv: flags.FlagValues) -> int:
     if fv.time_budget_s:
         reserve = 10.0  # writing the results, the last evaluation's rounding
         fit = fit_steps(fv.families[0], max(depths), widths, data, fv,
-                        [(f, d) for _, f, d in order], fv.time_budget_s - reserve - (time.time() - start))
+                        [(f, d) for _, f, d in order], start + fv.time_budget_s - reserve)
         fv.steps, fv.eval_every = fit["steps"], fit["eval_every"]
         print(f"fitted to {fv.time_budget_s:g} s: {fv.steps:,} steps per network, evaluated "
               f"every {fv.eval_every:,} ({fit['calibrated_on']}: {fit['step_ms']} ms per step, "
