@@ -395,6 +395,8 @@ def write(out: str, runs: Sequence[Dict[str, Any]], fv, depths, command: str,
 def report(out: str) -> None:
     """``out``/README.md again from ``out``/results.json: the recorded command's flags, the
     fitted step count and the runs, through today's tables and outcomes."""
+    if not os.path.isfile(os.path.join(out, "results.json")):
+        raise ValueError(f"--report: no results.json in {out}; pass the --out of a finished run")
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)
     meta, runs = result["meta"], result["runs"]

@@ -559,3 +559,7 @@ def test_degradation_gpu_bad_depth_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --val_images must be a multiple of 500 and --train_images at "
                           "least 500") and err.endswith("got 100 and 200") and "\n" not in err
+    assert degradation_gpu.main(["--report", "--out=/nonexistent/results"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --report: no results.json in "
+                                               "/nonexistent/results; pass the --out of a "
+                                               "finished run")
