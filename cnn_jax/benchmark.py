@@ -48,6 +48,10 @@ flags.DEFINE_string("output", None, "Directory for the results (--suite: default
 flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0: its "
                      "default).")
 flags.DEFINE_float("time_budget_s", 450.0, "--suite: the whole suite's wall-time limit.")
+flags.DEFINE_integer("profile", 0, "Trace this many train steps after the timed ones and print "
+                     "where they spend their time: XLA op kinds and ops (cnn_jax.profiling).")
+flags.DEFINE_integer("profile_steps", 0, "--suite: trace this many train steps of each row after "
+                     "its timing; the op kinds go into the JSON and the table.")
 flags.DEFINE_float("kind_budget_s", 4.0, "--suite: timed seconds per train or eval step kind.")
 # Model options: --model.FIELD=VALUE (e.g. --model.aux_logits=false --model.widths=8,16,32), the
 # spelling of the training command's --config.model.FIELD; cli.split_model_options takes them
@@ -113,9 +117,10 @@ def time_compiled(fn, args, steps: int, carry_state: bool):
 
 def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 1000,
         dtype: str = "float32", steps: int = 10, eval_step: bool = True,
-        model: Optional[Mapping[str, Any]] = None) -> dict:
+        model: Optional[Mapping[str, Any]] = None, profile: int = 0) -> dict:
     """Benchmark one model on the first device; returns a dict of the numbers. ``model``: the
-    model options (checked against the architecture's fields)."""
+    model options (checked against the architecture's fields); ``profile``: trace that many
+    more train steps into ``result["train"]["profile"]`` (:func:`cnn_jax.profiling.summarize`)."""
     import jax
     import optax
 
@@ -143,6 +148,11 @@ def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 10
                                                                    True)
     result["train"] = {"compile_s": compile_s, "step_ms": 1e3 * step_s, "cpu_ms": 1e3 * cpu_s,
                        "images_per_sec": batch_size / step_s, **memory_report(compiled, device)}
+    if profile:
+        from cnn_jax import profiling
+
+        result["train"]["profile"], (state, _) = profiling.profile_steps(
+            compiled, (state, batch), profile, carry=True)
     if eval_step:
         ev = jax.jit(step_lib.eval_step)
         compile_s, step_s, cpu_s, compiled, _ = time_compiled(ev, (state, batch), steps, False)
@@ -224,7 +234,8 @@ def main_suite() -> None:
         output, archs, [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_gpu.DTYPES,
         _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, MODEL_OPTIONS,
         FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
-        FLAGS.time_budget_s, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        FLAGS.time_budget_s, profile_steps=FLAGS.profile_steps,
+        progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result) if FLAGS.json else benchmark_gpu.markdown(result), flush=True)
     print(f"wrote {os.path.join(output, 'gpu_suite.json')} and gpu_suite.md", file=sys.stderr)
 
@@ -240,9 +251,18 @@ def main(argv):
             return main_suite()
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
+        if FLAGS.profile < 0:
+            raise ValueError(f"--profile takes a number of steps (0: none), got {FLAGS.profile}")
         r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,
-                FLAGS.steps, FLAGS.eval, MODEL_OPTIONS)
-    print(json.dumps(r) if FLAGS.json else format_result(r), flush=True)
+                FLAGS.steps, FLAGS.eval, MODEL_OPTIONS, FLAGS.profile)
+    if FLAGS.json:
+        print(json.dumps(r), flush=True)
+        return
+    print(format_result(r), flush=True)
+    if "profile" in r["train"]:
+        from cnn_jax import profiling
+
+        print("\n" + profiling.markdown(r["train"]["profile"], "train step"), flush=True)
 
 
 def parse_flags(argv: List[str]) -> List[str]:

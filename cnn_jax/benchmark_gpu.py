@@ -115,9 +115,12 @@ def _timed(step, args, carry: bool, warmup: int, max_steps: int, budget_s: float
 
 def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes: int = 1000,
             dtype: str = "bfloat16", model: Optional[Dict[str, Any]] = None, warmup: int = 2,
-            max_steps: int = 20, kind_budget_s: float = 4.0) -> Dict[str, Any]:
+            max_steps: int = 20, kind_budget_s: float = 4.0, profile_steps: int = 0
+            ) -> Dict[str, Any]:
     """One row in this process: eval first, then train (the device peak only grows). ``model``:
-    the model options (``--model.FIELD=VALUE``), checked against the architecture's fields."""
+    the model options (``--model.FIELD=VALUE``), checked against the architecture's fields;
+    ``profile_steps``: trace that many train steps after the timed ones
+    (:mod:`cnn_jax.profiling`) into ``result["train"]["profile"]``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -167,6 +170,11 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
         compile_s = time.perf_counter() - t0
         timed = _timed(compiled, (state, batch), carry, warmup, max_steps, kind_budget_s)
         state = timed.pop("args")[0]
+        if kind == "train" and profile_steps:
+            from cnn_jax import profiling
+
+            timed["profile"], (state, _) = profiling.profile_steps(
+                compiled, (state, batch), profile_steps, carry=True)
         per_device = per_device_batch / (timed["step_ms"] / 1e3)
         flops = _xla_flops(compiled)
         result[kind] = {"compile_s": compile_s, **timed,
@@ -221,7 +229,7 @@ def launch_row(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
 def run_suite(output: str, archs: Sequence[str] = (), dtypes: Sequence[str] = DTYPES,
               batch_size: Optional[int] = None, image_size: int = 224, num_classes: int = 1000,
               model: Optional[Dict[str, Any]] = None, max_steps: int = 20, warmup: int = 2,
-              kind_budget_s: float = 4.0, time_budget_s: float = 450.0,
+              kind_budget_s: float = 4.0, time_budget_s: float = 450.0, profile_steps: int = 0,
               row_timeout_s: float = 180.0, progress: Callable[[str], None] = print,
               launch: Callable[[Dict[str, Any], float], Dict[str, Any]] = launch_row,
               clock: Callable[[], float] = time.perf_counter) -> Dict[str, Any]:
@@ -243,7 +251,7 @@ def run_suite(output: str, archs: Sequence[str] = (), dtypes: Sequence[str] = DT
         spec = {"arch": arch, "dtype": dtype, "per_device_batch": batch,
                 "image_size": image_size, "num_classes": num_classes,
                 "model": dict(model or {}), "max_steps": max_steps, "warmup": warmup,
-                "kind_budget_s": kind_budget_s}
+                "kind_budget_s": kind_budget_s, "profile_steps": profile_steps}
         left = time_budget_s - RESERVE_S - (clock() - start)
         if left < ROW_MIN_S:
             row = {**spec, "skipped": f"time budget ({time_budget_s:g} s) spent"}
@@ -331,6 +339,15 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{r['forward_flops_per_image'] / 1e9:.2f} | "
             f"{3 * r['forward_flops_per_image'] * tr['images_per_sec_per_device'] / 1e12:.1f} | "
             f"{r['flop_share_images_per_sec']:,.0f} | {r['train_vs_share']:.2f} |")
+    profiled = [r for r in done if r["train"].get("profile")]
+    if profiled:
+        lines += ["", "Where each train step's time goes (`--profile_steps`, XLA ops on the "
+                  "device; the five op kinds with the most time, share of the ops' time):", ""]
+        for r in profiled:
+            p = r["train"]["profile"]
+            kinds = ", ".join(f"{k['kind']} {100 * k['share']:.0f}%" for k in p["kinds"][:5])
+            lines.append(f"- {r['arch']} {r['dtype']}: {p['op_ms_per_step']:.1f} ms of ops per "
+                         f"step ({r['train']['step_ms']:.1f} ms step): {kinds}")
     return "\n".join(lines)
 
 
@@ -338,7 +355,8 @@ def _child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     print(json.dumps(run_row(spec["arch"], spec["per_device_batch"], spec["image_size"],
                              spec["num_classes"], spec["dtype"], spec["model"],
-                             spec["warmup"], spec["max_steps"], spec["kind_budget_s"])),
+                             spec["warmup"], spec["max_steps"], spec["kind_budget_s"],
+                             spec.get("profile_steps", 0))),
           flush=True)
 
 

@@ -28,7 +28,7 @@ mkdir -p "$out"
 if [ "$suite_s" != 0 ]; then
   # shellcheck disable=SC2086  # the extra arguments are meant to split
   timeout $((suite_s + 30)) "$python" -m cnn_jax.benchmark --suite=gpu --output="$out/suite" \
-    --time_budget_s="$suite_s" ${SUITE_ARGS:-} 2>&1 | tee "$out/suite.log"
+    --time_budget_s="$suite_s" --profile_steps=3 ${SUITE_ARGS:-} 2>&1 | tee "$out/suite.log"
   echo "suite: exit ${PIPESTATUS[0]}"
 fi
 if [ "$degradation_s" != 0 ]; then

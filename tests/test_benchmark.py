@@ -88,6 +88,10 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: write model options as --model.FIELD=VALUE, not '--model.widths'")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet50", "--profile=-1"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == (
+        "error: --profile takes a number of steps (0: none), got -1")
 
 
 def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
@@ -98,7 +102,7 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
         ["-m", "cnn_jax.benchmark", "--suite=gpu", f"--arch={h.TINY_ARCH}",
          *h.TINY_MODEL_OPTIONS, "--image_size=32", "--num_classes=10",
          "--batch_size=2", "--steps=2", "--warmup=1", "--kind_budget_s=0.1", "--dtype=float32",
-         f"--output={out}", "--json"], num_cpu_devices=8,
+         "--profile_steps=2", f"--output={out}", "--json"], num_cpu_devices=8,
         PYTHONPATH=os.pathsep.join([str(site), h.REPO]), **FAST_INIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))
@@ -123,6 +127,44 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
         row["train"]["images_per_sec_per_device"] / row["flop_share_images_per_sec"])
     table = (out / "gpu_suite.md").read_text()
     assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and "8 x cpu" in table
+    profile = row["train"]["profile"]  # --profile_steps: the traced steps' XLA ops
+    assert profile["steps"] == 2 and profile["op_ms_per_step"] > 0 and profile["kinds"]
+    assert f"- {h.TINY_ARCH} float32: " in table and "Where each train step's time goes" in table
+
+
+def test_profile_of_a_train_step_on_the_cpu():
+    """benchmark.run(profile=N): the traced train steps' XLA ops, by kind and by op."""
+    from cnn_jax import benchmark, profiling
+
+    r = benchmark.run(h.TINY_ARCH, 2, 32, 10, "float32", steps=1, eval_step=False,
+                      model={"stage_sizes": (1, 1, 1), "widths": (4, 8, 8)}, profile=2)
+    p = r["train"]["profile"]
+    assert p["steps"] == 2 and p["op_ms_per_step"] > 0 and p["ops_counted"] >= len(p["top_ops"])
+    shares = [k["share"] for k in p["kinds"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any(k["kind"].startswith("conv") for k in p["kinds"]), p["kinds"]  # the convolutions
+    assert all(o["kind"] == profiling.kind(o["op"]) for o in p["top_ops"])
+    table = profiling.markdown(p, "train step")
+    assert table.startswith("train step: ") and "| op kind | ms/step | calls/step | share |" in table
+
+
+def test_profiling_exclusive_times_and_kinds():
+    from cnn_jax import profiling
+
+    # An op inside another on the same line (a while loop's body) is taken out of its parent.
+    totals = profiling._exclusive([("while.1", 0, 100), ("fusion.2", 10, 40),
+                                   ("fusion.2", 50, 60), ("copy.3", 100, 130)])
+    assert dict(totals) == {"while.1": [60, 1], "fusion.2": [40, 2], "copy.3": [30, 1]}
+    assert [profiling.kind(n) for n in ("convolution.21", "loop_add_fusion", "copy.1.2")] == [
+        "convolution", "loop_add_fusion", "copy"]
+    summary = profiling.summarize({"convolution.1": (0.3, 2), "convolution.2": (0.1, 2),
+                                   "fusion.7": (0.1, 2)}, steps=2)
+    assert summary["op_ms_per_step"] == pytest.approx(250)
+    assert [(k["kind"], round(k["share"], 2), k["calls_per_step"]) for k in summary["kinds"]] == [
+        ("convolution", 0.8, 2), ("fusion", 0.2, 1)]
+    assert summary["top_ops"][0] == {"op": "convolution.1", "kind": "convolution",
+                                     "ms_per_step": pytest.approx(150), "calls_per_step": 1,
+                                     "share": pytest.approx(0.6)}
 
 
 def test_gpu_check_script_records_the_environment_and_skips_parts_given_0_s(tmp_path):
