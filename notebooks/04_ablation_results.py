@@ -118,3 +118,25 @@ for i, name in enumerate(available):
         ax.set_xlabel("best validation top-1 (%), mean ± std over seeds")
 fig.tight_layout()
 fig
+
+# %% [markdown]
+# ## Degradation at the paper's scale, on a GPU
+#
+# `experiments/degradation_gpu.py` trains the CIFAR plain nets and ResNets at the paper's widths
+# (16-32-64) on 50,000 hard-level `shapes` images with the paper's SGD recipe, the data on the
+# device (`bash scripts/gpu_check.sh OUT` on a lent accelerator, its step count fitted to the
+# device time). Its committed run, beside the CPU experiment above:
+
+# %%
+GPU = os.path.join(RESULTS, "degradation_gpu")
+if os.path.exists(os.path.join(GPU, "README.md")):
+    with open(os.path.join(GPU, "README.md")) as f:
+        gpu_readme = f.read()
+    summary = gpu_readme[gpu_readme.index("| variant | seeds |"):].split("\n\n", 1)[0]
+    claims = gpu_readme.split("## The paper's claims on these runs", 1)[1].strip()
+    display(Markdown(gpu_readme.splitlines()[0].lstrip("# ") + "\n\n"
+                     + gpu_readme.split("\n\n")[2] + "\n\n" + summary))
+    display(Image(filename=os.path.join(GPU, "curves.png"), width=900))
+    display(Markdown("**Outcomes** (from its README):\n\n" + claims))
+else:
+    print("no GPU run yet: bash scripts/gpu_check.sh OUT on a machine with a GPU")
