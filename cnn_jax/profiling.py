@@ -6,8 +6,9 @@
 Reads the trace's XSpace with ``jax.profiler.ProfileData`` (no TensorBoard or xprof needed, so it
 runs on the accelerator machine too). On a GPU or TPU the ops are the device planes' events
 (``/device:...``: their "XLA Ops" line where there is one, else the kernels, each tagged with its
-``hlo_op``), on the CPU the host events that carry an ``hlo_op`` stat (XLA's thunks, on every
-thread: summed, so a multi-threaded op counts its CPU time). Each op's time is its own
+``hlo_op``), on the CPU the host events that carry an ``hlo_op`` stat (XLA's thunks on every
+thread, each counted for its span: an op whose library call runs on several threads counts its
+wall time once, two ops running at once on two threads both count). Each op's time is its own
 (exclusive): an event nested in another on the same line is taken out of its parent's. Ops are
 grouped into kinds by their HLO names without the numeric suffix (``convolution.21`` ->
 ``convolution``, ``loop_add_fusion.3`` -> ``loop_add_fusion``).
@@ -117,7 +118,7 @@ def markdown(summary: Dict[str, Any], title: str = "") -> str:
     """Two tables: the op kinds and the single ops with the most time per step."""
     head = (f"{title}: " if title else "") + (
         f"{summary['op_ms_per_step']:.2f} ms of XLA ops per step ({summary['steps']} traced "
-        f"steps, {summary['ops_counted']} ops; on the CPU summed over threads)")
+        f"steps, {summary['ops_counted']} ops; ops running at once on two threads both count)")
     lines = [head, "", "| op kind | ms/step | calls/step | share |", "|---|---|---|---|"]
     lines += [f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:g} | "
               f"{100 * k['share']:.1f}% |" for k in summary["kinds"]]
