@@ -347,7 +347,7 @@ def markdown(result: Dict[str, Any]) -> str:
             p = r["train"]["profile"]
             kinds = ", ".join(f"{k['kind']} {100 * k['share']:.0f}%" for k in p["kinds"][:5])
             lines.append(f"- {r['arch']} {r['dtype']}: {p['op_ms_per_step']:.1f} ms of ops per "
-                         f"step ({r['train']['step_ms']:.1f} ms step): {kinds}")
+                         f"step ({r['train']['step_ms']:.1f} ms step; {p.get('source')}): {kinds}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,13 @@ def _exclusive(events: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
 
 def op_times(profile) -> Dict[str, Tuple[float, int]]:
     """``{op: (seconds, calls)}`` of a ``jax.profiler.ProfileData`` (or an ``.xplane.pb`` path)."""
+    return read_ops(profile)[0]
+
+
+def read_ops(profile) -> Tuple[Dict[str, Tuple[float, int]], str]:
+    """:func:`op_times` and where they were read: ``"device XLA Ops"``, ``"device kernels"`` or
+    ``"host thunks"`` (on a GPU the last would be launch times, not the device's: a trace
+    without device ops says so instead of passing for one)."""
     import jax
 
     if isinstance(profile, (str, os.PathLike)):
@@ -80,21 +87,23 @@ def op_times(profile) -> Dict[str, Tuple[float, int]]:
         return out
 
     if xla_ops:
-        per_line = [events(line, True) for line in xla_ops]
+        per_line, source = [events(line, True) for line in xla_ops], "device XLA Ops"
     else:
-        per_line = [events(line, False) for line in device]
+        per_line, source = [events(line, False) for line in device], "device kernels"
         if not any(per_line):
-            per_line = [events(line, False) for line in host]
+            per_line, source = [events(line, False) for line in host], "host thunks"
     totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
     for line_events in per_line:
         for name, (ns, n) in _exclusive(line_events).items():
             totals[name][0] += ns
             totals[name][1] += n
-    return {name: (ns / 1e9, n) for name, (ns, n) in totals.items()}
+    return {name: (ns / 1e9, n) for name, (ns, n) in totals.items()}, source
 
 
-def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15) -> Dict[str, Any]:
-    """Per step: total op time, the kinds and the ``top`` ops by time, each with its share."""
+def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
+              source: str = "") -> Dict[str, Any]:
+    """Per step: total op time, the kinds and the ``top`` ops by time, each with its share;
+    ``source``: where the times were read (:func:`read_ops`)."""
     total = sum(s for s, _ in times.values())
     by_kind: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
     for name, (s, n) in times.items():
@@ -106,7 +115,8 @@ def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15) ->
 
     kinds = sorted(by_kind.items(), key=lambda kv: -kv[1][0])
     ops = sorted(times.items(), key=lambda kv: -kv[1][0])
-    return {"steps": steps, "op_ms_per_step": 1e3 * total / steps, "ops_counted": len(times),
+    return {"steps": steps, "source": source, "op_ms_per_step": 1e3 * total / steps,
+            "ops_counted": len(times),
             "kinds": [{"kind": k, "ms_per_step": 1e3 * s / steps, "calls_per_step": n / steps,
                        "share": share(s)} for k, (s, n) in kinds[:top]],
             "top_ops": [{"op": o, "kind": kind(o), "ms_per_step": 1e3 * s / steps,
@@ -118,7 +128,8 @@ def markdown(summary: Dict[str, Any], title: str = "") -> str:
     """Two tables: the op kinds and the single ops with the most time per step."""
     head = (f"{title}: " if title else "") + (
         f"{summary['op_ms_per_step']:.2f} ms of XLA ops per step ({summary['steps']} traced "
-        f"steps, {summary['ops_counted']} ops; ops running at once on two threads both count)")
+        f"steps, {summary['ops_counted']} ops, read from the {summary.get('source') or 'trace'};"
+        f" ops running at once on two threads both count)")
     lines = [head, "", "| op kind | ms/step | calls/step | share |", "|---|---|---|---|"]
     lines += [f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:g} | "
               f"{100 * k['share']:.1f}% |" for k in summary["kinds"]]
@@ -148,5 +159,6 @@ def profile_steps(step: Callable, args: tuple, steps: int, carry: bool = False,
         paths = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {where}")
-        summary = summarize(op_times(max(paths, key=os.path.getmtime)), steps)
+        times, source = read_ops(max(paths, key=os.path.getmtime))
+        summary = summarize(times, steps, source=source)
     return summary, args

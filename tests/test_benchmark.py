@@ -129,6 +129,7 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
     assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and "8 x cpu" in table
     profile = row["train"]["profile"]  # --profile_steps: the traced steps' XLA ops
     assert profile["steps"] == 2 and profile["op_ms_per_step"] > 0 and profile["kinds"]
+    assert profile["source"] == "host thunks"
     assert f"- {h.TINY_ARCH} float32: " in table and "Where each train step's time goes" in table
 
 
@@ -140,12 +141,65 @@ def test_profile_of_a_train_step_on_the_cpu():
                       model={"stage_sizes": (1, 1, 1), "widths": (4, 8, 8)}, profile=2)
     p = r["train"]["profile"]
     assert p["steps"] == 2 and p["op_ms_per_step"] > 0 and p["ops_counted"] >= len(p["top_ops"])
+    assert p["source"] == "host thunks"  # the CPU: XLA's thunks
     shares = [k["share"] for k in p["kinds"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any(k["kind"].startswith("conv") for k in p["kinds"]), p["kinds"]  # the convolutions
     assert all(o["kind"] == profiling.kind(o["op"]) for o in p["top_ops"])
     table = profiling.markdown(p, "train step")
     assert table.startswith("train step: ") and "| op kind | ms/step | calls/step | share |" in table
+    assert "read from the host thunks" in table
+
+
+_XSPACE = """
+planes {{
+  name: "/device:GPU:0"
+  {xla_ops}
+  lines {{
+    name: "Stream #14(compute)" timestamp_ns: 1000
+    events {{ metadata_id: 3 offset_ps: 0 duration_ps: 2500000
+             stats {{ metadata_id: 4 str_value: "convolution.1" }} }}
+    events {{ metadata_id: 5 offset_ps: 2600000 duration_ps: 100000 }}
+  }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "convolution.1" }} }}
+  event_metadata {{ key: 2 value {{ id: 2 name: "loop_fusion.7" }} }}
+  event_metadata {{ key: 3 value {{ id: 3 name: "sm90_xmma_fprop_kernel" }} }}
+  event_metadata {{ key: 5 value {{ id: 5 name: "MemcpyD2D" }} }}
+  stat_metadata {{ key: 4 value {{ id: 4 name: "hlo_op" }} }}
+}}
+planes {{
+  name: "/host:CPU"
+  lines {{ name: "tf_XLAEigen/1" timestamp_ns: 0
+          events {{ metadata_id: 1 offset_ps: 0 duration_ps: 9000000
+                   stats {{ metadata_id: 2 str_value: "launch.1" }} }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "ThunkExecutor::Execute" }} }}
+  stat_metadata {{ key: 2 value {{ id: 2 name: "hlo_op" }} }}
+}}
+"""
+_XLA_OPS = """lines {
+    name: "XLA Ops" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000 }
+    events { metadata_id: 2 offset_ps: 3000000 duration_ps: 1000000 }
+    events { metadata_id: 1 offset_ps: 5000000 duration_ps: 3000000 }
+  }"""
+
+
+def test_profiling_reads_a_gpu_trace():
+    """A device plane's "XLA Ops" line where there is one, else its kernels by their hlo_op (not
+    the host's launch spans), and the host's thunks only without device ops."""
+    from cnn_jax import profiling
+
+    def read(text):
+        return profiling.read_ops(jax.profiler.ProfileData.from_text_proto(text))
+
+    assert read(_XSPACE.format(xla_ops=_XLA_OPS)) == (
+        {"convolution.1": (pytest.approx(6e-6), 2), "loop_fusion.7": (pytest.approx(1e-6), 1)},
+        "device XLA Ops")
+    assert read(_XSPACE.format(xla_ops="")) == (
+        {"convolution.1": (pytest.approx(2.5e-6), 1)}, "device kernels")  # the memcpy: no op
+    host_only = _XSPACE.format(xla_ops="").split("planes {\n  name: \"/host:CPU\"")[1]
+    assert read('planes {\n  name: "/host:CPU"' + host_only) == (
+        {"launch.1": (pytest.approx(9e-6), 1)}, "host thunks")
 
 
 def test_profiling_exclusive_times_and_kinds():
