@@ -8,8 +8,9 @@ devices (:mod:`cnn_jax.parallel`, today's ``train_step``/``eval_step``: SGD mome
 on device-resident random data. Per row: compile times, img/s (per device and in total), XLA's
 FLOPs of the train step (in the JSON only: on GPU they leave out cuDNN's convolutions; the
 table's TFLOP/s are 3 x the forward FLOPs per image), peak memory from the devices'
-``memory_stats()`` (XLA's compile-time estimate where a backend has none, e.g. CPU) and the row's "FLOP-proportional share" of the
-ResNet-50 target: ``7000 * resnet50_flops / family_flops`` img/s per device (forward FLOPs =
+``memory_stats()`` (XLA's compile-time estimate where a backend has none, e.g. CPU), with
+``--profile_steps`` the train step's time by XLA op kind (:mod:`cnn_jax.profiling`), and the
+row's "FLOP-proportional share" of the ResNet-50 target: ``7000 * resnet50_flops / family_flops`` img/s per device (forward FLOPs =
 2 x MACs per image from :mod:`cnn_jax.analysis`; issue 10's goal is bf16 training within 2x of it,
 ResNet-50 itself at >= 7,000 img/s on one H200).
 
