@@ -10,9 +10,10 @@ FLOPs of the train step (in the JSON only: on GPU they leave out cuDNN's convolu
 table's TFLOP/s are 3 x the forward FLOPs per image), peak memory from the devices'
 ``memory_stats()`` (XLA's compile-time estimate where a backend has none, e.g. CPU), with
 ``--profile_steps`` the train step's time by XLA op kind (:mod:`cnn_jax.profiling`), and the
-row's "FLOP-proportional share" of the ResNet-50 target: ``7000 * resnet50_flops / family_flops`` img/s per device (forward FLOPs =
-2 x MACs per image from :mod:`cnn_jax.analysis`; issue 10's goal is bf16 training within 2x of it,
-ResNet-50 itself at >= 7,000 img/s on one H200).
+row's "FLOP-proportional share" of the ResNet-50 target: ``7000 * resnet50_flops /
+family_flops`` img/s per device (forward FLOPs = 2 x MACs per image from :mod:`cnn_jax.analysis`;
+issue 10's goal is bf16 training within 2x of it, ResNet-50 itself at >= 7,000 img/s on one
+H200).
 
 Every row runs in its own process, so that each device peak belongs to its row and a crash or
 a hung compile costs one row; the whole suite keeps to ``--time_budget_s`` (rows that no longer
