@@ -96,21 +96,14 @@ def time_compiled(fn, args, steps: int, carry_state: bool):
 
     CPU seconds (all threads) are the load-independent number on a shared host machine.
     """
-    import jax
+    from cnn_jax.profiling import run_steps
 
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    out = compiled(*args)  # warm-up (first run allocates)
-    jax.block_until_ready(out)
-    if carry_state:
-        args = (out[0],) + tuple(args[1:])
+    args = run_steps(compiled, args, 1, carry_state)  # warm-up (first run allocates)
     t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        out = compiled(*args)
-        if carry_state:  # the train step donates its state: feed the new one back
-            args = (out[0],) + tuple(args[1:])
-    jax.block_until_ready(out)
+    args = run_steps(compiled, args, steps, carry_state)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return compile_s, seconds / steps, cpu_seconds / steps, compiled, args
 

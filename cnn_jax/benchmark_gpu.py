@@ -93,24 +93,15 @@ def _xla_flops(compiled) -> Optional[float]:
 def _timed(step, args, carry: bool, warmup: int, max_steps: int, budget_s: float) -> Dict:
     """Warm-up, one synchronised step to size the run, then ``n`` back-to-back steps timed with
     one sync at the end (asynchronous dispatch keeps the device busy, as in training)."""
-    import jax
+    from cnn_jax.profiling import run_steps
 
-    def go(args, n):
-        out = None
-        for _ in range(n):
-            out = step(*args)
-            if carry:  # the train step donates its state: feed the new one back
-                args = (out[0],) + tuple(args[1:])
-        jax.block_until_ready(out)
-        return args
-
-    args = go(args, max(warmup, 1))
+    args = run_steps(step, args, max(warmup, 1), carry)
     t0 = time.perf_counter()
-    args = go(args, 1)
+    args = run_steps(step, args, 1, carry)
     one = time.perf_counter() - t0
     n = int(min(max_steps, max(2, budget_s / max(one, 1e-6))))
     t0 = time.perf_counter()
-    args = go(args, n)
+    args = run_steps(step, args, n, carry)
     seconds = time.perf_counter() - t0
     return {"steps": n, "step_ms": 1e3 * seconds / n, "args": args}
 

@@ -37,22 +37,19 @@ def _exclusive(events: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
     totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
     stack: List[List[Any]] = []  # [name, start, end, the children's ns]
 
-    def close(entry, start, end):
-        totals[entry[0]][0] += max(0, end - start - entry[3])
-        totals[entry[0]][1] += 1
+    def close():
+        name, start, end, children = stack.pop()
+        totals[name][0] += max(0, end - start - children)
+        totals[name][1] += 1
+        if stack:
+            stack[-1][3] += end - start
 
     for name, start, end in sorted(events, key=lambda e: (e[1], -e[2])):
         while stack and stack[-1][2] <= start:
-            done = stack.pop()
-            close(done, done[1], done[2])
-            if stack:
-                stack[-1][3] += done[2] - done[1]
+            close()
         stack.append([name, start, end, 0])
     while stack:
-        done = stack.pop()
-        close(done, done[1], done[2])
-        if stack:
-            stack[-1][3] += done[2] - done[1]
+        close()
     return totals
 
 
@@ -139,23 +136,32 @@ def markdown(summary: Dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def run_steps(step: Callable, args: tuple, n: int, carry: bool = False) -> tuple:
+    """``n`` back-to-back calls of a compiled ``step`` with one sync at the end (asynchronous
+    dispatch keeps the device busy, as in training); ``carry``: feed the first output back as the
+    first argument (a train step donates its state). Returns the arguments of the next call."""
+    import jax
+
+    out = None
+    for _ in range(n):
+        out = step(*args)
+        if carry:
+            args = (out[0],) + tuple(args[1:])
+    jax.block_until_ready(out)
+    return args
+
+
 def profile_steps(step: Callable, args: tuple, steps: int, carry: bool = False,
                   logdir: str = "") -> Tuple[Dict[str, Any], tuple]:
     """Trace ``steps`` calls of a compiled ``step`` (after the caller's warm-up) and summarize
-    its ops; ``carry``: feed the first output back as the first argument (a train step that
-    donates its state). Returns ``(summary, args)``; the trace goes to a temporary folder unless
-    ``logdir`` is given."""
+    its ops (``carry`` as in :func:`run_steps`). Returns ``(summary, args)``; the trace goes to a
+    temporary folder unless ``logdir`` is given."""
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
         where = logdir or tmp
         with jax.profiler.trace(where):
-            out = None
-            for _ in range(steps):
-                out = step(*args)
-                if carry:
-                    args = (out[0],) + tuple(args[1:])
-            jax.block_until_ready(out)
+            args = run_steps(step, args, steps, carry)
         paths = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {where}")
