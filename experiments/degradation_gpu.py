@@ -132,6 +132,14 @@ def make_trainer(model, steps: int, batch_size: int, lr: float, chunk: int, mean
     return tx, run_chunk, eval_sums
 
 
+def evaluate(eval_sums, state, data):
+    """The summed eval metrics (floats) on the first ``PROBE_SIZE`` training images and on the
+    validation images."""
+    (x_train, y_train), (x_val, y_val), _ = data
+    return [{k: float(v) for k, v in eval_sums(state, x, y).items()}
+            for x, y in ((x_train[:PROBE_SIZE], y_train[:PROBE_SIZE]), (x_val, y_val))]
+
+
 def _model(family: str, depth: int, widths):
     from cnn_jax.models import create_model
 
@@ -157,7 +165,7 @@ def fit_steps(family: str, depth: int, widths, data, fv, runs: Sequence[tuple],
 
     from cnn_jax import train_step as ts
 
-    (x_train, y_train), (x_val, y_val), (mean, std) = data
+    mean, std = data[2]
     model = _model(family, depth, widths)
     tx, run_chunk, eval_sums = make_trainer(model, fv.steps, fv.batch_size, fv.learning_rate,
                                             fv.chunk, mean, std)
@@ -166,11 +174,10 @@ def fit_steps(family: str, depth: int, widths, data, fv, runs: Sequence[tuple],
     times = []
     for i in range(2):
         t = time.time()
-        state, losses = run_chunk(state, jax.random.fold_in(key, i), x_train, y_train)
+        state, losses = run_chunk(state, jax.random.fold_in(key, i), *data[0])
         np.asarray(losses)
         t_eval = time.time()
-        jax.block_until_ready((eval_sums(state, x_train[:PROBE_SIZE], y_train[:PROBE_SIZE]),
-                               eval_sums(state, x_val, y_val)))
+        evaluate(eval_sums, state, data)
         times.append((t_eval - t, time.time() - t_eval))
     (chunk_first, eval_first), (chunk_s, eval_s) = times
     step_s = chunk_s / fv.chunk
@@ -215,7 +222,7 @@ def train_one(family: str, depth: int, widths, seed: int, data, fv, log=print) -
     from cnn_jax.models import count_params
 
     model = _model(family, depth, widths)
-    (x_train, y_train), (x_val, y_val), (mean, std) = data
+    mean, std = data[2]
     tx, run_chunk, eval_sums = make_trainer(model, fv.steps, fv.batch_size, fv.learning_rate,
                                             fv.chunk, mean, std)
     key = jax.random.key(seed)
@@ -232,9 +239,7 @@ def train_one(family: str, depth: int, widths, seed: int, data, fv, log=print) -
             compile_s = time.time() - t
         step += fv.chunk
         if step % fv.eval_every == 0 or step >= fv.steps:
-            tr = {k: float(v) for k, v in eval_sums(state, x_train[:PROBE_SIZE],
-                                                     y_train[:PROBE_SIZE]).items()}
-            va = {k: float(v) for k, v in eval_sums(state, x_val, y_val).items()}
+            tr, va = evaluate(eval_sums, state, data)
             row = {"step": step, "train_loss": tr["loss"] / tr["count"],
                    "train_top1": tr["top1"] / tr["count"], "val_loss": va["loss"] / va["count"],
                    "val_top1": va["top1"] / va["count"],
