@@ -6,6 +6,8 @@ families use: 1x1 (strided), 3x3 at large and at 1x1/2x2 spatial sizes (where ta
 padding), the 7x7/2 and 11x11/4 stems, asymmetric and 'VALID' padding, grouped convs, bf16.
 """
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -150,6 +152,47 @@ def test_which_convolutions_take_the_output_gradient_patches(shape, out, stride,
     kernel_shape = (3, 3, shape[-1], out)
     geo = layers._geometry(shape, kernel_shape, (stride, stride), ((1, 1), (1, 1)))
     assert layers._use_grad_patches(kernel_shape, geo) == taken
+
+
+@pytest.mark.parametrize("shape,out,stride,dtype,eigen", [
+    ((2, 56, 56, 64), 64, 1, jnp.float32, True),  # resnet50's layer1 3x3
+    ((2, 56, 56, 128), 32, 1, jnp.float32, True),  # densenet121's 4k -> k
+    ((2, 28, 28, 128), 128, 1, jnp.float32, False),  # wider: YNNPACK splits it over threads
+    ((2, 56, 56, 64), 64, 2, jnp.float32, False),  # strided: the output is never the larger
+    ((2, 32, 32, 16), 16, 1, jnp.float32, False),  # <= 16 channels: YNNPACK declines it itself
+    ((2, 56, 56, 64), 64, 1, jnp.bfloat16, False),  # YNNPACK takes float32 convolutions only
+])
+def test_which_convolutions_run_on_eigen(shape, out, stride, dtype, eigen):
+    kernel_shape = (3, 3, shape[-1], out)
+    assert layers._use_eigen(shape, kernel_shape, (stride, stride), dtype) == eigen
+
+
+def _ynnpack_convolutions(hlo: str) -> int:
+    """How many convolutions of a compiled HLO module XLA:CPU hands to YNNPACK (inside the fused
+    computations of its ``__ynn_fusion`` calls)."""
+    called = {m for line in hlo.splitlines() if "__ynn_fusion" in line
+              for m in re.findall(r"calls=%?([\w.-]+)", line)}
+    count, inside = 0, False
+    for line in hlo.splitlines():
+        header = re.match(r"\s*%?([\w.-]+) .*\{\s*$", line)
+        if header and not line.startswith("  "):
+            inside = header.group(1) in called
+        count += inside and " convolution(" in line
+    return count
+
+
+def test_eigen_convolutions_are_not_handed_to_ynnpack():
+    """The one-extra-row convolutions (forward and input gradient) stay XLA's own: if a newer XLA
+    hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 128 channels both
+    go to YNNPACK (the check sees them)."""
+    def compiled(c, o):
+        x, w = jnp.ones((1, 10, 10, c)), jnp.ones((3, 3, c, o))
+        grads = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1) ** 2), (0, 1)))
+        return grads.lower(x, w).compile().as_text()
+
+    assert _ynnpack_convolutions(compiled(128, 128)) == 2
+    hlo = compiled(64, 64)
+    assert hlo.count(" convolution(") == 2 and _ynnpack_convolutions(hlo) == 0
 
 
 def test_unknown_implementation_is_one_line_error():
