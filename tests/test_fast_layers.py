@@ -47,6 +47,10 @@ CONV_CASES = {
     "3x3_at_2x2": ((2, 2, 2, 20), 3, 1, 1),
     "3x3_stride2_at_2x2": ((2, 2, 2, 20), 3, 2, 1),
     "3x3_valid": ((2, 5, 6, 4), 3, 1, "VALID"),
+    # <= 64 outputs (and inputs, for the input gradient) and > 16 channels: on Eigen with an
+    # extra output row; VALID: the input gradient's output is already larger than its input.
+    "3x3_valid_eigen": ((2, 9, 10, 32), 3, 1, "VALID", 48),
+    "5x5_eigen": ((2, 12, 12, 24), 5, 1, 2, 32),
     "5x5": ((2, 12, 12, 6), 5, 1, 2),
     "stem_7x7_stride2": ((2, 20, 20, 3), 7, 2, 3),
     "stem_11x11_stride4": ((2, 31, 31, 3), 11, 4, 2),

@@ -421,7 +421,8 @@ def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     (top, bottom), cols = padding
     h, kh = x.shape[1], kernel.shape[0]
     rows = h + top + bottom - kh + 1
-    y = _xla_conv(x, kernel, (1, 1), ((top, bottom + h + 1 - rows), cols))  # rows = h + 1
+    extra = max(0, h + 1 - rows)  # rows > h (a "full" convolution): YNNPACK declines it as is
+    y = _xla_conv(x, kernel, (1, 1), ((top, bottom + extra), cols))
     return y[:, :rows]
 
 
