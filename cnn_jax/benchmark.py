@@ -6,7 +6,8 @@ device's ``memory_stats()`` where the backend has them (GPU), otherwise XLA's ``
 of the compiled step (arguments + outputs + temporaries - donated aliases).
 
 ``--compare=torch``: against torchvision's same network in PyTorch on the same CPU, alternating
-(:mod:`cnn_jax.benchmark_torch`). ``--suite=gpu``: fp32 and bf16 of every family over all local
+(:mod:`cnn_jax.benchmark_torch`); with ``--layers``, each of its convolutions alone
+(:mod:`cnn_jax.benchmark_layers`). ``--suite=gpu``: fp32 and bf16 of every family over all local
 accelerators within a time budget (:mod:`cnn_jax.benchmark_gpu`). Neither this module nor those
 import TensorFlow or ml_collections (a GPU machine may have neither).
 """
@@ -42,6 +43,8 @@ flags.DEFINE_enum("compare", None, ["torch"], "Compare with torchvision's same n
                   "float32 and bfloat16.")
 flags.DEFINE_enum("suite", None, ["gpu"], "One-shot accelerator check: every family, fp32 and "
                   "bf16, pmap over all local devices; writes JSON and markdown to --output.")
+flags.DEFINE_bool("layers", False, "--compare=torch: each convolution of the networks alone "
+                  "against torch's Conv2d (float32, forward and with gradients), not whole steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (--compare, --suite).")
 flags.DEFINE_string("output", None, "Directory for the results (--suite: default "
                     "benchmark_results; --compare: optional).")
@@ -204,6 +207,8 @@ def main_compare() -> None:
         _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"),
         [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_torch.DTYPES)
     steps = FLAGS.steps if FLAGS["steps"].present else 5
+    if FLAGS.layers:
+        return _compare_layers([row for row, dtype in rows if dtype == "float32"], steps)
     result = benchmark_torch.run_compare(rows, steps, FLAGS.warmup, FLAGS.torch_threads,
                                          progress=lambda line: print(line, file=sys.stderr,
                                                                      flush=True))
@@ -211,6 +216,21 @@ def main_compare() -> None:
     if FLAGS.output:
         _write(FLAGS.output, "compare_torch", result, table)
     print(json.dumps(result) if FLAGS.json else table, flush=True)
+
+
+def _compare_layers(rows, steps: int) -> None:
+    """``--compare=torch --layers``: one table per network, on stdout."""
+    from cnn_jax import benchmark_layers
+
+    if not rows:
+        raise ValueError("--layers times float32 convolutions; leave out --dtype=bfloat16")
+    results = [benchmark_layers.compare(
+        row.arch, row.batch_size, row.image_size, row.num_classes, steps, FLAGS.warmup,
+        progress=lambda line: print(line, file=sys.stderr, flush=True)) for row in rows]
+    table = "\n\n".join(benchmark_layers.markdown(r) for r in results)
+    if FLAGS.output:
+        _write(FLAGS.output, "compare_layers", {"networks": results}, table)
+    print(json.dumps({"networks": results}) if FLAGS.json else table, flush=True)
 
 
 def main_suite() -> None:

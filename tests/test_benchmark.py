@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from cnn_jax import benchmark_gpu, benchmark_torch
+from cnn_jax import benchmark_gpu, benchmark_layers, benchmark_torch
 
 import _train_helpers as h
 
@@ -74,6 +74,42 @@ def test_compare_torch_one_row(tmp_path):
     assert "resnet18 32px b2 bfloat16: train" in proc.stderr  # the progress line
 
 
+def test_convolutions_of_a_network_with_counts():
+    convs = benchmark_layers.convolutions("resnet50", 2, 224)
+    assert sum(n for _, n in convs) == 53  # the stem, 16 bottlenecks x 3, 4 downsamples
+    stem, count = convs[0]
+    assert (stem.input_shape, stem.kernel_shape, stem.strides, stem.padding, count) == (
+        (2, 224, 224, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), 1)
+    assert stem.label() == "7x7/2 3->64 at 224x224"
+    counts = {conv.label(): n for conv, n in convs}
+    assert counts["3x3 64->64 at 56x56"] == 3 and counts["1x1 1024->256 at 14x14"] == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None
+                    or importlib.util.find_spec("torchvision") is None,
+                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+def test_compare_layers_against_torch_conv2d():
+    torch, _ = benchmark_torch.import_torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = benchmark_layers.compare("resnet18", 2, 32, 10, steps=1, warmup=0)
+    finally:
+        torch.set_num_threads(threads)
+    rows = result["rows"]
+    assert sum(r["count"] for r in rows) == 20 and len(rows) == 11
+    assert [r["grad_input"] for r in rows] == [False] + [True] * 10
+    for kind in ("forward_ms", "train_ms"):
+        assert all(r[kind]["cnn_jax"] > 0 and r[kind]["torch"] > 0 for r in rows)
+        assert result["total"][kind]["torch"] == pytest.approx(
+            sum(r["count"] * r[kind]["torch"] for r in rows))
+    table = benchmark_layers.markdown(result)
+    assert "| 7x7/2 3->64 at 32x32 (no input gradient) | 1 |" in table
+    total = result["total"]["train_ms"]
+    assert "| **all, times count** | 20 |" in table
+    assert f"**{total['torch'] / total['cnn_jax']:.2f}** |" in table.splitlines()[-1]
+
+
 def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
                          "--model.widths=8,16,32,64"])
@@ -88,6 +124,11 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: write model options as --model.FIELD=VALUE, not '--model.widths'")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--layers",
+                         "--dtype=bfloat16", "--arch=resnet18"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == (
+        "error: --layers times float32 convolutions; leave out --dtype=bfloat16")
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet50", "--profile=-1"])
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
