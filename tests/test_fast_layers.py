@@ -55,6 +55,8 @@ CONV_CASES = {
     "stem_7x7_stride2": ((2, 20, 20, 3), 7, 2, 3),
     "stem_11x11_stride4": ((2, 31, 31, 3), 11, 4, 2),
     "asymmetric_padding": ((2, 9, 9, 20), 3, 1, ((0, 1), (2, 0))),
+    # Stems as a stride-1 convolution of s x s blocks; here the blocks crop the input's last row.
+    "stem_5x5_stride3_asymmetric_padding": ((2, 18, 19, 3), 5, 3, ((1, 0), (0, 2)), 24),
     # 64 x 64 channels and more: the weight gradient is one product per tap (narrower: XLA's).
     "3x3_wide": ((2, 10, 10, 64), 3, 1, 1, 64),
     "3x3_stride2_wide": ((2, 15, 15, 64), 3, 2, 1, 96),
@@ -197,6 +199,15 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack():
     assert _ynnpack_convolutions(compiled(128, 128)) == 2
     hlo = compiled(64, 64)
     assert hlo.count(" convolution(") == 2 and _ynnpack_convolutions(hlo) == 0
+
+
+@pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])
+def test_strided_stems_are_stride_1_convolutions_of_blocks(case):
+    shape, k, stride, padding, *_ = CONV_CASES[case]
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, stride, padding))(
+        jnp.zeros(shape), jnp.zeros((k, k, shape[-1], 8))))
+    assert jaxpr.count("conv_general_dilated") == 1 and "window_strides=(1, 1)" in jaxpr
+    assert f"{stride * stride * shape[-1]}" in jaxpr  # s*s*3 channels
 
 
 def test_unknown_implementation_is_one_line_error():

@@ -495,7 +495,40 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
         return _xla_conv(x, kernel, strides, padding, groups)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
         return _conv1x1(x, kernel, strides)
+    if strides != (1, 1) and x.shape[-1] <= _STEM_MAX_CHANNELS:
+        return _stem_space_to_depth(x, kernel, strides, padding)
     return _conv_fast_jit(x, kernel, strides, padding)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one program op by op, as _conv_fast_jit
+def _stem_space_to_depth(x: Array, kernel: Array, strides: Tuple[int, int],
+                         padding: Padding) -> Array:
+    """A strided stem (at most 4 input channels) as a stride-1 convolution of s x s input blocks.
+
+    Each s x s block of the padded input becomes one position with s*s*C channels, and the kernel,
+    zero-padded to a multiple of s taps, a ceil(k/s)-tap kernel over them (the space-to-depth of
+    MLPerf's TPU ResNets); XLA's autodiff gives the weight gradient. XLA:CPU's convolutions of 3
+    channels at stride 2 or 4 are slow, their weight gradients most (``python -m cnn_jax.benchmark
+    --compare=torch --layers``, batch 16 at 224 px, forward and weight gradient: AlexNet's 11x11/4
+    141 ms against torch's 54 before).
+    """
+    n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
+    geo = _geometry(x.shape, kernel.shape, strides, padding)
+    (sh, sw) = strides
+    th, tw = (-(-k // s) for k, s in zip(geo.kernel_hw, strides))  # taps per dimension
+    bh, bw = (out - 1 + t for out, t in zip(geo.out_hw, (th, tw)))  # blocks per dimension
+    # Pad (or crop) the input to exactly blocks * s rows and columns: what lies past the
+    # original padding only ever meets the kernel's zero taps.
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), (
+        (0, 0, 0), (padding[0][0], bh * sh - geo.in_hw[0] - padding[0][0], 0),
+        (padding[1][0], bw * sw - geo.in_hw[1] - padding[1][0], 0), (0, 0, 0)))
+    xs = xp.reshape(n, bh, sh, bw, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+        n, bh, bw, sh * sw * c)
+    kp = jnp.pad(kernel, ((0, th * sh - kernel.shape[0]), (0, tw * sw - kernel.shape[1]),
+                          (0, 0), (0, 0)))
+    ks = kp.reshape(th, sh, tw, sw, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(
+        th, tw, sh * sw * c, o)
+    return _conv_stride1(xs, ks, ((0, 0), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))  # one program op by op, as _conv_fast_jit
