@@ -192,10 +192,14 @@ def _num(values) -> Tuple[float, ...]:
 def xla_flops(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3), *,
               train: Optional[bool] = False, variables: Any = None, dtype: Any = jnp.float32,
               rngs: Optional[dict] = None, **call_kwargs) -> float:
-    """FLOPs of the compiled forward pass by XLA's cost analysis (compiles; no compute)."""
+    """FLOPs of the compiled forward pass by XLA's cost analysis (compiles; no compute), traced
+    with XLA's own convolutions and pooling (``layers.implementation("xla")``): the network's
+    arithmetic, not the CPU formulations' (a space-to-depth stem's zero taps, say)."""
     apply, variables, x = _prepare(model, tuple(input_shape), train, variables, dtype, rngs,
                                    call_kwargs)
-    cost = jax.jit(apply).lower(variables, x).compile().cost_analysis()
+    with implementation("xla"):  # a fresh function: jit caches traces by function
+        lowered = jax.jit(lambda v, x: apply(v, x)).lower(variables, x)
+    cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
         cost = cost[0]
     return float(cost["flops"])
