@@ -170,7 +170,7 @@ def test_which_convolutions_take_the_output_gradient_patches(shape, out, stride,
 ])
 def test_which_convolutions_run_on_eigen(shape, out, stride, dtype, eigen):
     kernel_shape = (3, 3, shape[-1], out)
-    assert layers._use_eigen(shape, kernel_shape, (stride, stride), dtype) == eigen
+    assert layers._use_eigen(kernel_shape, (stride, stride), dtype) == eigen
 
 
 def _ynnpack_convolutions(hlo: str) -> int:

@@ -408,7 +408,7 @@ _EIGEN_MAX_OUTPUT_CHANNELS = 64
 _YNN_MIN_CHANNELS = 17
 
 
-def _use_eigen(x_shape, kernel_shape, strides, dtype) -> bool:
+def _use_eigen(kernel_shape, strides, dtype) -> bool:
     c, o = kernel_shape[2:]
     return (strides == (1, 1) and jnp.dtype(dtype) == jnp.float32
             and o <= _EIGEN_MAX_OUTPUT_CHANNELS and max(c, o) >= _YNN_MIN_CHANNELS)
@@ -416,7 +416,7 @@ def _use_eigen(x_shape, kernel_shape, strides, dtype) -> bool:
 
 def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     """A stride-1 convolution, on XLA's Eigen convolution where ``_use_eigen`` says it is faster."""
-    if not _use_eigen(x.shape, kernel.shape, (1, 1), x.dtype):
+    if not _use_eigen(kernel.shape, (1, 1), x.dtype):
         return _xla_conv(x, kernel, (1, 1), padding)
     (top, bottom), cols = padding
     h, kh = x.shape[1], kernel.shape[0]
@@ -478,7 +478,8 @@ _conv_fast_jit = jax.jit(_conv_fast, static_argnums=(2, 3))
 def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
            groups: int = 1) -> Array:
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
-    matrix products and other weight gradients sums of per-tap matrix products.
+    matrix products, strided 3-channel stems stride-1 convolutions of input blocks, and other
+    weight gradients sums of per-tap matrix products (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
@@ -514,7 +515,7 @@ def _stem_space_to_depth(x: Array, kernel: Array, strides: Tuple[int, int],
     """
     n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
     geo = _geometry(x.shape, kernel.shape, strides, padding)
-    (sh, sw) = strides
+    sh, sw = strides
     th, tw = (-(-k // s) for k, s in zip(geo.kernel_hw, strides))  # taps per dimension
     bh, bw = (out - 1 + t for out, t in zip(geo.out_hw, (th, tw)))  # blocks per dimension
     # Pad (or crop) the input to exactly blocks * s rows and columns: what lies past the
