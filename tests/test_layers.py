@@ -4,6 +4,7 @@ import functools
 import math
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -269,3 +270,23 @@ def test_split_logits():
 def test_unknown_activation():
     with pytest.raises(ValueError, match="choose one of"):
         layers.get_activation("swishy")
+
+
+def test_apply_checks_parameter_shapes_without_tracing_the_initializer():
+    """layers.param: apply still rejects a parameter of the wrong shape (Flax's check), and does
+    not trace the layer's initializer to do it (init still draws from it)."""
+    calls = []
+
+    def counting_init(key, shape, dtype=jnp.float32):
+        calls.append(shape)
+        return nn.initializers.lecun_normal()(key, shape, dtype)
+
+    conv = layers.Conv2d(4, 3, padding=1, kernel_init=counting_init)
+    x = jnp.ones((1, 8, 8, 2))
+    variables = conv.init(jax.random.key(0), x)
+    assert calls == [(3, 3, 2, 4)] and float(jnp.abs(variables["params"]["kernel"]).sum()) > 0
+    conv.apply(variables, x)
+    assert calls == [(3, 3, 2, 4)]  # apply: no second call
+    wrong = {"params": {**variables["params"], "kernel": jnp.zeros((3, 3, 2, 5))}}
+    with pytest.raises(flax.errors.ScopeParamShapeError, match="kernel"):
+        conv.apply(wrong, x)
