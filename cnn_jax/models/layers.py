@@ -337,8 +337,9 @@ _TAPS_MAX_OUTPUT_POSITIONS = 49
 # for its slice, and the per-tap products doubled the train step of the experiments' narrow
 # networks (resnet20 at widths 8-16-32, batch 16: 45 -> 22 ms; DenseNet-BC-52 k=6: 176 -> 121 ms),
 # while at 64 x 64 and above they win (resnet50 at 224 px: 4.4 s against 5.0 s with XLA's).
-# Stems (at most 4 input channels) keep im2col: XLA's weight gradient of the 7x7 stride-2 stem is
-# 1.3x its input gradient and 3x its forward (issue 10).
+# Stems (at most 4 input channels) keep im2col: XLA's weight gradient of the 7x7 stride-2 stem was
+# 1.3x its input gradient and 3x its forward (issue 10). Strided stems no longer come here (conv2d
+# computes them by space-to-depth); the stride-1 ones do (VGG's and the CIFAR nets' first 3x3).
 _TAPS_MIN_KERNEL_CHANNELS = 64 * 64
 _STEM_MAX_CHANNELS = 4
 
@@ -496,8 +497,8 @@ _conv_fast_jit = jax.jit(_conv_fast, static_argnums=(2, 3))
 def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
            groups: int = 1) -> Array:
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
-    matrix products, strided 3-channel stems stride-1 convolutions of input blocks, and other
-    weight gradients sums of per-tap matrix products (see the comments above each).
+    matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
+    and other weight gradients sums of per-tap matrix products (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
