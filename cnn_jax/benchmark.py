@@ -187,13 +187,19 @@ def _archs() -> List[str]:
     return archs
 
 
-def _write(directory: str, name: str, result: dict, table: str) -> None:
-    """``directory/name.json`` and ``directory/name.md``."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(directory, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _emit(name: str, result: dict, table: str) -> None:
+    """The table (or with --json the result) on stdout, and both as ``--output/name.{md,json}``."""
+    if FLAGS.output:
+        os.makedirs(FLAGS.output, exist_ok=True)
+        with open(os.path.join(FLAGS.output, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(FLAGS.output, f"{name}.md"), "w") as f:
+            f.write(table + "\n")
+    print(json.dumps(result) if FLAGS.json else table, flush=True)
 
 
 def main_compare() -> None:
@@ -210,12 +216,8 @@ def main_compare() -> None:
     if FLAGS.layers:
         return _compare_layers([row for row, dtype in rows if dtype == "float32"], steps)
     result = benchmark_torch.run_compare(rows, steps, FLAGS.warmup, FLAGS.torch_threads,
-                                         progress=lambda line: print(line, file=sys.stderr,
-                                                                     flush=True))
-    table = benchmark_torch.markdown(result)
-    if FLAGS.output:
-        _write(FLAGS.output, "compare_torch", result, table)
-    print(json.dumps(result) if FLAGS.json else table, flush=True)
+                                         progress=_progress)
+    _emit("compare_torch", result, benchmark_torch.markdown(result))
 
 
 def _compare_layers(rows, steps: int) -> None:
@@ -226,11 +228,9 @@ def _compare_layers(rows, steps: int) -> None:
         raise ValueError("--layers times float32 convolutions; leave out --dtype=bfloat16")
     results = [benchmark_layers.compare(
         row.arch, row.batch_size, row.image_size, row.num_classes, steps, FLAGS.warmup,
-        progress=lambda line: print(line, file=sys.stderr, flush=True)) for row in rows]
-    table = "\n\n".join(benchmark_layers.markdown(r) for r in results)
-    if FLAGS.output:
-        _write(FLAGS.output, "compare_layers", {"networks": results}, table)
-    print(json.dumps({"networks": results}) if FLAGS.json else table, flush=True)
+        progress=_progress) for row in rows]
+    _emit("compare_layers", {"networks": results},
+          "\n\n".join(benchmark_layers.markdown(r) for r in results))
 
 
 def main_suite() -> None:
@@ -248,7 +248,7 @@ def main_suite() -> None:
         _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, MODEL_OPTIONS,
         FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
         FLAGS.time_budget_s, profile_steps=FLAGS.profile_steps,
-        progress=lambda line: print(line, file=sys.stderr, flush=True))
+        progress=_progress)
     print(json.dumps(result) if FLAGS.json else benchmark_gpu.markdown(result), flush=True)
     print(f"wrote {os.path.join(output, 'gpu_suite.json')} and gpu_suite.md", file=sys.stderr)
 
