@@ -215,21 +215,18 @@ def densenet121(**kwargs) -> DenseNet:
     return _densenet("densenet121", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, min_input_size=29,
                 torchvision=TorchvisionRef("densenet161", 77.138, 93.56, 7.728))
 def densenet161(**kwargs) -> DenseNet:
     return _densenet("densenet161", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, min_input_size=29,
                 torchvision=TorchvisionRef("densenet169", 75.6, 92.806, 3.36))
 def densenet169(**kwargs) -> DenseNet:
     return _densenet("densenet169", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, min_input_size=29,
                 torchvision=TorchvisionRef("densenet201", 76.896, 93.37, 4.291))
 def densenet201(**kwargs) -> DenseNet:

@@ -288,25 +288,21 @@ def resnet18(**kwargs) -> ResNet:
     return _imagenet("resnet18", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, torchvision=TorchvisionRef("resnet34", 73.314, 91.42, 3.664))
 def resnet34(**kwargs) -> ResNet:
     return _imagenet("resnet34", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, torchvision=TorchvisionRef("resnet50", 76.13, 92.862, 4.089))
 def resnet50(**kwargs) -> ResNet:
     return _imagenet("resnet50", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, torchvision=TorchvisionRef("resnet101", 77.374, 93.546, 7.801))
 def resnet101(**kwargs) -> ResNet:
     return _imagenet("resnet101", **kwargs)
 
 
-# torchvision's IMAGENET1K_V1 weights: acc@1, acc@5, GFLOPS (MACs at 224 px).
 @register_model(**_META, torchvision=TorchvisionRef("resnet152", 78.312, 94.046, 11.514))
 def resnet152(**kwargs) -> ResNet:
     return _imagenet("resnet152", **kwargs)
