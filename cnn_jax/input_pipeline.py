@@ -287,12 +287,7 @@ def _cached_train_dataset(indices: tf.data.Dataset, decoded: Tuple[tf.Tensor, tf
         return {"image": preprocessing.train_flip(tf.gather(images, index), seed, augment),
                 "label": tf.gather(labels, index)}
 
-    ds = indices.map(_as_written(example), num_parallel_calls=tf.data.AUTOTUNE,
-                     deterministic=True)
-    ds = ds.batch(per_process_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
-    ds = ds.map(_to_devices(num_devices))
-    return ds.prefetch(prefetch).with_options(_options(threads))
+    return _map_and_batch(indices, example, per_process_batch, num_devices, prefetch, threads)
 
 
 def train_dataset_from_records(records: tf.data.Dataset, parse, *, per_process_batch: int,
@@ -313,8 +308,13 @@ def train_dataset_from_records(records: tf.data.Dataset, parse, *, per_process_b
             dtype=dtype)
         return {"image": image, "label": label}
 
-    ds = records.map(_as_written(preprocess), num_parallel_calls=tf.data.AUTOTUNE,
-                     deterministic=True)
+    return _map_and_batch(records, preprocess, per_process_batch, num_devices, prefetch, threads)
+
+
+def _map_and_batch(ds: tf.data.Dataset, fn, per_process_batch: int, num_devices: int,
+                   prefetch: int, threads: int) -> tf.data.Dataset:
+    """``fn`` on every element (in order), full batches shaped for the local devices, prefetched."""
+    ds = ds.map(_as_written(fn), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_process_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
     ds = ds.map(_to_devices(num_devices))
