@@ -139,6 +139,17 @@ def step_rng(state: TrainState, axis_name: Optional[str]) -> Array:
     return jax.random.fold_in(key, _device_index(axis_name))
 
 
+def global_norm(tree: Any) -> Array:
+    """The L2 norm of all leaves together (``optax.tree.norm`` of a real-valued tree) in lax
+    primitives: each jnp op is a jitted function that traces anew for every new leaf shape, five
+    per leaf in ``optax.tree.norm`` (densenet121's 364 gradients: 1.2 s of tracing against 0.2)."""
+    squares = [jax.lax.reduce(jax.lax.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))),
+                              jnp.zeros((), jnp.promote_types(x.dtype, jnp.float32)), jax.lax.add,
+                              tuple(range(x.ndim)))
+               for x in jax.tree_util.tree_leaves(tree)]
+    return jax.lax.sqrt(functools.reduce(jax.lax.add, squares))
+
+
 def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = None,
                bn_axis_name: Optional[str] = None, label_smoothing: float = 0.0,
                aux_loss_weight: float = 0.3,
@@ -223,7 +234,7 @@ def train_step(state: TrainState, batch: Batch, *, axis_name: Optional[str] = No
         "loss": loss,
         "cross_entropy": ce,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": global_norm(grads),
     }
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)

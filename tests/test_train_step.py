@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import _train_helpers as h
+from _forward import shortened
 from cnn_jax import configs, input_pipeline
 from cnn_jax import train_step as ts
 from cnn_jax.models import create_model, list_models
@@ -183,8 +184,11 @@ def test_loss_falls_on_shapes(tiny_shapes):
 # One architecture per family and input layout: the default config's image size must fit, and
 # the full train step (aux heads included) must trace. eval_shape: no compilation, no compute.
 # (Every registered name passes this; the deep ones take long to trace, so the test keeps one
-# per family.)
+# per family, and densenet121 runs shortened (_forward.shortened: two layers per dense block):
+# the same stem, layer and transition modules, so the same spatial sizes at every stage, in a
+# fifth of the trace (its full-depth trace of init, train and eval step: 13-21 s).)
 REPRESENTATIVE = ["alexnet", "vgg11", "googlenet", "resnet18", "resnet20", "densenet121"]
+SHORTENED = ("densenet121",)
 
 
 @pytest.mark.parametrize("arch", REPRESENTATIVE)
@@ -192,7 +196,8 @@ def test_default_config_fits_every_family(arch):
     if arch not in list_models():
         pytest.skip(f"{arch} is not registered yet")
     config = configs.load(configs.DEFAULT_CONFIG, arch)
-    model = create_model(arch, num_classes=10)
+    model = create_model(arch, num_classes=10,
+                         **(shortened(arch) if arch in SHORTENED else {}))
     size = config.image_size
     state = jax.eval_shape(lambda: _state(model, image_size=size))
     batch = {"image": jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32),
@@ -226,3 +231,18 @@ def test_evaluate_keeps_a_small_eval_split_and_reuses_it(tiny_shapes, monkeypatc
     monkeypatch.setattr(input_pipeline, "create_eval_iterator", no_pipeline)
     assert train_lib.evaluate(p_eval, state, dp, config, cache=cache) == first
     assert len(cache) == 4
+
+
+def test_global_norm_equals_optax_tree_norm():
+    """The step's grad_norm metric (lax primitives) is optax.tree.norm's value, in float32 for
+    bfloat16 leaves too."""
+    rng = np.random.default_rng(0)
+    tree = {"a": {"kernel": rng.standard_normal((3, 3, 4, 8), dtype=np.float32),
+                  "bias": rng.standard_normal(8, dtype=np.float32)},
+            "b": np.float32(-2.5), "c": [rng.standard_normal((5, 7), dtype=np.float32)]}
+    np.testing.assert_allclose(ts.global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
+    half = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), tree)
+    norm = ts.global_norm(half)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(norm, optax.tree.norm(jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32), half)), rtol=1e-6)
