@@ -246,3 +246,4 @@ def test_global_norm_equals_optax_tree_norm():
     assert norm.dtype == jnp.float32
     np.testing.assert_allclose(norm, optax.tree.norm(jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32), half)), rtol=1e-6)
+    assert float(ts.global_norm({"w": 3.0, "b": [4.0]})) == 5.0 and float(ts.global_norm({})) == 0.0
