@@ -83,6 +83,8 @@ def kernel_grad_norms(state, images, labels) -> Dict[str, jax.Array]:
     """||dL/dW|| per layer kernel (train mode: batch statistics; cross-entropy)."""
     import optax
 
+    from cnn_jax.train_step import global_norm
+
     def loss_fn(params):
         logits, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                    images, train=True, mutable=["batch_stats"])
@@ -93,7 +95,7 @@ def kernel_grad_norms(state, images, labels) -> Dict[str, jax.Array]:
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
         if keys[-1] == "kernel":
-            norms[keys[0]] = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            norms[keys[0]] = global_norm(g)
     return norms
 
 
