@@ -17,6 +17,8 @@ import pytest
 
 from cnn_jax.models import create_model, layers
 
+from _variables import normal
+
 
 def _both(fn, *args):
     """``fn(*args)`` traced with XLA's ops and with the fast formulations."""
@@ -74,8 +76,8 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     shape, k, stride, padding, *out = CONV_CASES[case]
-    x = jax.random.normal(jax.random.key(0), shape, dtype)
-    w = (jax.random.normal(jax.random.key(1), (k, k, shape[-1], *(out or [7]))) * 0.3
+    x = normal(0, shape, dtype)
+    w = (normal(1, (k, k, shape[-1], *(out or [7]))) * 0.3
          ).astype(dtype)
 
     def loss(x, w):
@@ -100,8 +102,8 @@ def test_conv2d_keeps_float64(case):
     float32 accumulation would leave errors of ~1e-7, here 1e-12."""
     shape, k, stride, padding, *out = CONV_CASES[case]
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
-        w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], *(out or [7])), jnp.float64)
+        x = normal(0, shape, jnp.float64)
+        w = normal(1, (k, k, shape[-1], *(out or [7])), jnp.float64)
         loss = lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, stride, padding)))  # noqa: E731
         ref, got = _both(jax.value_and_grad(loss, argnums=(0, 1)), x, w)
         assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(got))
@@ -109,8 +111,8 @@ def test_conv2d_keeps_float64(case):
 
 
 def test_conv2d_grouped_falls_back_to_xla():
-    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    x = normal(0, (2, 6, 6, 8))
+    w = normal(1, (3, 3, 4, 6))
     ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                        feature_group_count=2)
@@ -217,7 +219,7 @@ def test_unknown_implementation_is_one_line_error():
 
 
 def test_conv2d_module_has_nn_conv_parameters():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    x = normal(0, (2, 8, 8, 6))
     ours = layers.Conv2d(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="c")
     flax_conv = nn.Conv(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="c")
     v_ours, v_flax = ours.init(jax.random.key(1), x), flax_conv.init(jax.random.key(1), x)
@@ -234,7 +236,7 @@ POOL_CASES = [((2, 9, 9, 3), 3, 2, 1, False), ((2, 10, 10, 3), 3, 2, 0, True),
 
 @pytest.mark.parametrize("shape,window,stride,padding,ceil_mode", POOL_CASES)
 def test_max_pool_gradient_equals_xla_with_ties(shape, window, stride, padding, ceil_mode):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(0, shape)
     x = jnp.round(nn.relu(x) * 2) / 2  # after ReLU most windows hold tied maxima
     assert len(np.unique(np.asarray(x))) < x.size // 4
 
@@ -259,7 +261,7 @@ def test_model_gradients_equal_xla(arch, size, overrides):
     model = create_model(arch, num_classes=5, **overrides)
     # Batch 8: with 2 images, BN at the last stage's 1x1 maps normalizes over 2 values, and
     # XLA's own float32 gradients then differ from float64 ones by 0.3% (rounding, amplified).
-    x = jax.random.normal(jax.random.key(0), (8, size, size, 3))
+    x = normal(0, (8, size, size, 3))
     with layers.implementation("xla"):
         variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
 
