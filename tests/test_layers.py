@@ -13,6 +13,8 @@ import pytest
 
 from cnn_jax.models import layers
 
+from _variables import normal
+
 
 def _torch_pool_out(n, k, s, p, ceil_mode):
     """torch's output-size rule for MaxPool2d/AvgPool2d (docs of torch.nn.MaxPool2d)."""
@@ -97,20 +99,20 @@ def test_grouped_conv_param_count():
 
 def test_dense_as_conv_same_weights_same_result():
     layer = layers.DenseAsConv(6, window=(3, 3))
-    feats = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    feats = normal(0, (2, 3, 3, 4))
     v = layer.init(jax.random.key(1), layers.flatten(feats))
     dense = layer.apply(v, layers.flatten(feats))
     conv = layer.apply(v, feats, as_conv=True)
     chex.assert_shape(conv, (2, 1, 1, 6))
     np.testing.assert_allclose(dense, conv[:, 0, 0], rtol=1e-5, atol=1e-5)
     # On a larger map the conv slides the same classifier over every window.
-    big = layer.apply(v, jax.random.normal(jax.random.key(2), (2, 5, 6, 4)), as_conv=True)
+    big = layer.apply(v, normal(2, (2, 5, 6, 4)), as_conv=True)
     chex.assert_shape(big, (2, 3, 4, 6))
 
 
 def test_conv_bn_act_train_updates_stats_and_bf16():
     m = layers.ConvBNAct(4, 3, padding=1, dtype=jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    x = normal(0, (2, 5, 5, 3))
     v = m.init(jax.random.key(1), x)
     assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(v))
     assert "bias" not in v["params"]["conv"]  # BN's shift makes a conv bias redundant
@@ -131,12 +133,12 @@ def test_batch_norm_equals_flax_batch_norm(train, dtype):
     init values), outputs, dtypes, running averages and gradients, jitted or not."""
     flax_bn, ours = _bn_pair(train, dtype)
     assert isinstance(ours, nn.BatchNorm)  # what train_step.batch_norm_axis intercepts
-    x = (jax.random.normal(jax.random.key(0), (4, 5, 5, 7)) * 3 + 1).astype(dtype)
+    x = (normal(0, (4, 5, 5, 7)) * 3 + 1).astype(dtype)
     v = flax_bn.init(jax.random.key(1), x)
     mine = ours.init(jax.random.key(1), x)
     chex.assert_trees_all_equal(mine, v)
     assert [list(c) for c in mine.values()] == [list(c) for c in v.values()]
-    v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), v)
+    v = jax.tree_util.tree_map(lambda a: a + 0.3 * normal(2, a.shape), v)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
     (want, want_stats) = flax_bn.apply(v, x, mutable=["batch_stats"])
     apply = functools.partial(ours.apply, mutable=["batch_stats"])
@@ -159,7 +161,7 @@ def test_batch_norm_over_a_named_axis_and_with_a_mask():
     from cnn_jax import train_step as ts
 
     flax_bn, ours = _bn_pair(True, None)
-    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 3)) * 2 + 0.5
+    x = normal(0, (16, 4, 4, 3)) * 2 + 0.5
     v = ours.init(jax.random.key(1), x)
 
     def apply(x, axis):
@@ -201,7 +203,7 @@ def test_concat_batch_norm_equals_batch_norm_of_the_concatenation(train):
     assert isinstance(ours, nn.BatchNorm)  # what train_step.batch_norm_axis intercepts
     v = plain.init(jax.random.key(1), cat)
     chex.assert_trees_all_equal(ours.init(jax.random.key(1), pieces), v)  # names, values
-    v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), v)
+    v = jax.tree_util.tree_map(lambda a: a + 0.3 * normal(2, a.shape), v)
     want, want_stats = plain.apply(v, cat, mutable=["batch_stats"])
     # An earlier layer (its own BN) read the first two pieces: its normalized pieces are reused.
     first = layers.batch_norm(train, concat=True)
@@ -219,7 +221,7 @@ def test_concat_batch_norm_equals_batch_norm_of_the_concatenation(train):
             np.testing.assert_allclose(xhat.mean, piece.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(xhat.var, piece.var((0, 1, 2)), rtol=1e-5, atol=1e-6)
 
-    w = jax.random.normal(jax.random.key(3), want.shape)  # a loss that weighs every output
+    w = normal(3, want.shape)  # a loss that weighs every output
     def loss_plain(params, pieces):
         y = plain.apply({**v, "params": params}, jnp.concatenate(pieces, axis=-1),
                         mutable=["batch_stats"])[0]
