@@ -77,8 +77,7 @@ CONV_CASES = {
 def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     shape, k, stride, padding, *out = CONV_CASES[case]
     x = normal(0, shape, dtype)
-    w = (normal(1, (k, k, shape[-1], *(out or [7]))) * 0.3
-         ).astype(dtype)
+    w = (normal(1, (k, k, shape[-1], *(out or [7]))) * 0.3).astype(dtype)
 
     def loss(x, w):
         y = layers.conv2d(x, w, stride, padding)
