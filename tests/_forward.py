@@ -12,7 +12,7 @@ import numpy as np
 from cnn_jax.models import create_model, model_info
 from cnn_jax.models.layers import split_logits
 
-from _variables import fast_init
+from _variables import fast_init, normal
 
 # Families whose classifier uses dropout (DenseNet's drop_rate defaults to 0, ResNet has none).
 HAS_DROPOUT = ("alexnet", "vgg", "googlenet")
@@ -64,7 +64,7 @@ def check_forward(variant, name, passed=None, **options):
     if passed is not None and key in passed:
         variant(lambda: None)()  # chex.variants fails a test that never calls its variant
         return
-    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    x = normal(1, (2, size, size, 3))
     variables = fast_init(model, x)
     stats = variables.get("batch_stats", {})
 
