@@ -69,6 +69,11 @@ CONV_CASES = {
     "3x3_narrow_output": ((2, 10, 10, 128), 3, 1, 1, 32),
     "3x3_narrow_output_asymmetric_padding": ((2, 11, 12, 128), 3, 1, ((0, 1), (2, 0)), 32),
     "3x3_narrow_output_valid": ((2, 10, 11, 128), 3, 1, "VALID", 32),
+    # More than 64 x 64 channels, at least 32 each: forward and input gradient by Winograd's
+    # F(2x2, 3x3), here with odd output sizes (the last tiles cropped) and padding of 0 and 2
+    # (the VALID convolution's input gradient).
+    "3x3_winograd_asymmetric_padding": ((2, 9, 11, 96), 3, 1, ((0, 1), (2, 0)), 48),
+    "3x3_winograd_valid": ((2, 10, 9, 40), 3, 1, "VALID", 112),
 }
 
 
@@ -190,16 +195,35 @@ def _ynnpack_convolutions(hlo: str) -> int:
 
 def test_eigen_convolutions_are_not_handed_to_ynnpack():
     """The one-extra-row convolutions (forward and input gradient) stay XLA's own: if a newer XLA
-    hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 128 channels both
-    go to YNNPACK (the check sees them)."""
+    hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 24 -> 128 the
+    forward and XLA's weight gradient go to YNNPACK (the check sees them) and the input gradient
+    (128 -> 24) to Eigen; at 128 x 128 Winograd's products leave no convolution at all."""
     def compiled(c, o):
         x, w = jnp.ones((1, 10, 10, c)), jnp.ones((3, 3, c, o))
         grads = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1) ** 2), (0, 1)))
         return grads.lower(x, w).compile().as_text()
 
-    assert _ynnpack_convolutions(compiled(128, 128)) == 2
+    hlo = compiled(24, 128)
+    assert hlo.count(" convolution(") == 3 and _ynnpack_convolutions(hlo) == 2
     hlo = compiled(64, 64)
     assert hlo.count(" convolution(") == 2 and _ynnpack_convolutions(hlo) == 0
+    assert compiled(128, 128).count(" convolution(") == 0
+
+
+@pytest.mark.parametrize("kernel_shape,dtype,winograd", [
+    ((3, 3, 256, 256), jnp.float32, True),  # resnet50's layer3 3x3
+    ((3, 3, 192, 384), jnp.float32, True),  # alexnet's conv3
+    ((3, 3, 128, 64), jnp.float32, True),
+    ((3, 3, 64, 64), jnp.float32, False),  # 64 x 64 and fewer: the Eigen path is faster
+    ((3, 3, 128, 32), jnp.float32, False),  # densenet121's 4k -> k
+    ((3, 3, 16, 512), jnp.float32, False),  # fewer than 32 inputs
+    ((3, 3, 3, 64), jnp.float32, False),  # VGG's first convolution
+    ((5, 5, 256, 256), jnp.float32, False),
+    ((3, 3, 256, 256), jnp.bfloat16, False),  # float32 only
+    ((3, 3, 256, 256), jnp.float64, False),
+])
+def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):
+    assert layers._use_winograd(kernel_shape, dtype) == winograd
 
 
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])
