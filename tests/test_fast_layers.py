@@ -226,6 +226,15 @@ def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):
     assert layers._use_winograd(kernel_shape, dtype) == winograd
 
 
+def test_winograd_computes_forward_and_both_gradients_as_16_products_each():
+    x, w = jnp.zeros((2, 10, 10, 128)), jnp.zeros((3, 3, 128, 128))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
+                                        (0, 1)))(x, w))
+    # + 2 small products per kernel transform: the forward's, the input gradient's (flipped
+    # kernel) and the weight gradient's output transform.
+    assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == 3 * 16 + 3 * 2
+
+
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])
 def test_strided_stems_are_stride_1_convolutions_of_blocks(case):
     shape, k, stride, padding, *_ = CONV_CASES[case]

