@@ -504,10 +504,10 @@ def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding) -> Array:
 
 def _winograd_weight_grad(x: Array, g: Array, padding: Padding) -> Array:
     """The weight gradient of ``_winograd_conv3x3`` by F(3x3, 2x2), the same algorithm transposed:
-    dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as 16 products over the tiles, 2.25x fewer
-    multiplications than one product per tap and no per-tap copies of the input (batch 16: ResNet-50's
-    256 -> 256 at 14x14 105 -> 58 ms, 128 -> 128 at 28x28 154 -> 103 ms; errors ~1e-6 to 1e-5 of
-    the gradient's scale, from the long sums over the tiles)."""
+    dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as 16 products over the tiles: 2.25x fewer
+    multiplications than one product per tap, and no per-tap copies of the input (batch 16:
+    ResNet-50's 256 -> 256 at 14x14 105 -> 58 ms, 128 -> 128 at 28x28 154 -> 103 ms; errors ~1e-6
+    to 1e-5 of the gradient's scale, from the long sums over the tiles)."""
     c, o = x.shape[-1], g.shape[-1]
     xp, (ho, wo), (th, tw) = _winograd_input(x, padding)
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 2 * th - ho, 0),
@@ -591,7 +591,8 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
            groups: int = 1) -> Array:
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
-    and other weight gradients sums of per-tap matrix products (see the comments above each).
+    wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3), and other weight gradients sums of
+    per-tap matrix products (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
