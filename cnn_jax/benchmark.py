@@ -19,11 +19,11 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from cnn_jax import cli
 
-from cnn_jax import cli  # noqa: E402
+cli.quiet_tensorflow_env("1")  # before anything imports TensorFlow
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Registered architecture, e.g. resnet50 (--compare, --suite: "

@@ -24,7 +24,18 @@ def quiet_tensorflow(argv: Sequence[str]) -> None:
     """Hide TensorFlow's C++ INFO and WARNING lines (oneDNN notices...) unless --verbosity is
     given; call before TensorFlow is imported."""
     if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        quiet_tensorflow_env("2")
+
+
+def quiet_tensorflow_env(min_log_level: str = "2") -> None:
+    """Keep TensorFlow's C++ start-up lines off the screen; call before TensorFlow is imported.
+    Values already in the environment win."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", min_log_level)
+    # tensorflow-cpu 2.21 (as installed from PyPI on 2026-12-05) prints "oneDNN custom operations
+    # are on" through absl before TF_CPP_MIN_LOG_LEVEL applies, twice per process. TensorFlow
+    # only runs the input pipeline here (decode, crop, flip, resize, cast), none of which is one
+    # of oneDNN's custom ops, so turning them off is what silences it without changing a result.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax", "xla")

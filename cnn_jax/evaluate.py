@@ -9,11 +9,11 @@ was trained on; the model, image size and dataset come from the config stored wi
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from cnn_jax import cli
 
-from cnn_jax import cli  # noqa: E402
+cli.quiet_tensorflow_env("1")  # before anything imports TensorFlow
 
 FLAGS = flags.FLAGS
 

@@ -22,11 +22,11 @@ import json
 import os
 from typing import Any, Dict
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from cnn_jax import cli
 
-from cnn_jax import cli  # noqa: E402
+cli.quiet_tensorflow_env("2")  # before anything imports TensorFlow
 
 FORMATS = ("stablehlo", "saved_model")
 # Lowered for all three, so an export made on a CPU machine serves on GPU/TPU and vice versa.

@@ -22,7 +22,9 @@ def _figure_png(fig) -> bytes:
 def setup() -> bool:
     """Quiet TensorFlow, show matplotlib ``Figure`` objects as PNG (the notebooks draw without
     pyplot, so no global state), print the versions; returns whether smoke mode is on."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cnn_jax import cli
+
+    cli.quiet_tensorflow_env("2")
     import jax
     from matplotlib.figure import Figure
 

@@ -16,12 +16,12 @@ import json
 import os
 from typing import Any, Dict, List, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines are noise
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from cnn_jax import cli
 
-from cnn_jax import cli  # noqa: E402
+cli.quiet_tensorflow_env("2")  # TensorFlow's C++ INFO/WARNING lines are noise
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 FLAGS = flags.FLAGS

@@ -98,12 +98,13 @@ def _worker(core: Optional[int], smoke: bool, overrides: Dict[str, Any], cache_d
     if core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})  # before JAX (and TensorFlow) size their thread pools
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cnn_jax import cli
+
+    cli.quiet_tensorflow_env("2")
     import importlib
 
     from absl import logging
 
-    from cnn_jax import cli
     from experiments import common
 
     logging.set_verbosity(logging.ERROR)

@@ -20,9 +20,11 @@ from typing import List, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `experiments` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from absl import flags  # noqa: E402
+
+from cnn_jax import cli  # noqa: E402
+
+cli.quiet_tensorflow_env("2")  # before anything imports TensorFlow
 
 # The default set, cheapest first (with --jobs=0 a partial run has the cheap ones done; workers
 # take the most expensive runs first, so that the last to finish are short).
@@ -74,8 +76,6 @@ def recorded_args(argv: Sequence[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from cnn_jax import cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
     given = recorded_args(argv)
     return cli.run_command("experiments.run", _define, lambda fv, args: _run(fv, args, given),
@@ -86,8 +86,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(fv: flags.FlagValues, args: Sequence[str], given: Sequence[str]) -> int:
     from absl import logging
     from ml_collections import config_flags
-
-    from cnn_jax import cli
 
     names = names_from(args)
     overrides = config_flags.get_override_values(fv["config"])
