@@ -74,6 +74,11 @@ CONV_CASES = {
     # (the VALID convolution's input gradient).
     "3x3_winograd_asymmetric_padding": ((2, 9, 11, 96), 3, 1, ((0, 1), (2, 0)), 48),
     "3x3_winograd_valid": ((2, 10, 9, 40), 3, 1, "VALID", 112),
+    # The weight gradient by F(3x3, 2x2) at 64 x 64 channels from 14x14 outputs (forward and
+    # input gradient stay XLA's), and by F(3x3, 4x4) from 28x28 (28 x 30 here: the last column of
+    # tiles cropped).
+    "3x3_winograd_weight_grad_64": ((1, 14, 15, 64), 3, 1, 1, 64),
+    "3x3_winograd_weight_grad_f4": ((1, 29, 30, 48), 3, 1, ((0, 1), (2, 0)), 96),
 }
 
 
@@ -226,13 +231,37 @@ def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):
     assert layers._use_winograd(kernel_shape, dtype) == winograd
 
 
-def test_winograd_computes_forward_and_both_gradients_as_16_products_each():
-    x, w = jnp.zeros((2, 10, 10, 128)), jnp.zeros((3, 3, 128, 128))
+@pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile", [
+    ((3, 3, 128, 128), 10, 1, jnp.float32, 2),  # as the forward (_use_winograd)
+    ((3, 3, 128, 128), 28, 1, jnp.float32, 4),  # from 28x28 outputs: F(3x3, 4x4)
+    ((3, 3, 64, 64), 56, 1, jnp.float32, 4),  # 64 x 64: the weight gradient only
+    ((3, 3, 64, 64), 14, 1, jnp.float32, 2),
+    ((3, 3, 64, 64), 8, 1, jnp.float32, 0),  # the CIFAR nets' last stage keeps per-tap products
+    ((3, 3, 64, 128), 13, 1, jnp.float32, 2),
+    ((3, 3, 48, 128), 56, 1, jnp.float32, 4),  # _use_winograd's rule: 48 x 128 channels
+    ((3, 3, 32, 128), 56, 1, jnp.float32, 0),  # 64 x 64 products, fewer than 64 inputs
+    ((3, 3, 32, 64), 56, 1, jnp.float32, 0),
+    ((3, 3, 256, 256), 7, 1, jnp.float32, 0),  # 7x7 outputs: per-tap products (_small_output)
+    ((3, 3, 256, 256), 28, 2, jnp.float32, 0),  # strided
+    ((3, 3, 256, 256), 28, 1, jnp.bfloat16, 0),
+])
+def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, tile):
+    geo = layers._geometry((2, hw, hw, kernel_shape[2]), kernel_shape, (stride, stride),
+                           ((1, 1), (1, 1)))
+    assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo) == tile
+
+
+@pytest.mark.parametrize("hw,weight_grad_products", [(10, 16), (28, 36)])
+def test_winograd_computes_forward_and_both_gradients_as_products(hw, weight_grad_products):
+    """16 products each for the forward and input gradient (F(2x2, 3x3)); 16 or, from 28x28
+    outputs, 36 for the weight gradient (F(3x3, 4x4))."""
+    x, w = jnp.zeros((2, hw, hw, 128)), jnp.zeros((3, 3, 128, 128))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
                                         (0, 1)))(x, w))
     # + 2 small products per kernel transform: the forward's, the input gradient's (flipped
     # kernel) and the weight gradient's output transform.
-    assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == 3 * 16 + 3 * 2
+    assert "conv_general_dilated" not in jaxpr
+    assert jaxpr.count("dot_general") == 2 * 16 + weight_grad_products + 3 * 2
 
 
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])

@@ -454,70 +454,138 @@ def _use_winograd(kernel_shape, dtype) -> bool:
             and c * o >= _WINOGRAD_MIN_KERNEL_CHANNELS and min(c, o) >= _WINOGRAD_MIN_CHANNELS)
 
 
-def _winograd_tiles(t: Array, axis: int, tiles: int) -> List[Array]:
-    """B^T d along ``axis`` for every tile at once: the 4 rows of each 4-row tile (stride 2, so
-    neighbouring tiles share 2) combined as d0 - d2, d1 + d2, d2 - d1, d1 - d3."""
-    d = [jax.lax.slice_in_dim(t, i, i + 2 * tiles - 1, 2, axis) for i in range(4)]
-    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+# The weight gradient gains more than the forward: per-tap products are XLA:CPU's slowest pass
+# of a convolution, and the transposed algorithm's output-gradient transforms are cheap. On the
+# 2-core AVX-512 host (2026-12-05; batch 16, median of 7), per-tap products -> F(3x3, 2x2) ->
+# F(3x3, 4x4), ms: 64 -> 64 at 8x8 (batch 64) 5.0 -> 3.1 -> 2.9, 14x14 5.1 -> 2.5 -> 3.0,
+# 28x28 18.3 -> 9.6 -> 6.8, 56x56 105 -> 70 -> 49; 128 -> 128 at 28x28 38 -> 26 -> 22;
+# 256 -> 256 at 14x14 24 -> 15 -> 19; VGG's 512 -> 512 at 28x28 (batch 8) 162 -> 97 -> 85. So
+# the weight gradient is Winograd's at 64 x 64 channels too (from 14x14 outputs: at 8x8 the gain
+# is small, and the CIFAR nets of the default run and the experiments keep their numbers), by
+# F(3x3, 4x4) from 28x28 outputs.
+_WINOGRAD_WGRAD_MIN_CHANNELS = 64
+_WINOGRAD_WGRAD_MIN_POSITIONS = 14 * 14
+_WINOGRAD_F4_MIN_POSITIONS = 28 * 28
 
 
-def _winograd_output_tiles(t: Array, axis: int, tiles: int) -> List[Array]:
-    """A g along ``axis`` for every 2-row tile of an output gradient: g0, g0 + g1, g0 - g1, -g1
-    (A = the transpose of A^T below)."""
-    g0, g1 = (jax.lax.slice_in_dim(t, i, i + 2 * tiles - 1, 2, axis) for i in range(2))
-    return [g0, g0 + g1, g0 - g1, -g1]
+def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry) -> int:
+    """m of the F(3x3, m x m) that computes this convolution's weight gradient; 0: not by
+    Winograd's algorithm."""
+    c, o = kernel_shape[2:]
+    positions = geo.out_hw[0] * geo.out_hw[1]
+    if geo.strides != (1, 1) or _small_output(geo):
+        return 0
+    wide = (kernel_shape[:2] == (3, 3) and jnp.dtype(dtype) == jnp.float32
+            and min(c, o) >= _WINOGRAD_WGRAD_MIN_CHANNELS
+            and positions >= _WINOGRAD_WGRAD_MIN_POSITIONS)
+    if not (wide or _use_winograd(kernel_shape, dtype)):
+        return 0
+    return 4 if positions >= _WINOGRAD_F4_MIN_POSITIONS else 2
 
 
-def _winograd_g(dtype) -> Array:
-    return jnp.asarray([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype)
+# Winograd's F(m x m, 3 x 3) for m = 2 and 4 as (B^T, G, A^T) (Lavin & Gray 2016; points 0, 1, -1
+# and 0, +-1, +-2): an input tile of m + 2 rows, V = B^T d B; the kernel's U = G g G^T; outputs
+# A^T (V * U) A. F(4x4, 3x3) needs 36 products per 16 outputs where F(2x2, 3x3) needs 64, at
+# errors ~10x larger (~4e-6 of the output's scale in float32 against ~3e-7).
+_WINOGRAD = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
 
 
-def _winograd_input(x: Array, padding: Padding) -> Tuple[Array, Tuple[int, int], Tuple[int, int]]:
-    """The input padded (or cropped) to exactly the 2 * tiles + 2 rows and columns that the
-    tiles read, the output size and the tiles per dimension (2x2 outputs each)."""
+def _combine(rows, parts: List[Array]) -> List[Array]:
+    """``[sum_i rows[r][i] * parts[i] for r]``, without the zero terms and the products by +-1
+    (XLA fuses each sum with the slices that make its parts)."""
+    out = []
+    for row in rows:
+        total = None
+        for coefficient, part in zip(row, parts):
+            if not coefficient:
+                continue
+            if total is None:
+                total = part if coefficient == 1 else -part if coefficient == -1 else \
+                    part * coefficient
+            elif abs(coefficient) == 1:
+                total = total + part if coefficient == 1 else total - part
+            else:
+                total = total + part * coefficient
+        out.append(total)
+    return out
+
+
+def _winograd_tiles(t: Array, axis: int, tiles: int, m: int) -> List[Array]:
+    """B^T d along ``axis`` for every tile at once: the m + 2 rows of each tile (stride m, so
+    neighbouring tiles share 2) combined by the rows of B^T."""
+    d = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m + 2)]
+    return _combine(_WINOGRAD[m][0], d)
+
+
+def _winograd_output_tiles(t: Array, axis: int, tiles: int, m: int) -> List[Array]:
+    """A g along ``axis`` for every m-row tile of an output gradient (A = the transpose of A^T);
+    for m = 2: g0, g0 + g1, g0 - g1, -g1."""
+    g = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m)]
+    return _combine(tuple(zip(*_WINOGRAD[m][2])), g)
+
+
+def _winograd_g(m: int, dtype) -> Array:
+    return jnp.asarray(_WINOGRAD[m][1], dtype)
+
+
+def _winograd_input(x: Array, padding: Padding, m: int
+                    ) -> Tuple[Array, Tuple[int, int], Tuple[int, int]]:
+    """The input padded (or cropped) to exactly the m * tiles + 2 rows and columns that the
+    tiles read, the output size and the tiles per dimension (m x m outputs each)."""
     _, h, w, _ = x.shape
     (top, bottom), (left, right) = padding
     ho, wo = h + top + bottom - 2, w + left + right - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, 2 * th + 2 - h - top, 0),
-                                                 (left, 2 * tw + 2 - w - left, 0), (0, 0, 0)))
+    th, tw = -(-ho // m), -(-wo // m)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, m * th + 2 - h - top, 0),
+                                                 (left, m * tw + 2 - w - left, 0), (0, 0, 0)))
     return xp, (ho, wo), (th, tw)
 
 
-def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding) -> Array:
-    """A stride-1 3x3 convolution by Winograd's F(2x2, 3x3): V = B^T d B per input tile,
-    U = G g G^T per kernel, 16 products V_ab @ U_ab over the tiles, outputs A^T M A."""
+def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding, m: int = 2) -> Array:
+    """A stride-1 3x3 convolution by Winograd's F(m x m, 3 x 3): V = B^T d B per input tile,
+    U = G g G^T per kernel, (m + 2)^2 products V_ab @ U_ab over the tiles, outputs A^T M A."""
     n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
-    xp, (ho, wo), (th, tw) = _winograd_input(x, padding)
-    g = _winograd_g(kernel.dtype)
+    a = m + 2
+    xp, (ho, wo), (th, tw) = _winograd_input(x, padding, m)
+    g = _winograd_g(m, kernel.dtype)
     u = jnp.einsum("ai,ijco,bj->abco", g, kernel, g, precision=jax.lax.Precision.HIGHEST)
-    m = [[_dot(v.reshape(-1, c), u[a, b]).astype(x.dtype).reshape(n, th, tw, o)
-          for b, v in enumerate(_winograd_tiles(rows, 2, tw))]
-         for a, rows in enumerate(_winograd_tiles(xp, 1, th))]
-    # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on both axes; then the 2x2 blocks back in place.
-    r = [[m[0][b] + m[1][b] + m[2][b] for b in range(4)],
-         [m[1][b] - m[2][b] - m[3][b] for b in range(4)]]
-    y = jnp.stack([jnp.stack([ra[0] + ra[1] + ra[2], ra[1] - ra[2] - ra[3]], axis=3)
-                   for ra in r], axis=2)  # [n, th, 2, tw, 2, o]
-    return y.reshape(n, 2 * th, 2 * tw, o)[:, :ho, :wo]
+    prods = [[_dot(v.reshape(-1, c), u[i, j]).astype(x.dtype).reshape(n, th, tw, o)
+              for j, v in enumerate(_winograd_tiles(rows, 2, tw, m))]
+             for i, rows in enumerate(_winograd_tiles(xp, 1, th, m))]
+    at = _WINOGRAD[m][2]
+    cols = [_combine(at, [prods[i][j] for i in range(a)]) for j in range(a)]  # A^T M, by column
+    y = jnp.stack([jnp.stack(_combine(at, [cols[j][p] for j in range(a)]), axis=3)
+                   for p in range(m)], axis=2)  # [n, th, m, tw, m, o]: the blocks back in place
+    return y.reshape(n, m * th, m * tw, o)[:, :ho, :wo]
 
 
-def _winograd_weight_grad(x: Array, g: Array, padding: Padding) -> Array:
-    """The weight gradient of ``_winograd_conv3x3`` by F(3x3, 2x2), the same algorithm transposed:
-    dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as 16 products over the tiles: 2.25x fewer
-    multiplications than one product per tap, and no per-tap copies of the input (batch 16:
-    ResNet-50's 256 -> 256 at 14x14 105 -> 58 ms, 128 -> 128 at 28x28 154 -> 103 ms; errors ~1e-6
-    to 1e-5 of the gradient's scale, from the long sums over the tiles)."""
+def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int = 2) -> Array:
+    """The weight gradient of a stride-1 3x3 convolution by F(3x3, m x m), Winograd's algorithm
+    transposed: dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as (m + 2)^2 products over the
+    tiles: fewer multiplications than one product per tap (2.25x for m = 2, 4x for m = 4), and no
+    per-tap copies of the input. Errors ~1e-6 to 1e-5 of the gradient's scale, from the long
+    sums over the tiles."""
     c, o = x.shape[-1], g.shape[-1]
-    xp, (ho, wo), (th, tw) = _winograd_input(x, padding)
-    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, 2 * th - ho, 0),
-                                                 (0, 2 * tw - wo, 0), (0, 0, 0)))
-    v = [_winograd_tiles(rows, 2, tw) for rows in _winograd_tiles(xp, 1, th)]
-    w = [_winograd_output_tiles(rows, 2, tw) for rows in _winograd_output_tiles(gp, 1, th)]
-    m = jnp.stack([jnp.stack([_dot(v[a][b].reshape(-1, c), w[a][b].reshape(-1, o), contract_a=0)
-                              for b in range(4)]) for a in range(4)])  # [4, 4, C, O]
-    gm = _winograd_g(m.dtype)
-    return jnp.einsum("ai,abco,bj->ijco", gm, m, gm, precision=jax.lax.Precision.HIGHEST)
+    a = m + 2
+    xp, (ho, wo), (th, tw) = _winograd_input(x, padding, m)
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, m * th - ho, 0),
+                                                 (0, m * tw - wo, 0), (0, 0, 0)))
+    v = [_winograd_tiles(rows, 2, tw, m) for rows in _winograd_tiles(xp, 1, th, m)]
+    w = [_winograd_output_tiles(rows, 2, tw, m) for rows in _winograd_output_tiles(gp, 1, th, m)]
+    prods = jnp.stack([jnp.stack([_dot(v[i][j].reshape(-1, c), w[i][j].reshape(-1, o),
+                                       contract_a=0) for j in range(a)])
+                       for i in range(a)])  # [a, a, C, O]
+    gm = _winograd_g(m, prods.dtype)
+    return jnp.einsum("ai,abco,bj->ijco", gm, prods, gm, precision=jax.lax.Precision.HIGHEST)
 
 
 def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
@@ -573,8 +641,9 @@ def _conv_fast_bwd(strides, padding, residuals, g):
         dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
     else:  # XLA's transposed convolution is as fast as the forward pass here
         dx = _xla_input_grad(g, kernel, x.shape, geo)
-    if strides == (1, 1) and _use_winograd(kernel.shape, x.dtype) and not _small_output(geo):
-        dw = _winograd_weight_grad(x, g, padding)
+    tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo)
+    if tile:
+        dw = _winograd_weight_grad(x, g, padding, tile)
     else:
         dw = _taps_weight_grad(x, g, kernel.shape, geo)
     return dx, dw.astype(kernel.dtype)
@@ -591,8 +660,9 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
            groups: int = 1) -> Array:
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
-    wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3), and other weight gradients sums of
-    per-tap matrix products (see the comments above each).
+    wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3) (their weight gradients F(3x3, 2x2) or,
+    from 28x28 outputs, F(3x3, 4x4)), and other weight gradients sums of per-tap matrix products
+    (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
