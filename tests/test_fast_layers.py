@@ -198,7 +198,19 @@ def _ynnpack_convolutions(hlo: str) -> int:
     return count
 
 
-def test_eigen_convolutions_are_not_handed_to_ynnpack():
+@pytest.fixture
+def cpu_avx512(monkeypatch):
+    """``cpu_avx512(flag)`` makes the layers see a CPU with (or without) AVX-512, whatever this
+    host has; the forward's Winograd rule depends on it."""
+    def set_flag(flag: bool):
+        monkeypatch.setattr(layers, "_cpu_has_avx512", lambda: flag)
+        jax.clear_caches()  # conv2d's inner jit keeps each geometry's trace, rule and all
+
+    yield set_flag
+    jax.clear_caches()
+
+
+def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512):
     """The one-extra-row convolutions (forward and input gradient) stay XLA's own: if a newer XLA
     hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 24 -> 128 the
     forward and XLA's weight gradient go to YNNPACK (the check sees them) and the input gradient
@@ -212,6 +224,7 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack():
     assert hlo.count(" convolution(") == 3 and _ynnpack_convolutions(hlo) == 2
     hlo = compiled(64, 64)
     assert hlo.count(" convolution(") == 2 and _ynnpack_convolutions(hlo) == 0
+    cpu_avx512(False)
     assert compiled(128, 128).count(" convolution(") == 0
 
 
@@ -251,17 +264,24 @@ def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, t
     assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo) == tile
 
 
-@pytest.mark.parametrize("hw,weight_grad_products", [(10, 16), (28, 36)])
-def test_winograd_computes_forward_and_both_gradients_as_products(hw, weight_grad_products):
+@pytest.mark.parametrize("hw,avx512,winograd_forward,weight_grad_products", [
+    (10, False, True, 16), (28, False, True, 36),
+    # With AVX-512 XLA's own forward and input gradient below 28x28 outputs.
+    (14, True, False, 16), (28, True, True, 36)])
+def test_winograd_computes_forward_and_both_gradients_as_products(
+        cpu_avx512, hw, avx512, winograd_forward, weight_grad_products):
     """16 products each for the forward and input gradient (F(2x2, 3x3)); 16 or, from 28x28
     outputs, 36 for the weight gradient (F(3x3, 4x4))."""
+    cpu_avx512(avx512)
     x, w = jnp.zeros((2, hw, hw, 128)), jnp.zeros((3, 3, 128, 128))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
                                         (0, 1)))(x, w))
     # + 2 small products per kernel transform: the forward's, the input gradient's (flipped
     # kernel) and the weight gradient's output transform.
-    assert "conv_general_dilated" not in jaxpr
-    assert jaxpr.count("dot_general") == 2 * 16 + weight_grad_products + 3 * 2
+    forward_products = 2 * (16 + 2) if winograd_forward else 0
+    assert jaxpr.count("conv_general_dilated") == (0 if winograd_forward else 2)
+    assert jaxpr.count("dot_general") == forward_products + weight_grad_products + 2
+
 
 
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])

@@ -454,6 +454,41 @@ def _use_winograd(kernel_shape, dtype) -> bool:
             and c * o >= _WINOGRAD_MIN_KERNEL_CHANNELS and min(c, o) >= _WINOGRAD_MIN_CHANNELS)
 
 
+# On a CPU with AVX-512, XLA's own convolutions (YNNPACK) are faster than on AVX2 by more than
+# Winograd's forward gains, below 28x28 outputs: on the 2-core AVX-512 host (2026-12-05, batch 16,
+# medians of 7) XLA -> F(2x2, 3x3) took 35 -> 53 ms for vgg16's 512 -> 512 at 14x14 (batch 8),
+# 14.0 -> 17.8 for alexnet's 192 -> 384 at 13x13, 23.9 -> 34.8 for its 384 -> 256, 15.8 -> 16.7
+# for resnet50's 256 -> 256 at 14x14, and 18.7 -> 13.7 at 28x28, 128 -> 128 (on AVX2: 13x13
+# 114 -> 70, 14x14 106 -> 58). There the forward and input gradient stay XLA's below 28x28; the
+# weight gradient's Winograd wins on both.
+_WINOGRAD_AVX512_MIN_POSITIONS = 28 * 28
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512() -> bool:
+    """Whether this host's CPU has AVX-512 (the ``avx512f`` flag in Linux's /proc/cpuinfo);
+    False where that file is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> bool:
+    """``_use_winograd``, and on an AVX-512 CPU at least 28x28 outputs (forward and input
+    gradient, both computed by ``_conv_stride1``)."""
+    if not _use_winograd(kernel_shape, dtype):
+        return False
+    (top, bottom), (left, right) = padding
+    positions = ((x_shape[1] + top + bottom - kernel_shape[0] + 1)
+                 * (x_shape[2] + left + right - kernel_shape[1] + 1))
+    return positions >= _WINOGRAD_AVX512_MIN_POSITIONS or not _cpu_has_avx512()
+
+
 # The weight gradient gains more than the forward: per-tap products are XLA:CPU's slowest pass
 # of a convolution, and the transposed algorithm's output-gradient transforms are cheap. On the
 # 2-core AVX-512 host (2026-12-05; batch 16, median of 7), per-tap products -> F(3x3, 2x2) ->
@@ -589,9 +624,9 @@ def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int = 2) -> A
 
 
 def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
-    """A stride-1 convolution, by Winograd or on XLA's Eigen convolution where ``_use_winograd``
-    or ``_use_eigen`` says it is faster."""
-    if _use_winograd(kernel.shape, x.dtype):
+    """A stride-1 convolution, by Winograd or on XLA's Eigen convolution where
+    ``_use_winograd_forward`` or ``_use_eigen`` says it is faster."""
+    if _use_winograd_forward(x.shape, kernel.shape, x.dtype, padding):
         return _winograd_conv3x3(x, kernel, padding)
     if not _use_eigen(kernel.shape, (1, 1), x.dtype):
         return _xla_conv(x, kernel, (1, 1), padding)
