@@ -2,9 +2,11 @@
 
 import contextlib
 import gc
+import importlib.util
 import logging as py_logging
 import os
 import sys
+import tempfile
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
@@ -25,17 +27,43 @@ def quiet_tensorflow(argv: Sequence[str]) -> None:
     given; call before TensorFlow is imported."""
     if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
         quiet_tensorflow_env("2")
+        import_tensorflow_quietly()
 
 
 def quiet_tensorflow_env(min_log_level: str = "2") -> None:
-    """Keep TensorFlow's C++ start-up lines off the screen; call before TensorFlow is imported.
-    Values already in the environment win."""
+    """Keep TensorFlow's C++ INFO (and WARNING) lines off the screen; call before TensorFlow is
+    imported. A value already in the environment wins."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", min_log_level)
-    # tensorflow-cpu 2.21 (as installed from PyPI on 2026-12-05) prints "oneDNN custom operations
-    # are on" through absl before TF_CPP_MIN_LOG_LEVEL applies, twice per process. TensorFlow
-    # only runs the input pipeline here (decode, crop, flip, resize, cast), none of which is one
-    # of oneDNN's custom ops, so turning them off is what silences it without changing a result.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+# What TensorFlow writes to the process's stderr on import whatever TF_CPP_MIN_LOG_LEVEL says:
+# tensorflow-cpu 2.21 as installed from PyPI on 2026-12-05 logs its oneDNN notice through absl's
+# C++ logging before absl is set up, twice. Turning oneDNN off (TF_ENABLE_ONEDNN_OPTS=0) would
+# silence it but slows the input pipeline by ~12% (`python -m cnn_jax.benchmark_input`, AVX-512
+# host: 739, 671, 509, 731 against 784, 808, 756, 814 images/s, alternating).
+_TF_IMPORT_NOISE = ("oneDNN custom operations are on",
+                    "All log messages before absl::InitializeLog() is called")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (where it is installed and not yet imported) with the lines of
+    ``_TF_IMPORT_NOISE`` taken out of what it writes to stderr; the rest is written back."""
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+                    if not any(n in line for n in _TF_IMPORT_NOISE)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax", "xla")

@@ -14,6 +14,7 @@ from absl import app, flags
 from cnn_jax import cli
 
 cli.quiet_tensorflow_env("1")  # before anything imports TensorFlow
+cli.import_tensorflow_quietly()
 
 FLAGS = flags.FLAGS
 

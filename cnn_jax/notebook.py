@@ -25,6 +25,7 @@ def setup() -> bool:
     from cnn_jax import cli
 
     cli.quiet_tensorflow_env("2")
+    cli.import_tensorflow_quietly()
     import jax
     from matplotlib.figure import Figure
 

@@ -22,6 +22,7 @@ from absl import app, flags
 from cnn_jax import cli
 
 cli.quiet_tensorflow_env("2")  # TensorFlow's C++ INFO/WARNING lines are noise
+cli.import_tensorflow_quietly()
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 FLAGS = flags.FLAGS

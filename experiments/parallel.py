@@ -101,6 +101,7 @@ def _worker(core: Optional[int], smoke: bool, overrides: Dict[str, Any], cache_d
     from cnn_jax import cli
 
     cli.quiet_tensorflow_env("2")
+    cli.import_tensorflow_quietly()
     import importlib
 
     from absl import logging

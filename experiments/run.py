@@ -25,6 +25,7 @@ from absl import flags  # noqa: E402
 from cnn_jax import cli  # noqa: E402
 
 cli.quiet_tensorflow_env("2")  # before anything imports TensorFlow
+cli.import_tensorflow_quietly()
 
 # The default set, cheapest first (with --jobs=0 a partial run has the cheap ones done; workers
 # take the most expensive runs first, so that the last to finish are short).

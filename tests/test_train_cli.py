@@ -188,3 +188,23 @@ def test_benchmark_command(cli):
         assert r["peak_mib"] > 0 and r["source"] == "compiled.memory_analysis()"
     proc = cli.run(["-m", "cnn_jax.benchmark", "--arch=resnet9000"])
     _assert_one_line_error(proc, "unknown architecture 'resnet9000'")
+
+
+def test_tensorflow_import_notices_are_filtered_and_other_lines_kept(tmp_path):
+    """What TensorFlow's import writes to fd 2 past TF_CPP_MIN_LOG_LEVEL (its oneDNN notice) is
+    dropped; any other line (a real warning) is written back. A stand-in `tensorflow` package
+    writes both from C-level stderr, as the real one's absl logging does."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
+        "written to STDERR\\n')\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see...\\n')\n"
+        "os.write(2, b'W0000 something worth reading\\n')\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from cnn_jax import cli; "
+            "cli.import_tensorflow_quietly(); import tensorflow; print(tensorflow.__file__)")
+    proc = h.run_python(["-c", code, str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(fake / "__init__.py")
+    assert proc.stderr == "W0000 something worth reading\n"
