@@ -14,7 +14,6 @@ from absl import app, flags
 from cnn_jax import cli
 
 cli.quiet_tensorflow_env("1")  # before anything imports TensorFlow
-cli.import_tensorflow_quietly()
 
 FLAGS = flags.FLAGS
 
@@ -57,6 +56,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.setup(argv)
+    cli.import_tensorflow_quietly()  # the command reads its data through TensorFlow
     with cli.one_line_errors():
         if not FLAGS.workdir and not FLAGS.arch:
             raise ValueError("pass --workdir=DIR (a training run's or cnn_jax.convert's output)")

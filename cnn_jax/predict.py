@@ -22,7 +22,6 @@ from absl import app, flags
 from cnn_jax import cli
 
 cli.quiet_tensorflow_env("2")  # TensorFlow's C++ INFO/WARNING lines are noise
-cli.import_tensorflow_quietly()
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 FLAGS = flags.FLAGS
@@ -104,6 +103,7 @@ def define_flags() -> None:
 
 def main(argv):
     cli.setup(argv[:1])  # the positional arguments are the images
+    cli.import_tensorflow_quietly()  # the images are decoded by TensorFlow
     with cli.one_line_errors():
         workdir, checkpoint = FLAGS.workdir, FLAGS.checkpoint
         if not workdir and checkpoint and os.path.isdir(checkpoint):

@@ -25,7 +25,6 @@ from absl import flags  # noqa: E402
 from cnn_jax import cli  # noqa: E402
 
 cli.quiet_tensorflow_env("2")  # before anything imports TensorFlow
-cli.import_tensorflow_quietly()
 
 # The default set, cheapest first (with --jobs=0 a partial run has the cheap ones done; workers
 # take the most expensive runs first, so that the last to finish are short).
@@ -77,6 +76,7 @@ def recorded_args(argv: Sequence[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    cli.import_tensorflow_quietly()
     argv = list(sys.argv[1:] if argv is None else argv)
     given = recorded_args(argv)
     return cli.run_command("experiments.run", _define, lambda fv, args: _run(fv, args, given),

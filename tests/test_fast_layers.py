@@ -283,7 +283,6 @@ def test_winograd_computes_forward_and_both_gradients_as_products(
     assert jaxpr.count("dot_general") == forward_products + weight_grad_products + 2
 
 
-
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])
 def test_strided_stems_are_stride_1_convolutions_of_blocks(case):
     shape, k, stride, padding, *_ = CONV_CASES[case]

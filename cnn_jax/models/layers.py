@@ -483,10 +483,8 @@ def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> boo
     gradient, both computed by ``_conv_stride1``)."""
     if not _use_winograd(kernel_shape, dtype):
         return False
-    (top, bottom), (left, right) = padding
-    positions = ((x_shape[1] + top + bottom - kernel_shape[0] + 1)
-                 * (x_shape[2] + left + right - kernel_shape[1] + 1))
-    return positions >= _WINOGRAD_AVX512_MIN_POSITIONS or not _cpu_has_avx512()
+    ho, wo = _geometry(x_shape, kernel_shape, (1, 1), padding).out_hw
+    return ho * wo >= _WINOGRAD_AVX512_MIN_POSITIONS or not _cpu_has_avx512()
 
 
 # The weight gradient gains more than the forward: per-tap products are XLA:CPU's slowest pass
