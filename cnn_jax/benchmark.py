@@ -7,7 +7,8 @@ of the compiled step (arguments + outputs + temporaries - donated aliases).
 
 ``--compare=torch``: against torchvision's same network in PyTorch on the same CPU, alternating
 (:mod:`cnn_jax.benchmark_torch`); with ``--layers``, each of its convolutions alone
-(:mod:`cnn_jax.benchmark_layers`). ``--suite=gpu``: fp32 and bf16 of every family over all local
+(:mod:`cnn_jax.benchmark_layers`). ``--ab=xla,auto``: the same network under several layer
+implementations (and torch) in one process, rounds in rotated order (:mod:`cnn_jax.benchmark_ab`). ``--suite=gpu``: fp32 and bf16 of every family over all local
 accelerators within a time budget (:mod:`cnn_jax.benchmark_gpu`). Neither this module nor those
 import TensorFlow or ml_collections (a GPU machine may have neither).
 """
@@ -41,6 +42,10 @@ flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 flags.DEFINE_enum("compare", None, ["torch"], "Compare with torchvision's same network in "
                   "PyTorch on the same CPU, alternating steps; default rows: issue 10's six, "
                   "float32 and bfloat16.")
+flags.DEFINE_string("ab", None, "A/B of layer implementations in one process: two or more "
+                    "of auto, xla, fast, torch (e.g. xla,auto), each --arch's train and eval "
+                    "steps built after clearing JAX's caches and timed in rounds of rotated "
+                    "order; ratios against the first arm.")
 flags.DEFINE_enum("suite", None, ["gpu"], "One-shot accelerator check: every family, fp32 and "
                   "bf16, pmap over all local devices; writes JSON and markdown to --output.")
 flags.DEFINE_bool("layers", False, "--compare=torch: each convolution of the networks alone "
@@ -233,6 +238,26 @@ def _compare_layers(rows, steps: int) -> None:
           "\n\n".join(benchmark_layers.markdown(r) for r in results))
 
 
+def main_ab() -> None:
+    """``--ab=ARMS``: each --arch under every arm, one table (or JSON) on stdout."""
+    from cnn_jax import benchmark_ab
+
+    arms = benchmark_ab.parse_arms(FLAGS.ab)
+    archs = _archs()
+    if not archs:
+        raise ValueError("--ab needs --arch=<name>[,<name>...], e.g. --arch=resnet50")
+    results = []
+    for arch in archs:
+        r = benchmark_ab.run_ab(arch, arms, FLAGS.batch_size, FLAGS.image_size,
+                                FLAGS.num_classes, FLAGS.dtype,
+                                FLAGS.steps if FLAGS["steps"].present else 7, FLAGS.warmup,
+                                MODEL_OPTIONS, progress=_progress)
+        results.append(r)
+        _progress(f"{arch}: " + ", ".join(f"{a} {r['train'][a]['ms']:.1f} ms"
+                                          for a in arms) + " per train step")
+    _emit("ab", {"results": results}, benchmark_ab.markdown(results))
+
+
 def main_suite() -> None:
     """``--suite=gpu``: every row in its own process; JSON and table in --output."""
     from cnn_jax import benchmark_gpu
@@ -256,8 +281,10 @@ def main_suite() -> None:
 def main(argv):
     cli.setup(argv)
     with cli.one_line_errors():
-        if FLAGS.compare and FLAGS.suite:
-            raise ValueError("pass --compare=torch or --suite=gpu, not both")
+        if sum(map(bool, (FLAGS.compare, FLAGS.suite, FLAGS.ab))) > 1:
+            raise ValueError("pass one of --compare=torch, --suite=gpu and --ab=ARMS")
+        if FLAGS.ab:
+            return main_ab()
         if FLAGS.compare:
             return main_compare()
         if FLAGS.suite:

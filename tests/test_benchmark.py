@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from cnn_jax import benchmark_gpu, benchmark_layers, benchmark_torch
+from cnn_jax import benchmark_ab, benchmark_gpu, benchmark_layers, benchmark_torch
 
 import _train_helpers as h
 
@@ -74,6 +74,69 @@ def test_compare_torch_one_row(tmp_path):
     assert "resnet18 32px b2 bfloat16: train" in proc.stderr  # the progress line
 
 
+def test_ab_rounds_rotate_the_order_of_the_arms():
+    assert [benchmark_ab.rotated("abc", r) for r in range(4)] == [
+        list("abc"), list("bca"), list("cab"), list("abc")]
+    calls = []
+    times = benchmark_ab.time_rounds({k: (lambda k=k: calls.append(k)) for k in "ab"},
+                                     rounds=3, warmup=1, pause_s=0.0)
+    assert calls == list("ab") + list("ab") + list("ba") + list("ab")  # warm-up, then 3 rounds
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert benchmark_ab.parse_arms(" xla, auto ,torch") == ["xla", "auto", "torch"]
+    with pytest.raises(ValueError, match="unknown arm 'eigen'; arms are layer implementations"):
+        benchmark_ab.parse_arms("xla,eigen")
+    with pytest.raises(ValueError, match="two or more different arms"):
+        benchmark_ab.parse_arms("auto,auto")
+
+
+def test_ab_builds_each_arm_as_its_own_program(tmp_path):
+    """The arms really differ: each built after clearing JAX's caches (the layers' inner jits
+    would otherwise replay the first arm's traces), so XLA's and the fast layers compile to two
+    programs; the first arm's ratio is 1."""
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--ab=xla,fast", "--arch=resnet20",
+                         "--model.widths=4,8,16", "--image_size=8", "--batch_size=2",
+                         "--num_classes=10", "--steps=2", "--warmup=0", "--json",
+                         f"--output={tmp_path}"], **FAST_INIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(h.last_line(proc.stdout))["results"]
+    assert r["arms"] == ["xla", "fast"] and r["model_options"] == {"widths": [4, 8, 16]}
+    assert r["distinct_programs"] and len(set(r["fingerprints"].values())) == 2
+    for kind in ("train", "eval"):
+        assert r[kind]["xla"]["ratio"] == 1.0
+        fast = r[kind]["fast"]
+        assert len(fast["step_ms"]) == 2 and fast["compile_s"] > 0
+        assert fast["ratio"] == pytest.approx(r[kind]["xla"]["ms"] / fast["ms"])
+        assert fast["images_per_sec"] == pytest.approx(2e3 / fast["ms"])
+    table = (tmp_path / "ab.md").read_text()
+    assert f"| resnet20 | fast | {r['train']['fast']['ms']:.1f} |" in table
+    assert "same program" not in table
+    assert "resnet20: built arm fast" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None
+                    or importlib.util.find_spec("torchvision") is None,
+                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+def test_ab_with_a_torch_arm_and_the_same_program_flagged(monkeypatch):
+    torch, _ = benchmark_torch.import_torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = benchmark_ab.run_ab("resnet18", ["auto", "fast", "torch"], 2, 32, 10, rounds=1,
+                                warmup=0, pause_s=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    # On the CPU 'auto' is the fast layers: the same program, which the table says.
+    assert r["fingerprints"]["auto"] == r["fingerprints"]["fast"] and not r["distinct_programs"]
+    assert "torch" not in r["fingerprints"]
+    assert r["train"]["torch"]["ms"] > 0 and "compile_s" not in r["train"]["torch"]
+    table = benchmark_ab.markdown([r])
+    assert "**Warning: two arms compiled to the same program.**" in table
+    assert "| resnet18 | torch |" in table
+    with pytest.raises(ValueError, match="the torch arm runs the stock network"):
+        benchmark_ab.run_ab("resnet18", ["auto", "torch"], 1, 32, 10,
+                            model_options={"widths": "8,16,32,64"})
+
+
 def test_convolutions_of_a_network_with_counts():
     convs = benchmark_layers.convolutions("resnet50", 2, 224)
     assert sum(n for _, n in convs) == 53  # the stem, 16 bottlenecks x 3, 4 downsamples
@@ -129,6 +192,14 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: --layers times float32 convolutions; leave out --dtype=bfloat16")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--ab=xla,auto", "--compare=torch"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == (
+        "error: pass one of --compare=torch, --suite=gpu and --ab=ARMS")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--ab=xla,auto"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == (
+        "error: --ab needs --arch=<name>[,<name>...], e.g. --arch=resnet50")
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet50", "--profile=-1"])
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (

@@ -1,0 +1,217 @@
+"""A/B of layer implementations in one process (``python -m cnn_jax.benchmark --ab=xla,auto``).
+
+Each arm is the same network, batch and initial state, its train and eval steps compiled under one
+``layers.implementation`` ('xla': XLA's own ops; 'auto', 'fast': the fast formulations) or
+torchvision's network ('torch'). The arms' steps are timed in rounds: every round runs each arm
+once, in an order rotated by one arm per round, after a short pause. Three things make a naive
+in-process A/B wrong on this project's CPU host, and each is handled here:
+
+- The layers' inner ``jax.jit`` functions cache their traces by shape, not by implementation: a
+  second arm built in the same process would reuse the first arm's traces and be the same program.
+  Each arm is built after ``jax.clear_caches()``, and the result records each compiled program's
+  fingerprint, so that identical programs show (``distinct_programs``).
+- The step that runs right after torch's is slowed while torch's OpenMP threads spin-wait: a fixed
+  order charges that to one arm every round. The order rotates and each step starts after
+  ``pause_s``.
+- The first program built can run slower than later ones (up to ~10% on the 2-core host): build
+  order is the command line's, so run both orders (``--ab=xla,auto`` and ``--ab=auto,xla``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+ARMS = ("auto", "xla", "fast", "torch")
+
+
+def parse_arms(spec: str) -> List[str]:
+    """``"xla,auto"`` -> ``["xla", "auto"]``: at least two distinct known arms."""
+    arms = [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"--ab: unknown arm {unknown[0]!r}; arms are layer implementations "
+                         f"(auto, xla, fast) or torch, e.g. --ab=xla,auto")
+    if len(arms) < 2 or len(set(arms)) != len(arms):
+        raise ValueError(f"--ab takes two or more different arms, e.g. --ab=xla,auto; got {spec!r}")
+    return arms
+
+
+def rotated(names: Sequence[str], round_index: int) -> List[str]:
+    """The order of round ``round_index``: ``names`` rotated left by that many places."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def time_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int,
+                pause_s: float = 0.02) -> Dict[str, List[float]]:
+    """Seconds of each fn per round; each round calls every fn once in rotated order, each call
+    after ``pause_s`` of sleep; ``warmup`` untimed rounds first. Each fn must return only when
+    its work is done."""
+    names = list(fns)
+    for r in range(warmup):
+        for name in rotated(names, r):
+            fns[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            time.sleep(pause_s)
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+_METADATA = re.compile(r", metadata=\{[^{}]*\}")
+
+
+def fingerprint(hlo_text: str) -> str:
+    """A short hash of a compiled program's HLO without its metadata (source lines and op names
+    of the trace, which differ between two traces of the same program)."""
+    return hashlib.sha256(_METADATA.sub("", hlo_text).encode()).hexdigest()[:12]
+
+
+class _JaxArm:
+    """The project's compiled train and eval steps, traced under one layer implementation."""
+
+    def __init__(self, impl: str, model_fn: Callable, host_state, images, labels):
+        import jax
+
+        from cnn_jax import train_step as step_lib
+        from cnn_jax.models import layers
+
+        self._jax = jax
+        jax.clear_caches()  # else the layers' jitted helpers replay another arm's traces
+        device = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else jax.devices()[0]
+        self.state = jax.device_put(host_state, device)  # a fresh copy: the train step donates it
+        self.batch = jax.device_put({"image": images, "label": labels}, device)
+        with layers.implementation(impl):
+            model = model_fn()
+            self.state = self.state.replace(apply_fn=model.apply)
+            train = jax.jit(lambda s, b: step_lib.train_step(s, b), donate_argnums=(0,))
+            t0 = time.perf_counter()
+            self._train = train.lower(self.state, self.batch).compile()
+            self.train_compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._eval = jax.jit(lambda s, b: step_lib.eval_step(s, b)).lower(
+                self.state, self.batch).compile()
+            self.eval_compile_s = time.perf_counter() - t0
+        self.fingerprint = fingerprint(self._train.as_text())
+
+    def train(self) -> None:
+        self.state, metrics = self._train(self.state, self.batch)
+        self._jax.block_until_ready((self.state, metrics))
+
+    def eval(self) -> None:
+        self._jax.block_until_ready(self._eval(self.state, self.batch))
+
+
+def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num_classes: int,
+           dtype: str = "float32", rounds: int = 7, warmup: int = 2,
+           model_options: Optional[Mapping[str, Any]] = None, pause_s: float = 0.02,
+           progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Train and eval step times of ``arch`` under each arm; medians and ratios to the first arm
+    (``ratio`` > 1: that arm is faster than the first)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from cnn_jax import train_step as step_lib
+    from cnn_jax.models import check_model_options, create_model
+
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need --steps >= 1 and --warmup >= 0, got {rounds} and {warmup}")
+    options = check_model_options(arch, dict(model_options or {}), flag_prefix="--model.")
+    if "torch" in arms and options:
+        raise ValueError("--model.* options change the network; the torch arm runs the stock "
+                         "network that torchvision builds")
+    compute = jnp.dtype(dtype)  # a name from --dtype's choices
+    rng = np.random.default_rng(1)  # the same batch for every arm
+    images = rng.standard_normal((batch_size, image_size, image_size, 3), np.float32)
+    labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
+
+    def model_fn():
+        return create_model(arch, num_classes=num_classes, dtype=compute, **options)
+
+    torch_side = None
+    if "torch" in arms:
+        from cnn_jax import benchmark_torch as bt
+
+        torch, torchvision = bt.import_torch()
+        torch_side = bt._TorchSide(torch, torchvision, bt.Row(arch, image_size, batch_size,
+                                                              num_classes), dtype, images, labels)
+    # One initial state for every arm (torch's weights where torch is an arm), kept on the host.
+    if torch_side is not None:
+        from cnn_jax import convert
+
+        variables = convert.from_torch_state_dict(arch, torch_side.model.state_dict(),
+                                                  num_classes)
+        state = step_lib.TrainState.create(
+            apply_fn=None, params=variables["params"], tx=optax.sgd(0.01, momentum=0.9),
+            batch_stats=variables.get("batch_stats", {}),
+            rng=jax.random.key_data(jax.random.key(0)))
+    else:
+        state = step_lib.create_train_state(model_fn(), optax.sgd(0.01, momentum=0.9),
+                                            jax.random.PRNGKey(0),
+                                            (image_size, image_size, 3), compute)
+    host_state = jax.device_get(state.replace(apply_fn=None))
+    images = images.astype(jnp.dtype(compute))
+
+    sides: Dict[str, Any] = {}
+    for arm in arms:
+        if arm == "torch":
+            sides[arm] = torch_side
+            continue
+        sides[arm] = _JaxArm(arm, model_fn, host_state, images, labels)
+        if progress:
+            progress(f"{arch}: built arm {arm} (train step compiled in "
+                     f"{sides[arm].train_compile_s:.1f} s)")
+    fingerprints = {a: s.fingerprint for a, s in sides.items() if a != "torch"}
+    result: Dict[str, Any] = {
+        "arch": arch, "arms": list(arms), "batch_size": batch_size, "image_size": image_size,
+        "num_classes": num_classes, "dtype": dtype, "model_options": dict(options),
+        "rounds": rounds, "warmup": warmup, "pause_s": pause_s,
+        "fingerprints": fingerprints,
+        "distinct_programs": len(set(fingerprints.values())) == len(fingerprints),
+        "load_average_1min": os.getloadavg()[0]}
+    for kind in ("train", "eval"):
+        times = time_rounds({a: getattr(s, kind) for a, s in sides.items()}, rounds, warmup,
+                            pause_s)
+        base = statistics.median(times[arms[0]])
+        result[kind] = {a: {"ms": 1e3 * statistics.median(t),
+                            "images_per_sec": batch_size / statistics.median(t),
+                            "ratio": base / statistics.median(t),
+                            "step_ms": [1e3 * x for x in t]} for a, t in times.items()}
+        for a, s in sides.items():
+            if a != "torch":
+                result[kind][a]["compile_s"] = getattr(s, f"{kind}_compile_s")
+    result["load_average_1min"] = max(result["load_average_1min"], os.getloadavg()[0])
+    return result
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> str:
+    """One table: a row per (network, arm), ratio = first arm's step time / this arm's."""
+    lines = []
+    for r in results:
+        first = r["arms"][0]
+        lines.append(f"{r['arch']}, batch {r['batch_size']} at {r['image_size']} px, "
+                     f"{r['dtype']}: median of {r['rounds']} rounds after {r['warmup']} "
+                     f"(order rotated each round), 1-min load average up to "
+                     f"{r['load_average_1min']:.1f}; ratio = {first}'s step time / the arm's "
+                     f"(> 1: faster than {first})."
+                     + ("" if r["distinct_programs"] else
+                        " **Warning: two arms compiled to the same program.**"))
+    lines += ["", "| model | arm | train ms | train img/s | **train ratio** | eval ms | "
+              "eval img/s | eval ratio | program |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for a in r["arms"]:
+            t, e = r["train"][a], r["eval"][a]
+            lines.append(f"| {r['arch']} | {a} | {t['ms']:.1f} | {t['images_per_sec']:.2f} | "
+                         f"**{t['ratio']:.2f}** | {e['ms']:.1f} | {e['images_per_sec']:.2f} | "
+                         f"{e['ratio']:.2f} | {r['fingerprints'].get(a, 'torch')} |")
+    return "\n".join(lines)
