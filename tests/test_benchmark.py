@@ -125,12 +125,12 @@ def test_ab_with_a_torch_arm_and_the_same_program_flagged(monkeypatch):
                                 warmup=0, pause_s=0.0)
     finally:
         torch.set_num_threads(threads)
-    # On the CPU 'auto' is the fast layers: the same program, which the table says.
+    # On the CPU "auto" is the fast layers: the same traced program, which the table says.
     assert r["fingerprints"]["auto"] == r["fingerprints"]["fast"] and not r["distinct_programs"]
     assert "torch" not in r["fingerprints"]
     assert r["train"]["torch"]["ms"] > 0 and "compile_s" not in r["train"]["torch"]
     table = benchmark_ab.markdown([r])
-    assert "**Warning: two arms compiled to the same program.**" in table
+    assert "**Warning: two arms traced the same program.**" in table
     assert "| resnet18 | torch |" in table
     with pytest.raises(ValueError, match="the torch arm runs the stock network"):
         benchmark_ab.run_ab("resnet18", ["auto", "torch"], 1, 32, 10,
