@@ -19,7 +19,7 @@ of system CPU time per train step, alexnet ~100,000 (0.4 GiB), resnet18 at 32 px
 
 Measured on the 2-core AVX-512 host (2026-12-05, separate processes alternating): resnet50 at
 batch 16 2,915 / 2,897 -> 2,338 / 2,519 ms per train step (system CPU 0.9 s -> 4-8 ms per
-step), alexnet 547 -> 478 ms; the experiments' resnet20 (no faults either way) unchanged.
+step), alexnet 553-604 -> 478 ms; the experiments' resnet20 (no faults either way) unchanged.
 
 The command-line tools call it in ``cli.setup``, before JAX starts its CPU backend (the dispatch
 flag is read when the backend starts; the ``mallopt`` settings act from the moment they are set).
