@@ -13,7 +13,7 @@ in-process A/B wrong on this project's CPU host, and each is handled here:
 - The step that runs right after torch's is slowed while torch's OpenMP threads spin-wait: a fixed
   order charges that to one arm every round. The order rotates and each step starts after
   ``pause_s``.
-- The first program built can run slower than later ones (up to ~10% on the 2-core host): build
+- The first program built can run slower than later ones (up to ~15% on the 2-core host): build
   order is the command line's, so run both orders (``--ab=xla,auto`` and ``--ab=auto,xla``).
 """
 
@@ -70,42 +70,25 @@ def fingerprint(program_text: str) -> str:
     return hashlib.sha256(program_text.encode()).hexdigest()[:12]
 
 
-class _JaxArm:
-    """The project's compiled train and eval steps, traced under one layer implementation."""
+def _build_arm(impl: str, model, host_state, images, labels):
+    """The train and eval steps of ``model`` from a fresh copy of ``host_state`` (the train step
+    donates it), traced under layer implementation ``impl``, with the traced train step's
+    fingerprint."""
+    import jax
 
-    def __init__(self, impl: str, model_fn: Callable, host_state, images, labels):
-        import jax
+    from cnn_jax.benchmark_torch import CompiledSteps
+    from cnn_jax.models import layers
 
-        from cnn_jax import train_step as step_lib
-        from cnn_jax.models import layers
-
-        self._jax = jax
-        jax.clear_caches()  # else the layers' jitted helpers replay another arm's traces
-        device = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else jax.devices()[0]
-        self.state = jax.device_put(host_state, device)  # a fresh copy: the train step donates it
-        self.batch = jax.device_put({"image": images, "label": labels}, device)
-        with layers.implementation(impl):
-            model = model_fn()
-            self.state = self.state.replace(apply_fn=model.apply)
-            train = jax.jit(lambda s, b: step_lib.train_step(s, b), donate_argnums=(0,))
-            t0 = time.perf_counter()
-            lowered = train.lower(self.state, self.batch)
-            self._train = lowered.compile()
-            self.train_compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self._eval = jax.jit(lambda s, b: step_lib.eval_step(s, b)).lower(
-                self.state, self.batch).compile()
-            self.eval_compile_s = time.perf_counter() - t0
-        # Of the traced program (what the arms differ in), not the compiled one: in one test run
-        # two builds of the same traced program printed different compiled HLO (cause not found).
-        self.fingerprint = fingerprint(lowered.as_text(debug_info=False))
-
-    def train(self) -> None:
-        self.state, metrics = self._train(self.state, self.batch)
-        self._jax.block_until_ready((self.state, metrics))
-
-    def eval(self) -> None:
-        self._jax.block_until_ready(self._eval(self.state, self.batch))
+    jax.clear_caches()  # else the layers' jitted helpers replay another arm's traces
+    device = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else jax.devices()[0]
+    state, batch = jax.device_put((host_state.replace(apply_fn=model.apply),
+                                   {"image": images, "label": labels}), device)
+    with layers.implementation(impl):
+        steps = CompiledSteps(state, batch)
+    # Of the traced program (what the arms differ in), not the compiled one: in one test run two
+    # builds of the same traced program printed different compiled HLO (cause not found).
+    steps.fingerprint = fingerprint(steps.train_lowered.as_text(debug_info=False))
+    return steps
 
 
 def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num_classes: int,
@@ -133,39 +116,29 @@ def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num
     images = rng.standard_normal((batch_size, image_size, image_size, 3), np.float32)
     labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
 
-    def model_fn():
-        return create_model(arch, num_classes=num_classes, dtype=compute, **options)
-
+    model = create_model(arch, num_classes=num_classes, dtype=compute, **options)
+    # One initial state for every arm (torch's weights where torch is an arm), kept on the host.
     torch_side = None
     if "torch" in arms:
         from cnn_jax import benchmark_torch as bt
 
         torch, torchvision = bt.import_torch()
-        torch_side = bt._TorchSide(torch, torchvision, bt.Row(arch, image_size, batch_size,
-                                                              num_classes), dtype, images, labels)
-    # One initial state for every arm (torch's weights where torch is an arm), kept on the host.
-    if torch_side is not None:
-        from cnn_jax import convert
-
-        variables = convert.from_torch_state_dict(arch, torch_side.model.state_dict(),
-                                                  num_classes)
-        state = step_lib.TrainState.create(
-            apply_fn=None, params=variables["params"], tx=optax.sgd(0.01, momentum=0.9),
-            batch_stats=variables.get("batch_stats", {}),
-            rng=jax.random.key_data(jax.random.key(0)))
+        row = bt.Row(arch, image_size, batch_size, num_classes)
+        torch_side = bt._TorchSide(torch, torchvision, row, dtype, images, labels)
+        state, _ = bt.state_from_torch(row, dtype, torch_side.model.state_dict())
     else:
-        state = step_lib.create_train_state(model_fn(), optax.sgd(0.01, momentum=0.9),
+        state = step_lib.create_train_state(model, optax.sgd(0.01, momentum=0.9),
                                             jax.random.PRNGKey(0),
                                             (image_size, image_size, 3), compute)
     host_state = jax.device_get(state.replace(apply_fn=None))
-    images = images.astype(jnp.dtype(compute))
+    images = images.astype(compute)
 
     sides: Dict[str, Any] = {}
     for arm in arms:
         if arm == "torch":
             sides[arm] = torch_side
             continue
-        sides[arm] = _JaxArm(arm, model_fn, host_state, images, labels)
+        sides[arm] = _build_arm(arm, model, host_state, images, labels)
         if progress:
             progress(f"{arch}: built arm {arm} (train step compiled in "
                      f"{sides[arm].train_compile_s:.1f} s)")

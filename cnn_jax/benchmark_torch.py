@@ -99,38 +99,45 @@ def alternate(fns: Sequence[Callable[[], Any]], warmup: int, steps: int) -> List
     return times
 
 
-class _JaxSide:
-    """The project's compiled train and eval steps on device-resident random data (CPU), from
-    the torch model's own weights (via :mod:`cnn_jax.convert`): both sides start equal, and no
-    jitted random init has to compile."""
+def state_from_torch(row: Row, dtype: str, torch_state_dict):
+    """``(train state on the CPU, parameter count)``: the project's network of ``row``
+    in ``dtype`` with the torch model's own weights (via :mod:`cnn_jax.convert`), so both sides
+    start equal and no jitted random init has to compile."""
+    import jax
+    import jax.numpy as jnp
+    import optax
 
-    def __init__(self, row: Row, dtype: str, torch_state_dict, images, labels):
+    from cnn_jax import convert, train_step as step_lib
+    from cnn_jax.models import count_params, create_model
+
+    model = create_model(row.arch, num_classes=row.num_classes, dtype=jnp.dtype(dtype))
+    variables = convert.from_torch_state_dict(row.arch, torch_state_dict, row.num_classes)
+    tx = optax.sgd(0.01, momentum=0.9)
+    create = jax.jit(lambda params, stats, rng: step_lib.TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, batch_stats=stats, rng=rng))
+    with jax.default_device(jax.devices("cpu")[0]):  # the comparison is on the CPU
+        state = create(variables["params"], variables.get("batch_stats", {}),
+                       jax.random.key_data(jax.random.key(0)))
+    return state, count_params(variables["params"])
+
+
+class CompiledSteps:
+    """The project's train step (state donated) and eval step, compiled for ``state`` and
+    ``batch`` on the device they are on, with their compile seconds and the train step's
+    ``jax.stages.Lowered``."""
+
+    def __init__(self, state, batch):
         import jax
-        import jax.numpy as jnp
-        import numpy as np
-        import optax
 
-        from cnn_jax import convert, train_step as step_lib
-        from cnn_jax.models import count_params, create_model
+        from cnn_jax import train_step as step_lib
 
         self._jax = jax
-        compute = jnp.dtype(dtype)  # a name from DTYPES
-        device = jax.devices("cpu")[0]  # the comparison is on the CPU, whatever else is there
-        model = create_model(row.arch, num_classes=row.num_classes, dtype=compute)
-        variables = convert.from_torch_state_dict(row.arch, torch_state_dict, row.num_classes)
-        self.params = count_params(variables["params"])
-        tx = optax.sgd(0.01, momentum=0.9)
-        create = jax.jit(lambda params, stats, rng: step_lib.TrainState.create(
-            apply_fn=model.apply, params=params, tx=tx, batch_stats=stats, rng=rng))
-        with jax.default_device(device):
-            state = create(variables["params"], variables.get("batch_stats", {}),
-                           jax.random.key_data(jax.random.key(0)))
-        batch = {"image": np.asarray(images).astype(compute), "label": np.asarray(labels)}
-        self.state, self.batch = jax.device_put((state, batch), device)
+        self.state, self.batch = state, batch
         train = jax.jit(functools.partial(step_lib.train_step, label_smoothing=0.0),
                         donate_argnums=(0,))
         t0 = time.perf_counter()
-        self._train = train.lower(self.state, self.batch).compile()
+        self.train_lowered = train.lower(self.state, self.batch)
+        self._train = self.train_lowered.compile()
         self.train_compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self._eval = jax.jit(step_lib.eval_step).lower(self.state, self.batch).compile()
@@ -142,6 +149,21 @@ class _JaxSide:
 
     def eval(self) -> None:
         self._jax.block_until_ready(self._eval(self.state, self.batch))
+
+
+class _JaxSide(CompiledSteps):
+    """The project's compiled train and eval steps on device-resident random data (CPU), from
+    the torch model's own weights."""
+
+    def __init__(self, row: Row, dtype: str, torch_state_dict, images, labels):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        state, self.params = state_from_torch(row, dtype, torch_state_dict)
+        batch = {"image": np.asarray(images).astype(jnp.dtype(dtype)),
+                 "label": np.asarray(labels)}
+        super().__init__(*jax.device_put((state, batch), jax.devices("cpu")[0]))
 
 
 class _TorchSide:

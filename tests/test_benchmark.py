@@ -116,7 +116,7 @@ def test_ab_builds_each_arm_as_its_own_program(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None
                     or importlib.util.find_spec("torchvision") is None,
                     reason="torch/torchvision not installed (pip install -e '.[torch]')")
-def test_ab_with_a_torch_arm_and_the_same_program_flagged(monkeypatch):
+def test_ab_with_a_torch_arm_and_the_same_program_flagged():
     torch, _ = benchmark_torch.import_torch()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
