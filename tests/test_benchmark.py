@@ -19,6 +19,19 @@ import _train_helpers as h
 # mode (jax's default) XLA:CPU compiles a model's init ~6x slower (measured: 22 s vs 3.7 s for a
 # tiny resnet20 on the loaded 2-core machine), which would dominate these tests.
 FAST_INIT = {"JAX_THREEFRY_PARTITIONABLE": "0"}
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None,
+    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread: two spin-waiting beside the other test worker take 10x longer."""
+    torch, _ = benchmark_torch.import_torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_select_rows_defaults_and_overrides():
@@ -42,9 +55,7 @@ def test_alternate_interleaves_after_warmup():
     assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None
-                    or importlib.util.find_spec("torchvision") is None,
-                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+@needs_torch
 def test_compare_torch_one_row(tmp_path):
     # One torch thread: two spin-waiting OpenMP threads on a busy 2-core machine take 10x longer.
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
@@ -113,18 +124,10 @@ def test_ab_builds_each_arm_as_its_own_program(tmp_path):
     assert "resnet20: built arm fast" in proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None
-                    or importlib.util.find_spec("torchvision") is None,
-                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
-def test_ab_with_a_torch_arm_and_the_same_program_flagged():
-    torch, _ = benchmark_torch.import_torch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = benchmark_ab.run_ab("resnet18", ["auto", "fast", "torch"], 2, 32, 10, rounds=1,
-                                warmup=0, pause_s=0.0)
-    finally:
-        torch.set_num_threads(threads)
+@needs_torch
+def test_ab_with_a_torch_arm_and_the_same_program_flagged(one_torch_thread):
+    r = benchmark_ab.run_ab("resnet18", ["auto", "fast", "torch"], 2, 32, 10, rounds=1,
+                            warmup=0, pause_s=0.0)
     # On the CPU "auto" is the fast layers: the same traced program, which the table says.
     assert r["fingerprints"]["auto"] == r["fingerprints"]["fast"] and not r["distinct_programs"]
     assert "torch" not in r["fingerprints"]
@@ -148,17 +151,9 @@ def test_convolutions_of_a_network_with_counts():
     assert counts["3x3 64->64 at 56x56"] == 3 and counts["1x1 1024->256 at 14x14"] == 5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None
-                    or importlib.util.find_spec("torchvision") is None,
-                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
-def test_compare_layers_against_torch_conv2d():
-    torch, _ = benchmark_torch.import_torch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = benchmark_layers.compare("resnet18", 2, 32, 10, steps=1, warmup=0)
-    finally:
-        torch.set_num_threads(threads)
+@needs_torch
+def test_compare_layers_against_torch_conv2d(one_torch_thread):
+    result = benchmark_layers.compare("resnet18", 2, 32, 10, steps=1, warmup=0)
     rows = result["rows"]
     assert sum(r["count"] for r in rows) == 20 and len(rows) == 11
     assert [r["grad_input"] for r in rows] == [False] + [True] * 10
