@@ -149,7 +149,8 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
         "arch": arch, "dtype": dtype, "image_size": image_size, "num_classes": num_classes,
         "per_device_batch": per_device_batch, "devices": n_dev, "global_batch": n_dev *
         per_device_batch, "platform": device.platform, "device_kind": device.device_kind,
-        "jax": jax.__version__, "parallel": dp.mode, "params": params, "init_s": init_s,
+        "jax": jax.__version__, "parallel": "jit (one device)" if dp.single else dp.mode,
+        "params": params, "init_s": init_s,
         "device_memory_limit_mib": _device_memory_mib(dp.local_devices, "bytes_limit")}
 
     steps = {

@@ -112,14 +112,15 @@ def test_float16_overflow_is_skipped_not_divergence():
                            jax.tree_util.tree_leaves(state.params)[0])
 
     dp = parallel.DataParallel("pmap")
-    bad = {"loss": np.array([np.inf]), "grad_norm": np.array([np.inf]),
-           "skipped": np.array([1.0]), "loss_scale": np.array([1024.0])}
+    assert dp.single  # one device: the step's metrics are scalars, without a device axis
+    bad = {"loss": np.array(np.inf), "grad_norm": np.array(np.inf),
+           "skipped": np.array(1.0), "loss_scale": np.array(1024.0)}
     train_lib._check_finite(dp, [bad], 1)  # skipped by the scaler: no error
     with pytest.raises(train_lib.NonFiniteLossError, match="diverged at step 3"):
-        train_lib._check_finite(dp, [dict(bad, loss_scale=np.array([1.0]))], 3)
+        train_lib._check_finite(dp, [dict(bad, loss_scale=np.array(1.0))], 3)
     means = train_lib._mean_metrics(dp, [
-        {"loss": np.array([np.inf]), "skipped": np.array([1.0]), "loss_scale": np.array([2.0])},
-        {"loss": np.array([2.0]), "skipped": np.array([0.0]), "loss_scale": np.array([1.0])}])
+        {"loss": np.array(np.inf), "skipped": np.array(1.0), "loss_scale": np.array(2.0)},
+        {"loss": np.array(2.0), "skipped": np.array(0.0), "loss_scale": np.array(1.0)}])
     assert means == {"loss": 2.0, "skipped_steps": 1.0, "loss_scale": 1.0}
 
 

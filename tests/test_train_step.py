@@ -1,6 +1,7 @@
 """The per-device train/eval steps on one device (multi-device runs are in test_parallel.py)."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -49,6 +50,52 @@ def test_step_donates_its_state():
     new_state, _ = step(state, h.fake_batches(1, 8)[0])
     jax.block_until_ready(new_state)
     assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def _copied_parameters(compiled_text):
+    """The entry parameters (state and batch arrays) that a compiled program copies."""
+    entry = compiled_text[compiled_text.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    params = set(re.findall(r"(%[\w.\-]+) = \S+ parameter\(", entry))
+    return [name for name in re.findall(r" copy\((%[\w.\-]+)\)", entry) if name in params]
+
+
+def test_one_device_steps_without_a_device_axis_or_copies_of_its_state():
+    """parallel.DataParallel on one device: the step is jitted over arrays without the device
+    axis, and its compiled program copies none of the donated state (the same step mapped over
+    the device axis copies every parameter and moment before updating it); the state comes out
+    as the mapped step's within float32 rounding (the two programs fuse the update differently)."""
+    from cnn_jax import parallel
+
+    model = h.tiny_module()
+    # SGD with momentum: Adam would turn the conv bias's rounding-level gradients (BN follows it)
+    # into full-size steps of either sign.
+    tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
+    host = jax.tree_util.tree_map(np.asarray, _state(model, tx))
+    batches = [h.split_devices(b, 1) for b in h.fake_batches(3, 16)]
+    runs = {}
+    for single in (True, False):
+        dp = parallel.DataParallel("pmap")
+        assert dp.single and dp.num_devices == 1
+        dp.single = single  # False: the mapped program, as on several devices
+        step = dp.map(functools.partial(ts.train_step, axis_name=dp.axis_name),
+                      donate_argnums=(0,))
+        state = dp.replicate(host)
+        shapes = [x.shape for x in jax.tree_util.tree_leaves(state.params)]
+        assert (shapes == [x.shape for x in jax.tree_util.tree_leaves(host.params)]) == single
+        copied = _copied_parameters(step.lower(state, dp.shard(batches[0])).compile().as_text())
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, dp.shard(batch))
+            losses.append(float(dp.unreplicate(metrics)["loss"]))
+        runs[single] = copied, losses, dp.unreplicate(state)
+    (copied, losses, state), (mapped_copied, mapped_losses, mapped) = runs[True], runs[False]
+    assert copied == [] and len(mapped_copied) >= len(jax.tree_util.tree_leaves(host.params))
+    np.testing.assert_allclose(losses, mapped_losses, rtol=1e-6)
+    assert int(state.step) == int(mapped.step) == 3
+    chex.assert_trees_all_close((state.params, state.opt_state, state.batch_stats),
+                                (mapped.params, mapped.opt_state, mapped.batch_stats),
+                                rtol=1e-5, atol=1e-7)
 
 
 def test_mixed_precision_keeps_fp32_params_and_optimizer_state():
