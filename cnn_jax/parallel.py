@@ -14,7 +14,7 @@ arrays without the device axis (``replicate``, ``shard`` and ``unreplicate`` dro
 it on the host, where that is free) and compiles the same per-device step with ``jax.jit``, its
 collectives over a one-device mesh. Train steps on the 2-core AVX-512 host, in one process,
 rounds alternating, both build orders: the default run's resnet18 139 / 130 -> 119 / 115 ms,
-alexnet at batch 16 512 / 531 -> 441 / 483 ms.
+alexnet at batch 16 512 / 531 -> 446 / 477 ms.
 """
 
 from __future__ import annotations
