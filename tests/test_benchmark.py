@@ -201,15 +201,17 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
         "error: --profile takes a number of steps (0: none), got -1")
 
 
-def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
-    """The suite end to end at a tiny size, pmap over 8 CPU devices, with TF & co. unimportable."""
+@pytest.mark.parametrize("devices", [8, 1])
+def test_gpu_suite_on_cpu_devices_without_tensorflow(tmp_path, devices):
+    """The suite end to end at a tiny size, with TF & co. unimportable: pmap over 8 CPU devices,
+    and on one device (a one-GPU machine's path) the step jitted without the device axis."""
     site = h.blocking_site(tmp_path, benchmark_gpu.FORBIDDEN)
     out = tmp_path / "out"
     proc = h.run_python(
         ["-m", "cnn_jax.benchmark", "--suite=gpu", f"--arch={h.TINY_ARCH}",
          *h.TINY_MODEL_OPTIONS, "--image_size=32", "--num_classes=10",
          "--batch_size=2", "--steps=2", "--warmup=1", "--kind_budget_s=0.1", "--dtype=float32",
-         "--profile_steps=2", f"--output={out}", "--json"], num_cpu_devices=8,
+         "--profile_steps=2", f"--output={out}", "--json"], num_cpu_devices=devices,
         PYTHONPATH=os.pathsep.join([str(site), h.REPO]), **FAST_INIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))
@@ -218,12 +220,13 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
     (row,) = result["rows"]
     assert "error" not in row, row.get("error")
     assert row["forbidden_modules"] == []
-    assert (row["arch"], row["dtype"], row["devices"], row["global_batch"], row["platform"]) == (
-        h.TINY_ARCH, "float32", 8, 16, "cpu")
+    assert (row["arch"], row["dtype"], row["devices"], row["global_batch"], row["platform"],
+            row["parallel"]) == (h.TINY_ARCH, "float32", devices, 2 * devices, "cpu",
+                                 "pmap" if devices > 1 else "jit (one device)")
     for kind in ("train", "eval"):
         r = row[kind]
         assert r["compile_s"] > 0 and 2 <= r["steps"] <= 2 and r["step_ms"] > 0
-        assert r["images_per_sec"] == pytest.approx(8 * r["images_per_sec_per_device"])
+        assert r["images_per_sec"] == pytest.approx(devices * r["images_per_sec_per_device"])
         assert r["peak_mib"] is None and r["xla_estimate_mib"] > 0  # CPU: no allocator stats
     assert row["train"]["xla_flops_per_device_step"] > 0
     target = result["target"]
@@ -233,7 +236,7 @@ def test_gpu_suite_on_eight_cpu_devices_without_tensorflow(tmp_path):
     assert row["train_vs_share"] == pytest.approx(
         row["train"]["images_per_sec_per_device"] / row["flop_share_images_per_sec"])
     table = (out / "gpu_suite.md").read_text()
-    assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and "8 x cpu" in table
+    assert f"| {h.TINY_ARCH} | float32 | 2 |" in table and f"{devices} x cpu" in table
     profile = row["train"]["profile"]  # --profile_steps: the traced steps' XLA ops
     assert profile["steps"] == 2 and profile["op_ms_per_step"] > 0 and profile["kinds"]
     assert profile["source"] == "host thunks"
