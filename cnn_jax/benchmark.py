@@ -8,7 +8,8 @@ of the compiled step (arguments + outputs + temporaries - donated aliases).
 ``--compare=torch``: against torchvision's same network in PyTorch on the same CPU, alternating
 (:mod:`cnn_jax.benchmark_torch`); with ``--layers``, each of its convolutions alone
 (:mod:`cnn_jax.benchmark_layers`). ``--ab=xla,auto``: the same network under several layer
-implementations (and torch) in one process, rounds in rotated order (:mod:`cnn_jax.benchmark_ab`). ``--suite=gpu``: fp32 and bf16 of every family over all local
+implementations (and torch) in one process, rounds in rotated order
+(:mod:`cnn_jax.benchmark_ab`). ``--suite=gpu``: fp32 and bf16 of every family over all local
 accelerators within a time budget (:mod:`cnn_jax.benchmark_gpu`). Neither this module nor those
 import TensorFlow or ml_collections (a GPU machine may have neither).
 """

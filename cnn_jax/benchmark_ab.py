@@ -80,9 +80,8 @@ def _build_arm(impl: str, model, host_state, images, labels):
     from cnn_jax.models import layers
 
     jax.clear_caches()  # else the layers' jitted helpers replay another arm's traces
-    device = jax.devices("cpu")[0] if jax.default_backend() == "cpu" else jax.devices()[0]
     state, batch = jax.device_put((host_state.replace(apply_fn=model.apply),
-                                   {"image": images, "label": labels}), device)
+                                   {"image": images, "label": labels}), jax.devices()[0])
     with layers.implementation(impl):
         steps = CompiledSteps(state, batch)
     # Of the traced program (what the arms differ in), not the compiled one: in one test run two

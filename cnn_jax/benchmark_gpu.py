@@ -125,7 +125,8 @@ def run_row(arch: str, per_device_batch: int, image_size: int = 224, num_classes
     options = check_model_options(arch, dict(model or {}), flag_prefix="--model.")
 
     compute = jnp.dtype(dtype)  # a name from DTYPES
-    # pmap as the train loop runs it; shard_map (same per-device step) where a jax lacks pmap.
+    # As the train loop runs it: pmap (shard_map where a jax lacks pmap) over several devices,
+    # jit without the device axis on one (parallel.DataParallel.single).
     dp = parallel.DataParallel("pmap" if hasattr(jax, "pmap") else "shard_map")
     n_dev = dp.num_local_devices
     model = create_model(arch, num_classes=num_classes, dtype=compute, **options)
