@@ -179,9 +179,12 @@ def test_which_convolutions_take_the_output_gradient_patches(shape, out, stride,
     ((2, 32, 32, 16), 16, 1, jnp.float32, False),  # <= 16 channels: YNNPACK declines it itself
     ((2, 56, 56, 64), 64, 1, jnp.bfloat16, False),  # YNNPACK takes float32 convolutions only
 ])
-def test_which_convolutions_run_on_eigen(shape, out, stride, dtype, eigen):
+def test_which_convolutions_run_on_eigen(shape, out, stride, dtype, eigen, monkeypatch):
     kernel_shape = (3, 3, shape[-1], out)
+    monkeypatch.setattr(layers, "_one_thread", lambda: False)
     assert layers._use_eigen(kernel_shape, (stride, stride), dtype) == eigen
+    monkeypatch.setattr(layers, "_one_thread", lambda: True)  # YNNPACK is faster on one thread
+    assert not layers._use_eigen(kernel_shape, (stride, stride), dtype)
 
 
 def _ynnpack_convolutions(hlo: str) -> int:
@@ -210,11 +213,61 @@ def cpu_avx512(monkeypatch):
     jax.clear_caches()
 
 
-def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512):
+@pytest.fixture
+def one_thread(monkeypatch):
+    """``one_thread(flag)`` makes the layers see a process on one CPU core (or on several)."""
+    def set_flag(flag: bool):
+        monkeypatch.setattr(layers, "_one_thread", lambda: flag)
+        jax.clear_caches()
+
+    yield set_flag
+    jax.clear_caches()
+
+
+# The convolutions of the experiments' narrow networks: the CIFAR stem (3 -> 8), 8 -> 8 and
+# 16 -> 16 (which YNNPACK declines unpadded), DenseNet-BC's growth 32 -> 8, and a 32 -> 32 that
+# would take the Eigen detour on several threads.
+ONE_THREAD_CASES = {"stem_3_to_8": ((2, 10, 10, 3), 8), "8_to_8": ((2, 10, 10, 8), 8),
+                    "16_to_16_asymmetric": ((2, 9, 9, 16), 16), "growth_32_to_8": ((2, 10, 10, 32), 8),
+                    "32_to_32": ((2, 9, 10, 32), 32)}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_THREAD_CASES))
+def test_one_thread_convolutions_equal_xla(case, one_thread):
+    """On one thread (an experiments worker) narrow convolutions run on YNNPACK, padded to
+    24 input channels where it would decline them: values and both gradients as XLA's."""
+    shape, out = ONE_THREAD_CASES[case]
+    padding = ((0, 1), (2, 0)) if "asymmetric" in case else 1
+    x, w = normal(0, shape), normal(1, (3, 3, shape[-1], out)) * 0.3
+    one_thread(True)
+
+    def loss(x, w):
+        y = layers.conv2d(x, w, 1, padding)
+        return jnp.sum(jnp.sin(y)), y
+
+    ref, got = _both(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), x, w)
+    _assert_close(ref, got, 2e-5)
+
+
+def test_one_thread_hands_narrow_convolutions_to_ynnpack(one_thread):
+    """8 -> 8: on several threads XLA keeps the forward and the input gradient (YNNPACK declines
+    them); on one, both are padded and go to YNNPACK. If a newer XLA takes them unpadded, the
+    padding is waste: re-measure ``_ONE_THREAD_PAD_CHANNELS``."""
+    def ynn(flag):
+        one_thread(flag)
+        x, w = jnp.ones((1, 10, 10, 8)), jnp.ones((3, 3, 8, 8))
+        grads = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1) ** 2), (0, 1)))
+        return _ynnpack_convolutions(grads.lower(x, w).compile().as_text())
+
+    assert ynn(False) == 0 and ynn(True) == 2
+
+
+def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
     """The one-extra-row convolutions (forward and input gradient) stay XLA's own: if a newer XLA
     hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 24 -> 128 the
     forward and XLA's weight gradient go to YNNPACK (the check sees them) and the input gradient
     (128 -> 24) to Eigen; at 128 x 128 Winograd's products leave no convolution at all."""
+    one_thread(False)
     def compiled(c, o):
         x, w = jnp.ones((1, 10, 10, c)), jnp.ones((3, 3, c, o))
         grads = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1) ** 2), (0, 1)))

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -429,8 +430,41 @@ _YNN_MIN_CHANNELS = 17
 
 def _use_eigen(kernel_shape, strides, dtype) -> bool:
     c, o = kernel_shape[2:]
-    return (strides == (1, 1) and jnp.dtype(dtype) == jnp.float32
+    return (strides == (1, 1) and jnp.dtype(dtype) == jnp.float32 and not _one_thread()
             and o <= _EIGEN_MAX_OUTPUT_CHANNELS and max(c, o) >= _YNN_MIN_CHANNELS)
+
+
+# A process on one core (each worker of experiments/run.py pins itself to one): XLA:CPU runs every
+# op on one thread, and YNNPACK's single-threaded convolutions beat Eigen's at every stride-1 size
+# measured, so the Eigen detour above is not taken. The ones YNNPACK declines (at most 16 input and
+# output channels) run on it too, with their input channels zero-padded to 24 (17 and 32 were
+# slower). One core of the AVX-512 host, batch 16, forward ms, XLA's -> this (2026-12-05, medians
+# of 7): 8 -> 8 at 32x32 1.11 -> 0.79, 16 -> 16 at 16x16 0.43 -> 0.25, 3 -> 8 at 32x32 1.23 ->
+# 0.74, 32 -> 8 at 32x32 (DenseNet-BC's growth) 2.83 -> 0.81, 64 -> 64 at 56x56 33.1 -> 24.4.
+# On two cores Eigen's threads win both kinds (8 -> 8: 0.68 against 0.88 padded), hence one
+# thread only.
+_ONE_THREAD_PAD_CHANNELS = 24
+
+
+def _one_thread() -> bool:
+    """Whether XLA:CPU has one thread here: this process may run on one CPU core only (XLA sizes
+    its pool by the cores the process may use)."""
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() == 1
+
+
+def _pad_for_ynn(x: Array, kernel: Array) -> Tuple[Array, Array]:
+    """With one thread, a float32 convolution YNNPACK would decline gets zero input channels
+    (the same sums plus zeros) so that it takes it."""
+    c, o = kernel.shape[2:]
+    if (jnp.dtype(x.dtype) != jnp.float32 or max(c, o) >= _YNN_MIN_CHANNELS
+            or not _one_thread()):
+        return x, kernel
+    extra = _ONE_THREAD_PAD_CHANNELS - c
+    return (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))),
+            jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0))))
 
 
 # Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional
@@ -627,7 +661,7 @@ def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     if _use_winograd_forward(x.shape, kernel.shape, x.dtype, padding):
         return _winograd_conv3x3(x, kernel, padding)
     if not _use_eigen(kernel.shape, (1, 1), x.dtype):
-        return _xla_conv(x, kernel, (1, 1), padding)
+        return _xla_conv(*_pad_for_ynn(x, kernel), (1, 1), padding)
     (top, bottom), cols = padding
     h, kh = x.shape[1], kernel.shape[0]
     rows = h + top + bottom - kh + 1
