@@ -47,7 +47,8 @@ def get_experiment(smoke: bool = False) -> common.Experiment:
     config = common.recipe(
         smoke, arch="alexnet_original", image_size=64,
         dataset="shapes/64px_n96_v32" if smoke else DATASET,
-        learning_rate=5e-4, num_epochs=1.0 if smoke else EPOCHS, batch_size=16 if smoke else 32)
+        learning_rate=5e-4, num_epochs=1.0 if smoke else EPOCHS, batch_size=16 if smoke else 32,
+        lr_schedule="cosine")  # no plateau, so no drop: the cosine anneals
     if not smoke:  # the recipe evaluates once an epoch
         config.eval_every_steps = config.log_every_steps = EVAL_EVERY_EPOCHS * \
             config.eval_every_steps

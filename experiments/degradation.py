@@ -92,8 +92,9 @@ residual networks train at least as well as the shallow ones. Here: the register
         extra={"depths": (shallow, deep)},
         caveats=[
             f"Depths {shallow} and {deep}, not the paper's 20 and 56 (the 2-core CPU budget); "
-            "widths halved; the hard `shapes` level, not CIFAR-10; AdamW with a cosine schedule, "
-            "not the paper's SGD steps. The paper's command is given under each outcome.",
+            "widths halved; the hard `shapes` level, not CIFAR-10; AdamW at a constant rate divided "
+            "by 10 at the first validation plateau, not the paper's SGD divided by 10 at fixed "
+            "iterations. The paper's command is given under each outcome.",
             "Three seeds resolve differences of a few points (or a few hundredths of a nat); "
             "smaller effects stay inconclusive.",
         ])

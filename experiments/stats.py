@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,48 +81,71 @@ class Plateau:
     interval) has not fallen by more than ``max_loss_drop`` of itself over them, and at least
     ``min_fraction`` of the epoch budget is done.
 
-    Validation alone is not enough at a high learning rate: its top-1 jumps by points from one
-    evaluation to the next, and a run can stall on it for three evaluations while the training
-    loss still falls 20% (resnet20 stopped at 55% top-1 where the same seeds later reached 64-73%).
-    ``max_loss_drop=None`` leaves the loss out. Early in a cosine schedule a flat stretch is not
-    convergence either: hence ``min_fraction``."""
+    With ``drops`` > 0 the criterion is met ``drops + 1`` times in turn: at each of the first
+    ``drops`` the learning rate is multiplied by ``factor`` (He et al. 2016: "divided by 10 when
+    the error plateaus") and the next search starts after it (``patience`` evaluations at the new
+    rate; ``min_fraction`` bounds the first search only); the last one is the run's plateau.
+
+    Validation alone is not enough at a high learning rate to stop a run: its top-1 jumps by
+    points from one evaluation to the next, and a run can stall on it for three evaluations while
+    the training loss still falls 20% (resnet20 stopped at 55% top-1 where the same seeds later
+    reached 64-73%); with drops such a stall lowers the rate instead. ``max_loss_drop=None``
+    leaves the loss out. Early in a run a flat stretch is not convergence either: hence
+    ``min_fraction``."""
 
     patience: int = 4
     min_delta: float = 0.005
     min_fraction: float = 0.4
     max_loss_drop: Optional[float] = 0.05
+    drops: int = 0
+    factor: float = 0.1
 
     def describe(self) -> str:
         loss = ("" if self.max_loss_drop is None else
                 f" and the training loss fell by at most {100 * self.max_loss_drop:.0f}% over them")
-        return (f"converged = the best validation top-1 rose by at most "
-                f"{100 * self.min_delta:.1f} points over the last {self.patience} evaluations"
-                f"{loss}, after at least {100 * self.min_fraction:.0f}% of the epoch budget")
+        held = (f"the best validation top-1 rose by at most {100 * self.min_delta:.1f} points over "
+                f"the last {self.patience} evaluations{loss}")
+        if not self.drops:
+            return (f"converged = {held}, after at least {100 * self.min_fraction:.0f}% of the "
+                    "epoch budget")
+        times = "once" if self.drops == 1 else f"{self.drops} times"
+        return (f"plateau = {held} (first after at least {100 * self.min_fraction:.0f}% of the "
+                f"epoch budget); at a plateau the learning rate is multiplied by {self.factor:g} "
+                f"({times}), and the run stops at the plateau after that")
 
     def record(self) -> dict:
         """The ``plateau`` record a stopped run keeps: the criterion that held, so that a run
         stopped under another criterion is not taken as finished under this one."""
         return {"reached": 1.0, "patience": float(self.patience), "min_delta": self.min_delta,
                 "min_fraction": self.min_fraction,
-                "max_loss_drop": -1.0 if self.max_loss_drop is None else self.max_loss_drop}
+                "max_loss_drop": -1.0 if self.max_loss_drop is None else self.max_loss_drop,
+                "drops": float(self.drops), "factor": self.factor}
 
     def matches(self, record: dict) -> bool:
-        """Whether a ``plateau`` record was written under this criterion."""
-        return all(k in record and math.isclose(float(record[k]), v)
-                   for k, v in self.record().items())
+        """Whether a ``plateau`` record was written under this criterion (one written before
+        ``drops`` existed had none)."""
+        mine = self.record()
+        if not self.drops:
+            mine.pop("drops"), mine.pop("factor")
+        return all(k in record and math.isclose(float(record[k]), v) for k, v in mine.items()) \
+            and float(record.get("drops", 0.0)) == self.drops
 
-    def index(self, top1s: Sequence[float], fractions: Sequence[float],
-              losses: Optional[Sequence[float]] = None) -> Optional[int]:
-        """The first evaluation (index) at which the criterion held, or None. ``losses``: the
-        training loss at each evaluation (required unless ``max_loss_drop`` is None)."""
+    def holds(self, top1s: Sequence[float], fractions: Sequence[float],
+              losses: Optional[Sequence[float]] = None) -> List[int]:
+        """The evaluations (indices) at which the criterion held, in turn: at most ``drops + 1``,
+        each searched after the one before. ``losses``: the training loss at each evaluation
+        (required unless ``max_loss_drop`` is None)."""
         if self.max_loss_drop is not None and losses is None:
             raise ValueError("this plateau criterion needs the training loss at each evaluation")
         best = -math.inf
         history = []  # best-so-far after each evaluation
+        found: List[int] = []
         for i, (t, f) in enumerate(zip(top1s, fractions)):
             best = max(best, t)
             history.append(best)
-            if i < self.patience or f < self.min_fraction or \
+            start = found[-1] if found else 0  # the patience window lies after the last hold
+            if len(found) > self.drops or i - start < self.patience or \
+                    (not found and f < self.min_fraction) or \
                     history[i] - history[i - self.patience] > self.min_delta:
                 continue
             if self.max_loss_drop is not None:
@@ -130,8 +153,15 @@ class Plateau:
                 if not (math.isfinite(before) and math.isfinite(now)) or \
                         before - now > self.max_loss_drop * abs(before):
                     continue
-            return i
-        return None
+            found.append(i)
+        return found
+
+    def index(self, top1s: Sequence[float], fractions: Sequence[float],
+              losses: Optional[Sequence[float]] = None) -> Optional[int]:
+        """The evaluation (index) at which the run's plateau held (after ``drops`` holds that
+        lowered the learning rate), or None."""
+        found = self.holds(top1s, fractions, losses)
+        return found[-1] if len(found) > self.drops else None
 
     def index_of(self, evaluations: Sequence[Tuple[int, float, float]],
                  total_steps: int) -> Optional[int]:
@@ -141,3 +171,11 @@ class Plateau:
             return None
         steps, top1s, losses = zip(*evaluations)
         return self.index(top1s, [s / total_steps for s in steps], losses)
+
+    def holds_of(self, evaluations: Sequence[Tuple[int, float, float]],
+                 total_steps: int) -> List[int]:
+        """:meth:`holds` over a run's evaluations as (step, val top-1, training loss)."""
+        if not evaluations:
+            return []
+        steps, top1s, losses = zip(*evaluations)
+        return self.holds(top1s, [s / total_steps for s in steps], losses)

@@ -301,6 +301,20 @@ def test_plateau_criterion():
     # the record names its criterion; a stop under another one does not count
     assert lossy.matches(json.loads(json.dumps(lossy.record())))
     assert not p.matches(lossy.record()) and not lossy.matches({"reached": 1.0})
+    # with one drop: the criterion holds twice, the second time after `patience` evaluations
+    # at the lower rate; min_fraction bounds the first hold only
+    dropping = dataclasses.replace(p, drops=1, min_fraction=0.3)
+    top1 = [0.10, 0.30, 0.302, 0.305, 0.50, 0.55, 0.555, 0.556]
+    fractions = [i / 10 for i in range(1, 9)]
+    assert dropping.holds(top1, fractions) == [3, 7] and dropping.index(top1, fractions) == 7
+    assert dropping.holds(top1[:7], fractions[:7]) == [3] and \
+        dropping.index(top1[:7], fractions[:7]) is None
+    assert p.holds(top1, fractions) == [7]  # without drops: one hold (from half the budget)
+    assert "multiplied by 0.1 (once)" in dropping.describe() and "multiplied" not in p.describe()
+    assert dropping.matches(dropping.record()) and not p.matches(dropping.record())
+    assert not dropping.matches(p.record())
+    old_record = {k: v for k, v in p.record().items() if k not in ("drops", "factor")}
+    assert p.matches(old_record)  # written before drops existed
 
 
 def test_eval_mode_metrics_in_chunks_equal_one_pass():
@@ -338,6 +352,60 @@ def test_plateau_hook_stops_and_writes():
         hook(e)
     assert (e0.stop, e1.stop, e2.stop) == (False, False, True)
     assert written == [(30, "plateau", plateau.record())]
+
+
+def test_plateau_hook_drops_the_rate_then_stops():
+    plateau = stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0, max_loss_drop=None,
+                            drops=1)
+    written = []
+
+    def event(step, top1):
+        return types.SimpleNamespace(step=step, total_steps=100, metrics={"top1": top1},
+                                     train_metrics={"loss": 1.0}, stop=False,
+                                     write=lambda split, s: written.append((step, split)))
+
+    hook = common.PlateauHook(plateau)
+    events = [event(10, 0.3), event(20, 0.31)]
+    for e in events:
+        hook(e)
+    assert events[1].stop and hook.dropped_at == 20 and not written  # train_run records it
+    # resumed at the lower rate with the history so far: the next hold is the run's plateau
+    hook = common.PlateauHook(plateau, history=[(10, 0.3, 1.0), (20, 0.31, 1.0)])
+    events = [event(30, 0.5), event(40, 0.52)]
+    for e in events:
+        hook(e)
+    assert [e.stop for e in events] == [False, True] and hook.dropped_at is None
+    assert written == [(40, "plateau")]
+
+
+def test_a_drop_lowers_the_rate_and_the_run_goes_on_to_its_plateau(smoke, tmp_path):
+    """degradation's smoke run (evaluations at steps 2, 4, 6) under its criterion with one drop:
+    it holds at step 4 (the rate is divided by 10 from there, resumed from that checkpoint) and
+    again at step 6, the run's plateau. A workdir of another training config is refused."""
+    from cnn_jax import metrics
+    from experiments import degradation
+
+    exp = degradation.get_experiment(smoke=True)
+    exp = dataclasses.replace(exp, plateau=dataclasses.replace(exp.plateau, drops=1))
+    overrides = {"data_dir": str(smoke.data), "lr_schedule": "constant"}
+    workdir = tmp_path / "drop"
+    lines = []
+    result = common.train_run(exp, "plain8", 0, str(workdir), overrides, log=lines.append)
+    records = metrics.read_metrics(str(workdir))
+    assert [(r["split"], r["step"]) for r in records if r["split"] in ("lr_drop", "plateau")] \
+        == [("lr_drop", 4), ("plateau", 6)]
+    lr = {r["step"]: r["learning_rate"] for r in records if r["split"] == "train"}
+    peak = exp.variant_config("plain8", 0).learning_rate
+    assert lr[4] == pytest.approx(peak) and lr[6] == pytest.approx(peak / 10)
+    assert [r["learning_rate"] for r in records if r["split"] == "lr_drop"] == \
+        [pytest.approx(peak / 10)]
+    assert result.status == "plateau at epoch 1.0 (lr dropped at epoch 0.7)"
+    assert result.drop_epochs == [pytest.approx(4 / 6)]
+    assert any("learning rate x0.1" in line for line in lines)
+    again = common.train_run(exp, "plain8", 0, str(workdir), overrides, log=lines.append)
+    assert again.records == records  # finished: read, not trained
+    with pytest.raises(ValueError, match="holds a run of another training config"):
+        common.train_run(exp, "plain8", 0, str(workdir), {**overrides, "learning_rate": 0.5})
 
 
 def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
