@@ -861,7 +861,8 @@ def new_figure(ncols: int, nrows: int = 1, width: float = 5.0, height: float = 3
 
 def plot_curve_axes(axes, results: Results) -> None:
     """Training loss (eval mode, probe), validation loss and validation top-1 against epochs:
-    mean over seeds with a +-1 std band; a triangle where each run reached its plateau."""
+    mean over seeds with a +-1 std band; a triangle where each run reached its plateau, a cross
+    where a plateau lowered its learning rate."""
     panels = (("train_probe", "loss", 1.0, "training loss (eval mode, training images)"),
               ("eval", "loss", 1.0, "validation loss"),
               ("eval", "top1", 100.0, "validation top-1 (%)"))
@@ -876,10 +877,13 @@ def plot_curve_axes(axes, results: Results) -> None:
                     label=f"{label} (n={len(runs)})")
             ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, lw=0)
         for r in runs:
+            top1 = {int(e["step"]): 100 * float(e["top1"]) for e in r.split("eval")}
             if r.plateaued:
-                evals = r.split("eval")
-                axes[2].plot(r.epochs, 100 * float(evals[-1]["top1"]), marker="v", ms=6,
-                             color=color, ls="none")
+                axes[2].plot(r.epochs, top1[max(top1)], marker="v", ms=6, color=color, ls="none")
+            for d in r.split(LR_DROP):  # the plateau that lowered the learning rate
+                if int(d["step"]) in top1:
+                    axes[2].plot(int(d["step"]) / r.steps_per_epoch, top1[int(d["step"])],
+                                 marker="x", ms=6, color=color, ls="none")
     for ax, (_, _, _, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
@@ -892,7 +896,9 @@ def plot_curve_axes(axes, results: Results) -> None:
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.tick_params(axis="y", which="minor", labelsize=7)
-    axes[2].legend(fontsize=7, title="mean ± std over seeds; ▼ plateau", title_fontsize=7)
+    drops = any(r.split(LR_DROP) for r in results.runs)
+    axes[2].legend(fontsize=7, title="mean ± std over seeds; ▼ plateau" +
+                   (f"; × lr × {results.exp.plateau.factor:g}" if drops else ""), title_fontsize=7)
 
 
 def plot_curves(path: str, results: Results, extra_panels: int = 0):
