@@ -586,10 +586,11 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     total = optim.total_train_steps(config, info.num_train_examples, config.batch_size)
     params, macs = model_cost(config, info.num_classes)
     records = metrics_lib.read_metrics(workdir) if os.path.exists(workdir) else []
+    key = run_key(exp, config)
     key_file = os.path.join(workdir, RUN_KEY_FILE)
     if records and os.path.exists(key_file):
         with open(key_file) as f:
-            if f.read().strip() != run_key(exp, config):
+            if f.read().strip() != key:
                 raise ValueError(f"{workdir} holds a run of another training config (another "
                                  "--config.*, or an older recipe); remove it to train this one, "
                                  "or pass another --workdir")
@@ -600,7 +601,6 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     if _stale_stop(records, exp.plateau):
         records = _restate_plateau(exp, workdir, records, total, log)
     if not _finished(records, total, exp.plateau) and not os.path.exists(diverged_file):
-        key = run_key(exp, config)
         shared = _shared_run(workdir, key, total, exp.plateau)
         if shared:
             log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, "

@@ -160,17 +160,17 @@ class Plateau:
               losses: Optional[Sequence[float]] = None) -> Optional[int]:
         """The evaluation (index) at which the run's plateau held (after ``drops`` holds that
         lowered the learning rate), or None."""
-        found = self.holds(top1s, fractions, losses)
-        return found[-1] if len(found) > self.drops else None
+        return self._stop(self.holds(top1s, fractions, losses))
+
+    def _stop(self, holds: List[int]) -> Optional[int]:
+        """The last of ``holds`` if it is the run's plateau (the one after every drop)."""
+        return holds[-1] if len(holds) > self.drops else None
 
     def index_of(self, evaluations: Sequence[Tuple[int, float, float]],
                  total_steps: int) -> Optional[int]:
         """:meth:`index` over a run's evaluations as (step, val top-1, training loss), in a run of
         ``total_steps`` steps (the epoch budget)."""
-        if not evaluations:
-            return None
-        steps, top1s, losses = zip(*evaluations)
-        return self.index(top1s, [s / total_steps for s in steps], losses)
+        return self._stop(self.holds_of(evaluations, total_steps))
 
     def holds_of(self, evaluations: Sequence[Tuple[int, float, float]],
                  total_steps: int) -> List[int]:
