@@ -124,18 +124,16 @@ def run(arch: str, batch_size: int, image_size: int = 224, num_classes: int = 10
     model options (checked against the architecture's fields); ``profile``: trace that many
     more train steps into ``result["train"]["profile"]`` (:func:`cnn_jax.profiling.summarize`)."""
     import jax
-    import optax
 
     from cnn_jax import train_step as step_lib
+    from cnn_jax.benchmark_gpu import host_train_state
     from cnn_jax.models import check_model_options, count_params, create_model
 
     device = jax.devices()[0]
     options = check_model_options(arch, dict(model or {}), flag_prefix="--model.")
     model = create_model(arch, num_classes=num_classes, dtype=model_dtype(dtype), **options)
-    tx = optax.sgd(0.01, momentum=0.9)
     image_shape = (image_size, image_size, 3)
-    state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape,
-                                        model_dtype(dtype))
+    state = host_train_state(model, image_shape)  # SGD momentum, initialized on the CPU
     key_x, key_y = jax.random.split(jax.random.PRNGKey(1))
     batch = {"image": jax.random.normal(key_x, (batch_size,) + image_shape, model_dtype(dtype)),
              "label": jax.random.randint(key_y, (batch_size,), 0, num_classes)}
@@ -274,6 +272,8 @@ def main_suite() -> None:
         _given("batch_size"), FLAGS.image_size, FLAGS.num_classes, MODEL_OPTIONS,
         FLAGS.steps if FLAGS["steps"].present else 20, FLAGS.warmup, FLAGS.kind_budget_s,
         FLAGS.time_budget_s, profile_steps=FLAGS.profile_steps,
+        compilation_cache_dir=(FLAGS.compilation_cache_dir if FLAGS.compilation_cache
+                               else None),
         progress=_progress)
     print(json.dumps(result) if FLAGS.json else benchmark_gpu.markdown(result), flush=True)
     print(f"wrote {os.path.join(output, 'gpu_suite.json')} and gpu_suite.md", file=sys.stderr)

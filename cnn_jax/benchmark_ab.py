@@ -1,7 +1,8 @@
 """A/B of layer implementations in one process (``python -m cnn_jax.benchmark --ab=xla,auto``).
 
 Each arm is the same network, batch and initial state, its train and eval steps compiled under one
-``layers.implementation`` ('xla': XLA's own ops; 'auto', 'fast': the fast formulations) or
+``layers.implementation`` ('xla': XLA's own ops; 'auto', 'fast': the fast formulations;
+'fast:max_pool', 'fast:conv1x1+max_pool', ...: only those) or
 torchvision's network ('torch'). The arms' steps are timed in rounds: every round runs each arm
 once, in an order rotated by one arm per round, after a short pause. Three things make a naive
 in-process A/B wrong on this project's CPU host, and each is handled here:
@@ -31,13 +32,24 @@ ARMS = ("auto", "xla", "fast", "torch")
 def parse_arms(spec: str) -> List[str]:
     """``"xla,auto"`` -> ``["xla", "auto"]``: at least two distinct known arms."""
     arms = [a.strip() for a in spec.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS and not _one_formulation(a)]
     if unknown:
         raise ValueError(f"--ab: unknown arm {unknown[0]!r}; arms are layer implementations "
-                         f"(auto, xla, fast) or torch, e.g. --ab=xla,auto")
+                         f"(auto, xla, fast, or fast:OP+OP with OPs of conv1x1, conv, max_pool) "
+                         f"or torch, e.g. --ab=xla,auto or --ab=xla,fast:max_pool")
     if len(arms) < 2 or len(set(arms)) != len(arms):
         raise ValueError(f"--ab takes two or more different arms, e.g. --ab=xla,auto; got {spec!r}")
     return arms
+
+
+def _one_formulation(arm: str) -> bool:
+    """Whether ``arm`` is a valid 'fast:OP+OP' layer implementation."""
+    from cnn_jax.models import layers
+
+    try:
+        return layers._fast_ops(arm) is not None
+    except ValueError:
+        return False
 
 
 def rotated(names: Sequence[str], round_index: int) -> List[str]:
@@ -99,9 +111,7 @@ def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
-    from cnn_jax import train_step as step_lib
     from cnn_jax.models import check_model_options, create_model
 
     if rounds < 1 or warmup < 0:
@@ -126,9 +136,9 @@ def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num
         torch_side = bt._TorchSide(torch, torchvision, row, dtype, images, labels)
         state, _ = bt.state_from_torch(row, dtype, torch_side.model.state_dict())
     else:
-        state = step_lib.create_train_state(model, optax.sgd(0.01, momentum=0.9),
-                                            jax.random.PRNGKey(0),
-                                            (image_size, image_size, 3), compute)
+        from cnn_jax.benchmark_gpu import host_train_state
+
+        state = host_train_state(model, (image_size, image_size, 3))  # on the CPU: see there
     host_state = jax.device_get(state.replace(apply_fn=None))
     images = images.astype(compute)
 

@@ -61,19 +61,37 @@ def param(module: nn.Module, name: str, init_fn: Callable, shape, dtype=jnp.floa
 # Parameters are untouched, and values and gradients equal XLA's ops (tests/test_fast_layers.py).
 
 IMPLEMENTATIONS = ("auto", "xla", "fast")
+# The formulations that can be chosen one by one ('fast:max_pool+conv1x1'): 1x1 convolutions as
+# matrix products, the other convolution rewrites (strided stems, Winograd, per-tap gradients),
+# and max pooling's gradient as masks over strided slices.
+FAST_OPS = ("conv1x1", "conv", "max_pool")
 _IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar("implementation",
                                                                      default="auto")
+
+
+def _fast_ops(impl: str) -> Optional[frozenset]:
+    """The ops of a 'fast:OP+OP' implementation (None: not of that form); ValueError if unknown."""
+    if not impl.startswith("fast:"):
+        return None
+    ops = frozenset(o for o in impl[len("fast:"):].split("+") if o)
+    unknown = sorted(ops - set(FAST_OPS))
+    if unknown or not ops:
+        raise ValueError(f"unknown layer implementation {impl!r}; 'fast:' takes one or more of "
+                         f"{', '.join(FAST_OPS)} joined by '+', e.g. fast:max_pool+conv1x1")
+    return ops
 
 
 @contextlib.contextmanager
 def implementation(impl: str):
     """Within this block (at trace time) layers use ``impl``: 'auto' (the fast formulations on
-    CPU, XLA's ops elsewhere), 'xla' (always ``lax.conv_general_dilated`` / ``reduce_window``) or
-    'fast' (always the matmul and slice formulations). It is read when a function is traced,
-    and ``jax.jit`` caches traces by function, not by this setting: jit a new function (e.g. a
-    fresh lambda) for each implementation, or the second runs the first one's program."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown layer implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    CPU, XLA's ops elsewhere), 'xla' (always ``lax.conv_general_dilated`` / ``reduce_window``),
+    'fast' (always the matmul and slice formulations) or 'fast:OP+OP' (only those of
+    ``FAST_OPS``, XLA's ops for the rest: an A/B of one formulation). It is read when a function
+    is traced, and ``jax.jit`` caches traces by function, not by this setting: jit a new function
+    (e.g. a fresh lambda) for each implementation, or the second runs the first one's program."""
+    if impl not in IMPLEMENTATIONS and _fast_ops(impl) is None:
+        raise ValueError(f"unknown layer implementation {impl!r}; choose one of "
+                         f"{IMPLEMENTATIONS} or fast:OP+OP with OPs of {FAST_OPS}")
     token = _IMPLEMENTATION.set(impl)
     try:
         yield
@@ -81,9 +99,13 @@ def implementation(impl: str):
         _IMPLEMENTATION.reset(token)
 
 
-def use_fast_formulations() -> bool:
-    """Whether layers traced now use the fast formulations (see ``implementation``)."""
+def use_fast_formulations(op: Optional[str] = None) -> bool:
+    """Whether layers traced now use the fast formulation of ``op`` (one of ``FAST_OPS``; None:
+    all of them), see ``implementation``."""
     impl = _IMPLEMENTATION.get()
+    ops = _fast_ops(impl)
+    if ops is not None:
+        return op in ops if op is not None else ops == set(FAST_OPS)
     return impl == "fast" or (impl == "auto" and jax.default_backend() == "cpu")
 
 
@@ -125,7 +147,7 @@ def max_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair 
     eh = _ceil_extra(x.shape[1], kh, sh, ph) if ceil_mode else 0
     ew = _ceil_extra(x.shape[2], kw, sw, pw) if ceil_mode else 0
     padding = ((ph, ph + eh), (pw, pw + ew))
-    if use_fast_formulations():
+    if use_fast_formulations("max_pool"):
         return _max_pool_slice_grad(x, (kh, kw), (sh, sw), padding)
     return _xla_max_pool(x, (kh, kw), (sh, sw), padding)
 
@@ -742,10 +764,14 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
         padding = torch_padding(padding)
     padding = tuple(tuple(p) for p in padding)
     kh, kw = kernel.shape[:2]
-    if groups != 1 or not use_fast_formulations():
+    if groups != 1:
         return _xla_conv(x, kernel, strides, padding, groups)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-        return _conv1x1(x, kernel, strides)
+        if use_fast_formulations("conv1x1"):
+            return _conv1x1(x, kernel, strides)
+        return _xla_conv(x, kernel, strides, padding)
+    if not use_fast_formulations("conv"):
+        return _xla_conv(x, kernel, strides, padding)
     if strides != (1, 1) and x.shape[-1] <= _STEM_MAX_CHANNELS:
         return _stem_space_to_depth(x, kernel, strides, padding)
     return _conv_fast_jit(x, kernel, strides, padding)
