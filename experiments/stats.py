@@ -91,7 +91,10 @@ class Plateau:
     the training loss still falls 20% (resnet20 stopped at 55% top-1 where the same seeds later
     reached 64-73%); with drops such a stall lowers the rate instead. ``max_loss_drop=None``
     leaves the loss out. Early in a run a flat stretch is not convergence either: hence
-    ``min_fraction``."""
+    ``min_fraction``. Nor is one at chance in a run that has not started yet (a deep plain net or
+    a DenseNet at a low rate can sit at chance for 10-15 epochs and then learn): the first
+    plateau also needs the best top-1 at ``min_top1`` or more, until ``stuck_fraction`` of the
+    budget, where a run still below it takes its first plateau as it comes."""
 
     patience: int = 4
     min_delta: float = 0.005
@@ -99,19 +102,26 @@ class Plateau:
     max_loss_drop: Optional[float] = 0.05
     drops: int = 0
     factor: float = 0.1
+    min_top1: float = 0.0
+    stuck_fraction: float = 1.0
+
+    # Fields added later, with the value that every record written before them was judged by.
+    _LATER = {"drops": 0.0, "factor": 0.1, "min_top1": 0.0, "stuck_fraction": 1.0}
 
     def describe(self) -> str:
         loss = ("" if self.max_loss_drop is None else
                 f" and the training loss fell by at most {100 * self.max_loss_drop:.0f}% over them")
         held = (f"the best validation top-1 rose by at most {100 * self.min_delta:.1f} points over "
                 f"the last {self.patience} evaluations{loss}")
+        first = f"after at least {100 * self.min_fraction:.0f}% of the epoch budget"
+        if self.min_top1 > 0:
+            first += (f", with the best top-1 at {100 * self.min_top1:.0f}% or more until "
+                      f"{100 * self.stuck_fraction:.0f}% of the budget")
         if not self.drops:
-            return (f"converged = {held}, after at least {100 * self.min_fraction:.0f}% of the "
-                    "epoch budget")
+            return f"converged = {held}, {first}"
         times = "once" if self.drops == 1 else f"{self.drops} times"
-        return (f"plateau = {held} (first after at least {100 * self.min_fraction:.0f}% of the "
-                f"epoch budget); at a plateau the learning rate is multiplied by {self.factor:g} "
-                f"({times}), and the run stops at the plateau after that")
+        return (f"plateau = {held} (first {first}); at a plateau the learning rate is multiplied "
+                f"by {self.factor:g} ({times}), and the run stops at the plateau after that")
 
     def record(self) -> dict:
         """The ``plateau`` record a stopped run keeps: the criterion that held, so that a run
@@ -119,16 +129,17 @@ class Plateau:
         return {"reached": 1.0, "patience": float(self.patience), "min_delta": self.min_delta,
                 "min_fraction": self.min_fraction,
                 "max_loss_drop": -1.0 if self.max_loss_drop is None else self.max_loss_drop,
-                "drops": float(self.drops), "factor": self.factor}
+                "drops": float(self.drops), "factor": self.factor, "min_top1": self.min_top1,
+                "stuck_fraction": self.stuck_fraction}
 
     def matches(self, record: dict) -> bool:
-        """Whether a ``plateau`` record was written under this criterion (one written before
-        ``drops`` existed had none)."""
-        mine = self.record()
-        if not self.drops:
-            mine.pop("drops"), mine.pop("factor")
-        return all(k in record and math.isclose(float(record[k]), v) for k, v in mine.items()) \
-            and float(record.get("drops", 0.0)) == self.drops
+        """Whether a ``plateau`` record was written under this criterion (one written before a
+        field of ``_LATER`` existed was judged by its value there)."""
+        record = {**self._LATER, **record}
+        if not float(record["drops"]):  # without drops the factor played no part
+            record["factor"] = self.factor
+        return all(k in record and math.isclose(float(record[k]), v)
+                   for k, v in self.record().items())
 
     def holds(self, top1s: Sequence[float], fractions: Sequence[float],
               losses: Optional[Sequence[float]] = None) -> List[int]:
@@ -145,7 +156,8 @@ class Plateau:
             history.append(best)
             start = found[-1] if found else 0  # the patience window lies after the last hold
             if len(found) > self.drops or i - start < self.patience or \
-                    (not found and f < self.min_fraction) or \
+                    (not found and (f < self.min_fraction or (
+                        best < self.min_top1 and f < self.stuck_fraction))) or \
                     history[i] - history[i - self.patience] > self.min_delta:
                 continue
             if self.max_loss_drop is not None:

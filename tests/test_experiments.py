@@ -315,6 +315,21 @@ def test_plateau_criterion():
     assert not dropping.matches(p.record())
     old_record = {k: v for k, v in p.record().items() if k not in ("drops", "factor")}
     assert p.matches(old_record)  # written before drops existed
+    # a run at chance takes no first plateau before stuck_fraction; one that left it (best top-1
+    # at min_top1) takes it from min_fraction as before
+    chance = dataclasses.replace(dropping, min_top1=0.2, stuck_fraction=0.6)
+    flat = [0.05, 0.06, 0.061, 0.062, 0.062, 0.063, 0.063, 0.063]
+    assert dropping.holds(flat, fractions) == [3, 5]
+    assert chance.holds(flat, fractions) == [5, 7]  # from 0.6 of the budget: still at chance
+    late = flat[:5] + [0.30, 0.45, 0.46]  # started at 0.6: no plateau yet
+    assert dropping.holds(late, fractions) == [3] and chance.holds(late, fractions) == []
+    assert chance.holds(top1, fractions) == [3, 7]  # 0.30 >= 0.2: as without the rule
+    assert "20% or more until 60% of the budget" in chance.describe()
+    assert chance.matches(chance.record()) and not dropping.matches(chance.record())
+    assert not chance.matches(dropping.record())
+    earlier = {k: v for k, v in dropping.record().items()
+               if k not in ("min_top1", "stuck_fraction")}
+    assert dropping.matches(earlier) and not chance.matches(earlier)
 
 
 def test_eval_mode_metrics_in_chunks_equal_one_pass():
