@@ -9,7 +9,8 @@
 #
 # Writes OUT/env.txt, OUT/log.txt and OUT/<name>.json (seven files). SCALE (default 1) multiplies each
 # command's time limit. AB_ARGS (environment) is appended to every command's flags (a later flag
-# wins), e.g. AB_ARGS="--image_size=32 --batch_size=2 --num_classes=10" to try it on a CPU.
+# wins), e.g. AB_ARGS="--image_size=32 --batch_size=2 --num_classes=10" to try it on a CPU;
+# DRY_RUN=1 prints each command's name and flags instead of running it.
 set -u -o pipefail
 out=${1:?usage: bash scripts/gpu_ab.sh OUT [SCALE]}
 scale=${2:-1}
@@ -17,13 +18,15 @@ python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 mkdir -p "$out"
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
-    --format=csv 2>&1 || true
-  "$python" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
+if [ -z "${DRY_RUN:-}" ]; then
+  {
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+      --format=csv 2>&1 || true
+    "$python" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee "$out/env.txt"
+  } 2>&1 | tee "$out/env.txt"
+fi
 
 run() {  # NAME SECONDS FLAGS...: one benchmark command, its JSON in OUT/NAME.json, killed
   # after SECONDS x SCALE; its progress lines (stderr) in OUT/log.txt
@@ -32,8 +35,13 @@ run() {  # NAME SECONDS FLAGS...: one benchmark command, its JSON in OUT/NAME.js
   shift 2
   local t0=$SECONDS
   # shellcheck disable=SC2086  # AB_ARGS is meant to split
-  timeout "$seconds" "$python" -m cnn_jax.benchmark --json --dtype=bfloat16 --batch_size=256 \
-    "$@" ${AB_ARGS:-} 2>&1 >"$out/$name.json" | tee -a "$out/log.txt"
+  set -- --json --dtype=bfloat16 --batch_size=256 "$@" ${AB_ARGS:-}
+  if [ -n "${DRY_RUN:-}" ]; then  # the commands' flags, one command per line (for the tests)
+    echo "$name $*"
+    return
+  fi
+  timeout "$seconds" "$python" -m cnn_jax.benchmark "$@" 2>&1 >"$out/$name.json" \
+    | tee -a "$out/log.txt"
   echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$out/log.txt"
 }
 # Cheapest first: resnet50 (the 7,000 img/s goal), then googlenet (13 max pools, the lowest

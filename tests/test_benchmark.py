@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from cnn_jax import benchmark_ab, benchmark_gpu, benchmark_layers, benchmark_torch
@@ -98,6 +100,63 @@ def test_ab_rounds_rotate_the_order_of_the_arms():
         benchmark_ab.parse_arms("xla,eigen")
     with pytest.raises(ValueError, match="two or more different arms"):
         benchmark_ab.parse_arms("auto,auto")
+    # one formulation at a time
+    assert benchmark_ab.parse_arms("xla,fast:max_pool,fast:conv1x1+max_pool") == [
+        "xla", "fast:max_pool", "fast:conv1x1+max_pool"]
+    for bad in ("fast:eigen", "fast:", "fast:max_pool+eigen"):
+        with pytest.raises(ValueError, match=f"unknown arm '{re.escape(bad)}'.*fast:OP\\+OP"):
+            benchmark_ab.parse_arms(f"xla,{bad}")
+
+
+def test_host_train_state_is_create_train_state_on_the_cpu():
+    """The benchmarks' state: the same parameters and statistics as ``create_train_state`` of the
+    bf16 model (float32 values either way), made by the float32 clone on the CPU, with the bf16
+    model's ``apply_fn``."""
+    import jax.numpy as jnp
+    import optax
+    from cnn_jax import train_step
+    from cnn_jax.models import create_model
+
+    model = create_model(h.TINY_ARCH, num_classes=10, dtype=jnp.bfloat16,
+                         **h.TINY_MODEL)
+    ours = benchmark_gpu.host_train_state(model, (8, 8, 3))
+    ref = train_step.create_train_state(model, optax.sgd(0.01, momentum=0.9),
+                                        jax.random.PRNGKey(0), (8, 8, 3), jnp.bfloat16)
+    for a, b in ((ours.params, ref.params), (ours.batch_stats, ref.batch_stats),
+                 (ours.opt_state, ref.opt_state)):
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y)), a, b)
+    assert ours.apply_fn == model.apply and ours.step == 0
+    leaves = jax.tree_util.tree_leaves(ours.params)
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in leaves)
+
+
+def test_gpu_ab_script_commands_parse():
+    """scripts/gpu_ab.sh (the device call's formulation A/B): every command it would run parses
+    with the benchmark's flags, and every --ab arm is a known one (DRY_RUN prints them)."""
+    proc = subprocess.run(["bash", os.path.join(h.REPO, "scripts", "gpu_ab.sh"), "/nonexistent"],
+                          env=h.python_env(DRY_RUN="1"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = [line.split() for line in proc.stdout.splitlines()]
+    assert [c[0] for c in commands] == ["ab_resnet50", "ab_googlenet", "ab_densenet121",
+                                        "resnet50_b256", "resnet50_b512"]
+    check = ("import sys, json\n"
+             "from cnn_jax import benchmark, benchmark_ab\n"
+             "out = []\n"
+             "for argv in json.loads(sys.argv[1]):\n"
+             "    benchmark.FLAGS.unparse_flags()\n"
+             "    benchmark.FLAGS(['benchmark'] + argv)\n"
+             "    f = benchmark.FLAGS\n"
+             "    out.append([f.arch, f.batch_size, f.ab and benchmark_ab.parse_arms(f.ab)])\n"
+             "print(json.dumps(out))\n")
+    proc = h.run_python(["-c", check, json.dumps([c[1:] for c in commands])])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(h.last_line(proc.stdout)) == [
+        ["resnet50", 256, ["xla", "fast:max_pool", "fast:conv1x1"]],
+        ["googlenet", 256, ["xla", "fast:max_pool"]],
+        ["densenet121", 256, ["xla", "fast:conv1x1"]],
+        ["resnet50", 256, None], ["resnet50", 512, None]]
 
 
 def test_ab_builds_each_arm_as_its_own_program(tmp_path):

@@ -349,6 +349,41 @@ def test_unknown_implementation_is_one_line_error():
     with pytest.raises(ValueError, match="unknown layer implementation 'cudnn'; choose one of"):
         with layers.implementation("cudnn"):
             pass
+    with pytest.raises(ValueError, match="'fast:eigen'; 'fast:' takes one or more of conv1x1, "
+                                         "conv, max_pool joined by"):
+        with layers.implementation("fast:eigen"):
+            pass
+
+
+@pytest.mark.parametrize("impl,fast", [
+    ("fast:max_pool", {"max_pool"}), ("fast:conv1x1", {"conv1x1"}), ("fast:conv", {"conv"}),
+    ("fast:conv1x1+max_pool", {"conv1x1", "max_pool"}), ("fast:conv+conv1x1+max_pool",
+                                                         {"conv", "conv1x1", "max_pool"}),
+    ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool"})])
+def test_one_formulation_at_a_time(impl, fast):
+    """'fast:OP+OP' (an A/B of single formulations, e.g. on a GPU) rewrites only those ops: a 1x1
+    convolution is a product, a 3x3 one takes its own gradients, a max pool's gradient is
+    masks over slices; the rest stays XLA's. Values and gradients equal XLA's."""
+    x, w1, w3 = normal(0, (2, 8, 8, 16)), normal(1, (1, 1, 16, 24)), normal(2, (3, 3, 24, 24))
+
+    def net(x, w1, w3):
+        y = layers.conv2d(layers.conv2d(x, w1), w3, 1, 1)
+        return layers.max_pool(y, 3, 2, 1).sum()
+
+    with layers.implementation(impl):
+        assert {op for op in layers.FAST_OPS if layers.use_fast_formulations(op)} == fast
+        assert layers.use_fast_formulations() == (fast == set(layers.FAST_OPS))
+        one = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w))(x, w1))
+        three = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1))(normal(3, (2, 8, 8, 24)),
+                                                                            w3))
+        pool = str(jax.make_jaxpr(lambda x: layers.max_pool(x, 3, 2, 1))(x))
+        grads = jax.jit(jax.grad(lambda *a: net(*a), argnums=(0, 1, 2)))(x, w1, w3)
+    assert ("conv_general_dilated" not in one) == ("conv1x1" in fast)
+    assert ("custom_vjp" in three) == ("conv" in fast)  # XLA's forward, its own gradients
+    assert ("custom_vjp" in pool) == ("max_pool" in fast)
+    with layers.implementation("xla"):
+        ref = jax.jit(jax.grad(lambda *a: net(*a), argnums=(0, 1, 2)))(x, w1, w3)
+    _assert_close(ref, grads, 1e-5)
 
 
 def test_conv2d_module_has_nn_conv_parameters():
