@@ -60,6 +60,28 @@ def _copied_parameters(compiled_text):
     return [name for name in re.findall(r" copy\((%[\w.\-]+)\)", entry) if name in params]
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_donated_step_writes_parameters_in_place(ordered, monkeypatch):
+    """The update reads ``after(params, grad_norm + metrics, IN_PLACE_MIN_SIZE)`` (see there): a
+    ResNet's jitted train step then copies none of its donated parameters of that size (here
+    every one, the threshold lowered to 0); above every parameter's size XLA copies most of
+    them."""
+    monkeypatch.setattr(ts, "IN_PLACE_MIN_SIZE", 0 if ordered else 1 << 40)
+    model = create_model(h.TINY_ARCH, num_classes=10, **h.TINY_MODEL)
+    state = _state(model)
+    step = jax.jit(ts.train_step, donate_argnums=(0,))
+    copied = _copied_parameters(step.lower(state, h.fake_batches(1, 4)[0]).compile().as_text())
+    params = len(jax.tree_util.tree_leaves(state.params))
+    if ordered:
+        assert copied == []
+    else:
+        assert len(copied) > params // 2
+    tree = {"small": jnp.ones(3), "large": jnp.ones(5)}
+    out = ts.after(tree, jnp.float32(7.0), min_size=4)
+    assert out["small"] is tree["small"] and np.array_equal(out["large"], tree["large"])
+    assert np.isnan(ts.after(tree, jnp.float32(np.inf))["small"]).all()
+
+
 def test_one_device_steps_without_a_device_axis_or_copies_of_its_state():
     """parallel.DataParallel on one device: the step is jitted over arrays without the device
     axis, and its compiled program copies none of the donated state (the same step mapped over
