@@ -18,15 +18,9 @@ python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 mkdir -p "$out"
-if [ -z "${DRY_RUN:-}" ]; then
-  {
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
-      --format=csv 2>&1 || true
-    "$python" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
-'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-  } 2>&1 | tee "$out/env.txt"
-fi
+# shellcheck source=scripts/gpu_env.sh
+. scripts/gpu_env.sh
+[ -n "${DRY_RUN:-}" ] || gpu_env "$out/env.txt"
 
 run() {  # NAME SECONDS FLAGS...: one benchmark command, its JSON in OUT/NAME.json, killed
   # after SECONDS x SCALE; its progress lines (stderr) in OUT/log.txt

@@ -18,13 +18,9 @@ python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 mkdir -p "$out"
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
-    --format=csv 2>&1 || true
-  "$python" -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__,
-'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee "$out/env.txt"
+# shellcheck source=scripts/gpu_env.sh
+. scripts/gpu_env.sh
+gpu_env "$out/env.txt"
 if [ "$suite_s" != 0 ]; then
   # shellcheck disable=SC2086  # the extra arguments are meant to split
   timeout $((suite_s + 30)) "$python" -m cnn_jax.benchmark --suite=gpu --output="$out/suite" \
