@@ -131,16 +131,17 @@ def test_host_train_state_is_create_train_state_on_the_cpu():
     assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in leaves)
 
 
-def test_gpu_ab_script_commands_parse():
+def test_gpu_ab_script_commands_parse(tmp_path):
     """scripts/gpu_ab.sh (the device call's formulation A/B): every command it would run parses
     with the benchmark's flags, and every --ab arm is a known one (DRY_RUN prints them)."""
-    proc = subprocess.run(["bash", os.path.join(h.REPO, "scripts", "gpu_ab.sh"), "/nonexistent"],
-                          env=h.python_env(DRY_RUN="1"), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(["bash", os.path.join(h.REPO, "scripts", "gpu_ab.sh"),
+                           str(tmp_path / "out")], env=h.python_env(DRY_RUN="1"),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     commands = [line.split() for line in proc.stdout.splitlines()]
     assert [c[0] for c in commands] == ["ab_resnet50", "ab_googlenet", "ab_densenet121",
                                         "resnet50_b256", "resnet50_b512"]
+    assert list((tmp_path / "out").iterdir()) == []  # a dry run writes nothing
     check = ("import sys, json\n"
              "from cnn_jax import benchmark, benchmark_ab\n"
              "out = []\n"
