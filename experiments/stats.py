@@ -105,8 +105,8 @@ class Plateau:
     min_top1: float = 0.0
     stuck_fraction: float = 1.0
 
-    # Fields added later, with the value that every record written before them was judged by.
-    _LATER = {"drops": 0.0, "factor": 0.1, "min_top1": 0.0, "stuck_fraction": 1.0}
+    # Fields added later: a record written before one of them was judged by its default.
+    _LATER = ("drops", "factor", "min_top1", "stuck_fraction")
 
     def describe(self) -> str:
         loss = ("" if self.max_loss_drop is None else
@@ -134,8 +134,9 @@ class Plateau:
 
     def matches(self, record: dict) -> bool:
         """Whether a ``plateau`` record was written under this criterion (one written before a
-        field of ``_LATER`` existed was judged by its value there)."""
-        record = {**self._LATER, **record}
+        field of ``_LATER`` existed was judged by its default)."""
+        record = {**{f.name: float(f.default) for f in dataclasses.fields(self)
+                     if f.name in self._LATER}, **record}
         if not float(record["drops"]):  # without drops the factor played no part
             record["factor"] = self.factor
         return all(k in record and math.isclose(float(record[k]), v)
