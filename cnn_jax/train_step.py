@@ -90,10 +90,11 @@ def after(tree: Any, value: Array, min_size: int = 0) -> Any:
     ordered a layer's update after the other reads of its weights (a layer's input gradient,
     batch-norm parameters in activations recomputed for other layers' gradients, the classifier's
     bias in the logits recomputed for the loss and accuracy), so XLA copied such parameters at
-    the start of every step: 10 of alexnet's 16 tensors (its three fully connected kernels and
-    four conv tensors, 244 MB), 114 of resnet50's 161. The global norm reads every gradient, so updates that depend
-    on it and on the metrics come after all of those reads, and the copies go
-    (``jax.lax.optimization_barrier`` did not do it: XLA:CPU expands it before inserting copies).
+    the start of every step: 10 of alexnet's 16 tensors (its fully connected kernels, fc8's bias
+    and six conv tensors, 244 MB), 114 of resnet50's 161. The global norm reads every gradient,
+    so updates that depend on it and on the metrics come after all of those reads, and the copies
+    go (``jax.lax.optimization_barrier`` did not do it: XLA:CPU expands it before inserting
+    copies).
     Only large tensors: ordered, alexnet's train step went 453 -> 426 ms and resnet50's 2,847 ->
     2,755 ms (batch 16 at 224 px, one process, rounds in alternating order, medians of 11 and 9,
     2-core AVX-512 host, 2026-12-05), but with every tensor ordered resnet50's was 5-9% slower
