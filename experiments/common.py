@@ -678,6 +678,12 @@ class Results:
         """The training config of a variant (default: the first) with the run's overrides."""
         return self.exp.variant_config(label or self.labels[0], seed, self.overrides)
 
+    def shared_config(self):
+        """The config every variant starts from, with the run's overrides (``--config.*``)."""
+        config = self.exp.config.copy_and_resolve_references()
+        apply(config, self.overrides)
+        return config
+
     @property
     def labels(self) -> List[str]:
         return list(dict.fromkeys(r.variant for r in self.runs))
@@ -921,7 +927,7 @@ def save(fig, path: str) -> str:
 def setup_lines(results: Results) -> List[str]:
     import jax
 
-    c = results.exp.config
+    c = results.shared_config()  # the recipe with the run's --config.* (e.g. num_epochs)
     first = results.runs[0] if results.runs else None
     lines = [
         f"- data: `{c.dataset}` at {c.image_size} px, augmentation "

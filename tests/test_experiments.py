@@ -646,3 +646,14 @@ def test_degradation_gpu_bad_depth_is_one_line(capsys):
     assert capsys.readouterr().err.strip() == ("error: --report: no results.json in "
                                                "/nonexistent/results; pass the --out of a "
                                                "finished run")
+
+
+def test_setup_states_the_runs_config_overrides():
+    """A README's Setup describes the config the runs trained with: the recipe with the
+    command's --config.* (an 80-epoch cap, not the default set's 40)."""
+    from experiments import degradation
+
+    exp = degradation.get_experiment(smoke=True)
+    lines = "\n".join(common.setup_lines(common.Results(exp, [], {"num_epochs": 7.0})))
+    assert "at most 7 epochs" in lines and "at most 1 epochs" not in lines
+    assert "at most 1 epochs" in "\n".join(common.setup_lines(common.Results(exp, [])))
