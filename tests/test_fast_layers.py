@@ -350,7 +350,7 @@ def test_unknown_implementation_is_one_line_error():
         with layers.implementation("cudnn"):
             pass
     with pytest.raises(ValueError, match="'fast:eigen'; 'fast:' takes one or more of conv1x1, "
-                                         "conv, max_pool, fused_1x1 joined by"):
+                                         "conv, max_pool joined by"):
         with layers.implementation("fast:eigen"):
             pass
 
@@ -359,7 +359,7 @@ def test_unknown_implementation_is_one_line_error():
     ("fast:max_pool", {"max_pool"}), ("fast:conv1x1", {"conv1x1"}), ("fast:conv", {"conv"}),
     ("fast:conv1x1+max_pool", {"conv1x1", "max_pool"}), ("fast:conv+conv1x1+max_pool",
                                                          {"conv", "conv1x1", "max_pool"}),
-    ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool", "fused_1x1"})])
+    ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool"})])
 def test_one_formulation_at_a_time(impl, fast):
     """'fast:OP+OP' (an A/B of single formulations, e.g. on a GPU) rewrites only those ops: a 1x1
     convolution is a product, a 3x3 one takes its own gradients, a max pool's gradient is
@@ -441,43 +441,3 @@ def test_model_gradients_equal_xla(arch, size, overrides):
 
     ref, got = _both(jax.value_and_grad(loss), variables["params"])
     _assert_close(ref, got, 1e-4)
-
-
-@pytest.mark.parametrize("layout", ["torchvision", "paper"])
-def test_inception_1x1_branches_are_one_product(layout):
-    """``layers.shared_input_convs``: under ``fused_1x1`` an Inception module's three 1x1
-    convolutions of its input are one matrix product (with the conv biases of the paper layout);
-    the parameters (names, shapes, init values) are the separate convolutions', and outputs,
-    batch statistics and gradients equal theirs."""
-    from cnn_jax.models.googlenet import Inception
-
-    paper = layout == "paper"
-    module = Inception((8, 6, 10, 4, 6, 6), branch3_kernel=5 if paper else 3, use_norm=not paper)
-    x = normal(0, (2, 7, 7, 12))
-    variables = {}
-    for impl in ("fast:conv1x1", "fast:conv1x1+fused_1x1"):
-        with layers.implementation(impl):
-            variables[impl] = module.init(jax.random.key(1), x)
-    chex.assert_trees_all_equal(*variables.values())  # init always runs the separate convs
-    variables = variables["fast:conv1x1"]
-    if paper:  # nonzero biases, so that the fused product's bias is checked
-        variables = jax.tree_util.tree_map(lambda v: v + 0.1 * normal(2, v.shape), variables)
-
-    def loss(params, x):
-        out, updates = module.apply({**variables, "params": params}, x, train=True,
-                                    mutable=["batch_stats"])
-        return jnp.sum(out * jnp.cos(out)), updates
-
-    results = {}
-    for impl in ("fast:conv1x1", "fast:conv1x1+fused_1x1"):
-        with layers.implementation(impl):
-            jaxpr = str(jax.make_jaxpr(lambda x: module.apply(variables, x))(x))
-            results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-                variables["params"], x)
-        # 1x1 products of x: three or one; plus the pool branch's 1x1
-        assert jaxpr.count("name=_conv1x1") == (2 if "fused" in impl else 4), impl
-    (value, updates), grads = results["fast:conv1x1"]
-    (fused_value, fused_updates), fused_grads = results["fast:conv1x1+fused_1x1"]
-    np.testing.assert_allclose(fused_value, value, rtol=1e-5)
-    _assert_close(updates, fused_updates, 1e-5)
-    _assert_close(grads, fused_grads, 1e-4)

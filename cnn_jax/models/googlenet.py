@@ -92,11 +92,10 @@ class Inception(nn.Module):
         conv = functools.partial(layers.ConvBNAct, use_norm=self.use_norm, bn_epsilon=1e-3,
                                  dtype=self.dtype, kernel_init=self.kernel_init)
         k = self.branch3_kernel
-        # The three 1x1 convolutions of x (on CPU one matrix product: layers.shared_input_convs).
-        b1, b2, b3 = layers.shared_input_convs(
-            self, x, [conv(ch1x1, 1, name="branch1"), conv(ch3x3red, 1, name="branch2_0"),
-                      conv(ch5x5red, 1, name="branch3_0")], train)
+        b1 = conv(ch1x1, 1, name="branch1")(x, train)
+        b2 = conv(ch3x3red, 1, name="branch2_0")(x, train)
         b2 = conv(ch3x3, 3, padding=1, name="branch2_1")(b2, train)
+        b3 = conv(ch5x5red, 1, name="branch3_0")(x, train)
         b3 = conv(ch5x5, k, padding=k // 2, name="branch3_1")(b3, train)
         b4 = layers.max_pool(x, 3, 1, padding=1, ceil_mode=True)
         b4 = conv(pool_proj, 1, name="branch4_1")(b4, train)

@@ -63,9 +63,8 @@ def param(module: nn.Module, name: str, init_fn: Callable, shape, dtype=jnp.floa
 IMPLEMENTATIONS = ("auto", "xla", "fast")
 # The formulations that can be chosen one by one ('fast:max_pool+conv1x1'): 1x1 convolutions as
 # matrix products, the other convolution rewrites (strided stems, Winograd, per-tap gradients),
-# max pooling's gradient as masks over strided slices, and sibling 1x1 convolutions of one input
-# as one product (``shared_input_convs``).
-FAST_OPS = ("conv1x1", "conv", "max_pool", "fused_1x1")
+# and max pooling's gradient as masks over strided slices.
+FAST_OPS = ("conv1x1", "conv", "max_pool")
 _IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar("implementation",
                                                                      default="auto")
 
@@ -1011,60 +1010,23 @@ class ConvBNAct(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, convolved: bool = False) -> Array:
-        """``convolved``: ``x`` is this module's convolution output already (bias included), as
-        ``shared_input_convs`` computes it; only the norm and the activation follow."""
-        if not convolved:
-            x = Conv2d(
-                self.features,
-                self.kernel_size,
-                strides=self.strides,
-                padding=self.padding,
-                feature_group_count=self.groups,
-                use_bias=not self.use_norm,  # BN's shift makes a conv bias redundant
-                dtype=self.dtype,
-                kernel_init=self.kernel_init,
-                name="conv",
-            )(x)
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = Conv2d(
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            feature_group_count=self.groups,
+            use_bias=not self.use_norm,  # BN's shift makes a conv bias redundant
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            name="conv",
+        )(x)
         if self.use_norm:
             x = batch_norm(train, self.dtype, "bn", epsilon=self.bn_epsilon)(x)
         if self.activation is not None:
             x = get_activation(self.activation)(x)
         return x
-
-
-def shared_input_convs(parent: nn.Module, x: Array, convs: Sequence[ConvBNAct],
-                       train: bool = False) -> List[Array]:
-    """``[conv(x, train) for conv in convs]`` for 1x1 ``ConvBNAct`` submodules of ``parent`` that
-    read the same input, such as an Inception module's three 1x1 branches.
-
-    Under the fast formulation ``fused_1x1`` (CPU, see ``implementation``) their convolutions are
-    one matrix product with the kernels side by side, split before each module's norm and
-    activation: the input is read once, and in the backward pass its gradient is one product
-    instead of a sum of several and the weight gradient one wider product (GoogLeNet's nine
-    modules at batch 16: 419 -> 329 ms for these convolutions with gradients, on a loaded
-    2-core host). Parameters stay each module's own: ``init`` runs the separate convolutions,
-    and the product reads the kernels from ``parent.variables``.
-    """
-    fusable = len(convs) > 1 and len({c.use_norm for c in convs}) == 1 and all(
-        pair(c.kernel_size) == (1, 1) and pair(c.strides) == (1, 1) and c.groups == 1
-        and pair(c.padding) == (0, 0) and c.dtype == convs[0].dtype for c in convs)
-    if not fusable or parent.is_initializing() or not use_fast_formulations("fused_1x1"):
-        return [c(x, train) for c in convs]
-    params = parent.variables["params"]
-    kernels = [params[c.name]["conv"]["kernel"] for c in convs]
-    bias = (None if convs[0].use_norm
-            else jnp.concatenate([params[c.name]["conv"]["bias"] for c in convs]))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, jnp.concatenate(kernels, axis=-1), bias,
-                                              dtype=convs[0].dtype)
-    y = _conv1x1(x, kernel, (1, 1))
-    if bias is not None:
-        y = y + bias
-    outputs, start = [], 0
-    for conv, k in zip(convs, kernels):
-        outputs.append(conv(y[..., start:start + k.shape[-1]], train, convolved=True))
-        start += k.shape[-1]
-    return outputs
 
 
 class LocalResponseNorm(nn.Module):
