@@ -68,9 +68,9 @@ def pm(row, key, percent=True):
     return f"{100 * m:.1f} ± {100 * s:.1f}%" if percent else f"{m:.3f} ± {s:.3f}"
 
 
-def show(name):
-    """The experiment's command, summary over seeds, plots and outcomes."""
-    folder = os.path.join(RESULTS, name)
+def show(name, results=RESULTS):
+    """The experiment's command, summary over seeds, plots and outcomes (from ``results``)."""
+    folder = os.path.join(results, name)
     with open(os.path.join(folder, "README.md")) as f:
         readme = f.read()
     title = readme.splitlines()[0].lstrip("# ")
@@ -91,6 +91,22 @@ def show(name):
 # %%
 for name in available:
     show(name)
+
+# %% [markdown]
+# ## Beyond the default set's budget
+#
+# The same command with more epochs or more seeds than the default set can afford on this 2-core
+# CPU (100 minutes, at most 30 per experiment): the DenseNet comparison with an 80-epoch cap
+# (`--config.num_epochs=80`), where the default set's DenseNets were still rising at 40, and the
+# degradation experiment with six seeds (`--seeds=0,1,2,3,4,5`), where plain32 is bimodal.
+
+# %%
+BEYOND = (("cap80", "resnet_vs_densenet"), ("seeds6", "degradation"))
+for folder, name in BEYOND:
+    if os.path.exists(os.path.join(RESULTS, folder, name, "runs.csv")):
+        show(name, os.path.join(RESULTS, folder))
+    else:
+        print(f"not run yet: experiments/results/{folder}/{name}")
 
 # %% [markdown]
 # ## All variants at a glance
