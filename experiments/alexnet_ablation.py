@@ -69,7 +69,7 @@ training command's rate for networks without batch norm).""",
         config=config, variants=variants, seeds=(0,) if smoke else (0, 1, 2),
         default_variants=("paper",) if smoke else ("paper", "no_dropout"),
         # never: the overfitting regime is past the validation plateau
-        plateau=stats.Plateau(patience=10 ** 6),
+        plateau=stats.Plateau(patience=stats.NO_STOP),
         hypotheses=[
             common.Hypothesis(
                 "H1 dropout narrows the generalization gap",

@@ -938,7 +938,8 @@ def setup_lines(results: Results) -> List[str]:
         f"{c.weight_decay:g}, gradient clipping {c.grad_clip_norm:g}, at most "
         f"{c.num_epochs:g} epochs, {first.steps_per_epoch if first else '?'} steps per epoch; "
         f"evaluation every {c.eval_every_steps} steps",
-        f"- stopping: {results.exp.plateau.describe()}; otherwise the epoch budget",
+        f"- stopping: {results.exp.plateau.describe()}"
+        + ("; otherwise the epoch budget" if results.exp.plateau.stops else ""),
         f"- training loss and accuracy are of the first "
         f"{results.extra.get('probe_size', results.exp.probe_size)} training images "
         f"in evaluation mode (no augmentation, dropout or batch statistics), at every evaluation",

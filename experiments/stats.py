@@ -74,6 +74,10 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     return Difference(diff, diff - half, diff + half, p, float(df), x.size, y.size)
 
 
+# A patience no run reaches: every run trains to its epoch budget (``Plateau.stops`` is False).
+NO_STOP = 10 ** 6
+
+
 @dataclasses.dataclass(frozen=True)
 class Plateau:
     """Converged: the best validation top-1 has not risen by more than ``min_delta`` over the
@@ -108,7 +112,14 @@ class Plateau:
     # Fields added later: a record written before one of them was judged by its default.
     _LATER = ("drops", "factor", "min_top1", "stuck_fraction")
 
+    @property
+    def stops(self) -> bool:
+        """Whether a run can stop before its epoch budget (``patience`` below ``NO_STOP``)."""
+        return self.patience < NO_STOP
+
     def describe(self) -> str:
+        if not self.stops:
+            return "none: every run trains to the end of its epoch budget"
         loss = ("" if self.max_loss_drop is None else
                 f" and the training loss fell by at most {100 * self.max_loss_drop:.0f}% over them")
         held = (f"the best validation top-1 rose by at most {100 * self.min_delta:.1f} points over "

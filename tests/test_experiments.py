@@ -657,3 +657,9 @@ def test_setup_states_the_runs_config_overrides():
     lines = "\n".join(common.setup_lines(common.Results(exp, [], {"num_epochs": 7.0})))
     assert "at most 7 epochs" in lines and "at most 1 epochs" not in lines
     assert "at most 1 epochs" in "\n".join(common.setup_lines(common.Results(exp, [])))
+    never = stats.Plateau(patience=stats.NO_STOP)  # alexnet_ablation's: no plateau stop
+    assert not never.stops and stats.Plateau().stops
+    assert never.describe() == "none: every run trains to the end of its epoch budget"
+    no_stop = dataclasses.replace(exp, plateau=never)
+    assert "- stopping: none: every run trains to the end of its epoch budget\n" in "\n".join(
+        common.setup_lines(common.Results(no_stop, []))) + "\n"
