@@ -90,8 +90,12 @@ DATASET = "shapes/32px_hard_n2000_v1000"
 # cap, reached by no run of the pilots: resnet20 A seed 0 dropped at epoch 22 and stopped at 30
 # (78.6% best), pre-activation seed 0 at 24 and 30 (73.9%); a second drop to 3e-5 added nothing
 # in either (78.6 and 73.9% again), so there is one.
+# 80 since 2026-12-06: at 40, 9 of the default set's runs reached the cap still rising (the three
+# DenseNets, which plateau at epochs 52-53, and 6 late runs), and PLATEAU's bounds are epochs, so
+# a higher cap changes no run that stopped before the old one: raising it went on with those 9
+# from their checkpoints at epoch 40.
 BATCH_SIZE = 16
-EPOCHS = 40.0
+EPOCHS = 80.0
 EVALS_PER_EPOCH = 1
 # Images per forward pass of an evaluation (validation and train probe). Small batches keep a
 # pass's activations in cache: the train probe's 500 images in one pass took 3.6 ms per image in
@@ -100,21 +104,22 @@ EVALS_PER_EPOCH = 1
 # cost 7.1 s of each 38.6 s epoch. 2026-12-03.
 EVAL_BATCH = 25
 # Validation only: a stall of the noisy top-1 at the high rate lowers the rate rather than ending
-# the run (the loss term was there to keep such stalls from stopping runs); min_fraction: no drop
-# before epoch 8 of the 40. min_top1 and stuck_fraction: a run still at chance (below twice
-# chance, 10% on the 20 classes) takes no drop before epoch 16. With only the epoch-8 bound, the
-# 2026-12-05 set dropped 12 runs at chance at epoch 8, where a tenth of the rate ends any chance
-# of starting; in a pilot with the first drop not before epoch 16, plain32 seed 1 and
-# DenseNet-BC seed 2 left chance and reached 50.4 and 50.8% (plain32 seeds 0 and 2 did not).
-PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_fraction=0.2, max_loss_drop=None,
-                        drops=1, factor=0.1, min_top1=0.1, stuck_fraction=0.4)
+# the run (the loss term was there to keep such stalls from stopping runs); min_epochs: no drop
+# before epoch 8 (a fifth of the 40 epochs these were set for). min_top1 and stuck_epochs: a run
+# still at chance (below twice chance, 10% on the 20 classes) takes no drop before epoch 16. With
+# only the epoch-8 bound, the 2026-12-05 set dropped 12 runs at chance at epoch 8, where a tenth
+# of the rate ends any chance of starting; in a pilot with the first drop not before epoch 16,
+# plain32 seed 1 and DenseNet-BC seed 2 left chance and reached 50.4 and 50.8% (plain32 seeds 0
+# and 2 did not).
+PLATEAU = stats.Plateau(patience=3, min_delta=0.005, min_epochs=8, max_loss_drop=None,
+                        drops=1, factor=0.1, min_top1=0.1, stuck_epochs=16)
 
 
 def recipe(smoke: bool, arch: str = "resnet20", **overrides):
     """The training config the experiments share (each may change fields): the hard `shapes`
     level, AdamW (in budgets of a few thousand steps it gets much further than SGD) at a constant
     rate after warmup, divided by 10 at the first plateau (``PLATEAU``), batch 16, flips only, one
-    evaluation per epoch, at most 40 epochs; --smoke: 96 images, one epoch of 6 steps, one
+    evaluation per epoch, at most 80 epochs; --smoke: 96 images, one epoch of 6 steps, one
     evaluation."""
     from cnn_jax import input_pipeline, optim
 
@@ -244,7 +249,7 @@ class PlateauHook:
             return
         loss = (event.train_metrics or {}).get("loss", math.nan)
         self.history.append((event.step, event.metrics["top1"], loss))
-        holds = self.plateau.holds_of(self.history, event.total_steps)
+        holds = self.plateau.holds_of(self.history, event.steps_per_epoch)
         if not holds or holds[-1] != len(self.history) - 1:
             return
         if len(holds) > self.plateau.drops:
@@ -462,38 +467,56 @@ def _history(records: Sequence[Dict[str, Any]]) -> List[Tuple[int, float, float]
             for r in records if r.get("split") == "eval"]
 
 
-def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]], total: int,
+def _restate_plateau(exp: Experiment, workdir: str, records: List[Dict[str, Any]],
+                     steps_per_epoch: int, total: int, learning_rate: float,
                      log: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """A run stopped under another plateau criterion, judged by ``exp.plateau``: finished at the
-    same stop (the record is rewritten), or not yet (the record goes and the run resumes from that
-    stop's checkpoint: the same steps as an uninterrupted run; a stop at the budget stays a budget
-    end). A criterion that would have stopped it earlier cannot be met by resuming: an error says
-    to train it again."""
+    """A run's plateau stop and learning-rate drops, taken under another criterion (or a stop at
+    another epoch cap), judged by ``exp.plateau``. Where this criterion lowers the rate at the
+    same steps up to the run's last evaluation, the run is this criterion's too: finished at a
+    stop this criterion also takes there (the record is rewritten), or not yet (the record goes
+    and the run resumes from its last checkpoint: the same steps as an uninterrupted run, at the
+    lower rate where this criterion lowers it there; a stop at the budget stays a budget end).
+    A criterion that would have lowered the rate or stopped before cannot be met by resuming: an
+    error says to train the run again. ``learning_rate``: the run's rate before any drop."""
     from cnn_jax import metrics as metrics_lib
 
-    if exp.plateau.drops or any(r.get("split") == LR_DROP for r in records):
-        raise ValueError(f"{workdir} stopped under another plateau criterion, and a criterion "
-                         "that lowers the learning rate changes the run itself: remove the "
-                         "workdir to train the run again under this one")
     history = _history(records)
-    at = exp.plateau.index_of(history, total)
-    step = None if at is None else history[at][0]
-    old = max(int(r["step"]) for r in records if r.get("split") == "plateau")
-    if at is not None and step < old:
-        raise ValueError(f"{workdir} stopped at step {old} under another plateau criterion; this "
-                         f"one holds at step {step}, before it: remove the workdir to train "
-                         "the run again under this criterion")
-    metrics_lib.remove_records(workdir, lambda r: r.get("split") == "plateau")
-    if at is not None:
+    if not history:
+        return records
+    last = history[-1][0]
+    holds = [history[i][0] for i in exp.plateau.holds_of(history, steps_per_epoch)]
+    drops = sorted(int(r["step"]) for r in records if r.get("split") == LR_DROP)
+    if len(drops) > exp.plateau.drops or holds[:len(drops)] != drops:
+        would = holds[:exp.plateau.drops] or "no step"
+        raise ValueError(f"{workdir} lowered its learning rate at step(s) {drops or 'none'} "
+                         f"under another plateau criterion; this one would at {would}: remove "
+                         "the workdir to train the run again under this criterion")
+    rest = holds[len(drops):]  # this criterion's next hold, if any, up to the last evaluation
+    if rest and rest[0] < last:
+        what = "stops it" if len(drops) == exp.plateau.drops else "lowers its learning rate"
+        raise ValueError(f"{workdir} ran to step {last} under another plateau criterion; this one "
+                         f"{what} at step {rest[0]}, before it: remove the workdir to train the "
+                         "run again under this criterion")
+    stops = [int(r["step"]) for r in records if r.get("split") == "plateau"]
+    if stops:
+        metrics_lib.remove_records(workdir, lambda r: r.get("split") == "plateau")
+    end = "plateau stop" if stops else "last evaluation"
+    if rest:  # this criterion holds at the run's last evaluation: its stop, or a drop there
         writer = metrics_lib.MetricWriter(workdir)
-        writer.write(step, "plateau", exp.plateau.record())
+        if len(drops) == exp.plateau.drops:
+            writer.write(last, "plateau", exp.plateau.record())
+            log(f"{workdir}: its {end} at step {last} is a plateau stop under this criterion too")
+        else:  # as train_run after a drop: the run goes on from that checkpoint at the lower rate
+            rate = learning_rate * exp.plateau.factor ** (len(drops) + 1)
+            writer.write(last, LR_DROP, {"learning_rate": rate})
+            log(f"{workdir}: this criterion lowers the learning rate at its {end} (step {last}); "
+                "it resumes from there")
         writer.close()
-        log(f"{workdir}: its plateau stop at step {old} holds under this criterion too")
-    elif old >= total:
-        log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one does "
+    elif stops and last >= total:
+        log(f"{workdir}: its plateau stop at step {last} was another criterion's; this one does "
             "not hold there, the budget's end")
-    else:
-        log(f"{workdir}: its plateau stop at step {old} was another criterion's; this one "
+    elif stops:
+        log(f"{workdir}: its plateau stop at step {last} was another criterion's; this one "
             "resumes it from there")
     return metrics_lib.read_metrics(workdir)
 
@@ -539,7 +562,9 @@ def run_key(exp: Experiment, config) -> str:
     built module (defaults included: `shortcut` A given or not is one model) and what the
     experiment measures (its hooks, its probe). Experiments that share a config (resnet20 is
     `shortcuts`' A, `bn_placement`'s post, `degradation`'s resnet20 and `resnet_vs_densenet`'s
-    baseline) then train it once."""
+    baseline) then train it once. The epoch budget is not part of it where the learning rate does
+    not depend on it (a constant or step schedule after a warmup that ends before the budget):
+    a run under a higher cap is the same run, gone on from where the lower one ended."""
     from cnn_jax import configs
     from cnn_jax.models import check_model_options, create_model
 
@@ -547,7 +572,11 @@ def run_key(exp: Experiment, config) -> str:
                           **check_model_options(config.arch, configs.model_options(config)))
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.name not in ("parent", "name", "num_classes")}
-    training = {k: v for k, v in config.to_dict().items() if k not in ("arch", "model")}
+    budget = ("num_epochs", "num_train_steps") if (
+        config.lr_schedule != "cosine" and float(config.warmup_epochs) < float(config.num_epochs)
+        and int(config.get("num_train_steps", -1) or -1) <= 0) else ()
+    training = {k: v for k, v in config.to_dict().items()
+                if k not in ("arch", "model") + budget}
     hooks = getattr(exp.hooks, "__qualname__", repr(exp.hooks)) if exp.hooks else ""
     text = json.dumps({"module": type(module).__name__, "fields": fields, "config": training,
                        "hooks": hooks, "probe_size": exp.probe_size}, sort_keys=True, default=repr)
@@ -602,8 +631,11 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     wall = float(open(seconds_file).read()) if os.path.exists(seconds_file) else 0.0
     error = ""
     diverged_file = os.path.join(workdir, DIVERGED_FILE)
-    if _stale_stop(records, exp.plateau):
-        records = _restate_plateau(exp, workdir, records, total, log)
+    # A stop of another criterion, or a run that goes on (a higher epoch cap, an interruption):
+    # judged by this criterion first.
+    if _stale_stop(records, exp.plateau) or not (_finished(records, total, exp.plateau)
+                                                 or os.path.exists(diverged_file)):
+        records = _restate_plateau(exp, workdir, records, spe, total, config.learning_rate, log)
     if not _finished(records, total, exp.plateau) and not os.path.exists(diverged_file):
         shared = _shared_run(workdir, key, total, exp.plateau)
         if shared:

@@ -62,7 +62,7 @@ residual networks train at least as well as the shallow ones. Here: the register
         # --smoke evaluates at steps 2, 4 (and 6) with a plateau criterion that holds at step
         # 4: the stopping path runs in the tests.
         config=common.recipe(smoke, **({"eval_every_steps": 2} if smoke else {})),
-        plateau=stats.Plateau(patience=1, min_delta=1.0, min_fraction=0.5, max_loss_drop=1.0)
+        plateau=stats.Plateau(patience=1, min_delta=1.0, min_epochs=0.5, max_loss_drop=1.0)
         if smoke else common.PLATEAU,
         variants=variants, seeds=(0,) if smoke else (0, 1, 2),
         default_variants=("plain8", "resnet14") if smoke else tuple(

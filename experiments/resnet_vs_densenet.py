@@ -127,9 +127,10 @@ Each network trains at the best learning rate of the same 8-epoch trial: resnet2
             "read all earlier features, so the DenseNet does several times the multiply-"
             "accumulates (MACs column) and runs several times slower per image on this CPU.",
             "The paper's efficiency claim is about converged test error after 300 epochs of "
-            "CIFAR; here each run stops at its validation plateau or at the epoch cap of Setup "
-            f"({common.EPOCHS:g} in the default set, where the DenseNets reach the cap still "
-            "rising; `--config.num_epochs=80` lets them plateau).",
+            "CIFAR; here each run stops at its validation plateau or at the epoch cap of Setup. "
+            "The DenseNets at their rate of 1e-3 learn more slowly than resnet20 and plateau "
+            "about 20 epochs later (the cap was 40 before 2026-12-06, where they reached it "
+            "still rising), so this experiment alone costs more than its 30 minutes.",
             "DenseNet runs are more sensitive than three seeds show: at k = 6 (DenseNet-BC-52, "
             "this experiment's DenseNet until 2026-12-03) the same seeds before a change of the "
             "DenseNet's batch norm that alters its gradients by float32 rounding only "

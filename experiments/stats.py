@@ -83,34 +83,35 @@ class Plateau:
     """Converged: the best validation top-1 has not risen by more than ``min_delta`` over the
     last ``patience`` evaluations, the training loss (the loop's mean over each evaluation
     interval) has not fallen by more than ``max_loss_drop`` of itself over them, and at least
-    ``min_fraction`` of the epoch budget is done.
+    ``min_epochs`` epochs are done.
 
     With ``drops`` > 0 the criterion is met ``drops + 1`` times in turn: at each of the first
     ``drops`` the learning rate is multiplied by ``factor`` (He et al. 2016: "divided by 10 when
     the error plateaus") and the next search starts after it (``patience`` evaluations at the new
-    rate; ``min_fraction`` bounds the first search only); the last one is the run's plateau.
+    rate; ``min_epochs`` bounds the first search only); the last one is the run's plateau.
 
     Validation alone is not enough at a high learning rate to stop a run: its top-1 jumps by
     points from one evaluation to the next, and a run can stall on it for three evaluations while
     the training loss still falls 20% (resnet20 stopped at 55% top-1 where the same seeds later
     reached 64-73%); with drops such a stall lowers the rate instead. ``max_loss_drop=None``
     leaves the loss out. Early in a run a flat stretch is not convergence either: hence
-    ``min_fraction``. Nor is one at chance in a run that has not started yet (a deep plain net or
+    ``min_epochs``. Nor is one at chance in a run that has not started yet (a deep plain net or
     a DenseNet at a low rate can sit at chance for 10-15 epochs and then learn): the first
-    plateau also needs the best top-1 at ``min_top1`` or more, until ``stuck_fraction`` of the
-    budget, where a run still below it takes its first plateau as it comes."""
+    plateau also needs the best top-1 at ``min_top1`` or more, until epoch ``stuck_epochs``,
+    where a run still below it takes its first plateau as it comes.
+
+    The bounds are epochs, not fractions of the epoch budget, so that a run's decisions do not
+    depend on its budget: under a higher epoch cap a run that stopped before the old one is the
+    same run, and one that reached it goes on from its last checkpoint."""
 
     patience: int = 4
     min_delta: float = 0.005
-    min_fraction: float = 0.4
+    min_epochs: float = 0.0
     max_loss_drop: Optional[float] = 0.05
     drops: int = 0
     factor: float = 0.1
     min_top1: float = 0.0
-    stuck_fraction: float = 1.0
-
-    # Fields added later: a record written before one of them was judged by its default.
-    _LATER = ("drops", "factor", "min_top1", "stuck_fraction")
+    stuck_epochs: float = 0.0
 
     @property
     def stops(self) -> bool:
@@ -124,10 +125,10 @@ class Plateau:
                 f" and the training loss fell by at most {100 * self.max_loss_drop:.0f}% over them")
         held = (f"the best validation top-1 rose by at most {100 * self.min_delta:.1f} points over "
                 f"the last {self.patience} evaluations{loss}")
-        first = f"after at least {100 * self.min_fraction:.0f}% of the epoch budget"
+        first = f"from epoch {self.min_epochs:g}"
         if self.min_top1 > 0:
-            first += (f", with the best top-1 at {100 * self.min_top1:.0f}% or more until "
-                      f"{100 * self.stuck_fraction:.0f}% of the budget")
+            first += (f", with the best top-1 at {100 * self.min_top1:.0f}% or more until epoch "
+                      f"{self.stuck_epochs:g}")
         if not self.drops:
             return f"converged = {held}, {first}"
         times = "once" if self.drops == 1 else f"{self.drops} times"
@@ -138,38 +139,37 @@ class Plateau:
         """The ``plateau`` record a stopped run keeps: the criterion that held, so that a run
         stopped under another criterion is not taken as finished under this one."""
         return {"reached": 1.0, "patience": float(self.patience), "min_delta": self.min_delta,
-                "min_fraction": self.min_fraction,
+                "min_epochs": float(self.min_epochs),
                 "max_loss_drop": -1.0 if self.max_loss_drop is None else self.max_loss_drop,
                 "drops": float(self.drops), "factor": self.factor, "min_top1": self.min_top1,
-                "stuck_fraction": self.stuck_fraction}
+                "stuck_epochs": float(self.stuck_epochs)}
 
     def matches(self, record: dict) -> bool:
-        """Whether a ``plateau`` record was written under this criterion (one written before a
-        field of ``_LATER`` existed was judged by its default)."""
-        record = {**{f.name: float(f.default) for f in dataclasses.fields(self)
-                     if f.name in self._LATER}, **record}
-        if not float(record["drops"]):  # without drops the factor played no part
+        """Whether a ``plateau`` record was written under this criterion (one of a criterion in
+        fractions of the budget, before 2026-12-06, is not: it is judged again)."""
+        record = dict(record)
+        if not float(record.get("drops", 0.0)):  # without drops the factor played no part
             record["factor"] = self.factor
         return all(k in record and math.isclose(float(record[k]), v)
                    for k, v in self.record().items())
 
-    def holds(self, top1s: Sequence[float], fractions: Sequence[float],
+    def holds(self, top1s: Sequence[float], epochs: Sequence[float],
               losses: Optional[Sequence[float]] = None) -> List[int]:
         """The evaluations (indices) at which the criterion held, in turn: at most ``drops + 1``,
-        each searched after the one before. ``losses``: the training loss at each evaluation
-        (required unless ``max_loss_drop`` is None)."""
+        each searched after the one before. ``epochs``: the epoch of each evaluation;
+        ``losses``: the training loss at each (required unless ``max_loss_drop`` is None)."""
         if self.max_loss_drop is not None and losses is None:
             raise ValueError("this plateau criterion needs the training loss at each evaluation")
         best = -math.inf
         history = []  # best-so-far after each evaluation
         found: List[int] = []
-        for i, (t, f) in enumerate(zip(top1s, fractions)):
+        for i, (t, e) in enumerate(zip(top1s, epochs)):
             best = max(best, t)
             history.append(best)
             start = found[-1] if found else 0  # the patience window lies after the last hold
             if len(found) > self.drops or i - start < self.patience or \
-                    (not found and (f < self.min_fraction or (
-                        best < self.min_top1 and f < self.stuck_fraction))) or \
+                    (not found and (e < self.min_epochs or (
+                        best < self.min_top1 and e < self.stuck_epochs))) or \
                     history[i] - history[i - self.patience] > self.min_delta:
                 continue
             if self.max_loss_drop is not None:
@@ -180,26 +180,26 @@ class Plateau:
             found.append(i)
         return found
 
-    def index(self, top1s: Sequence[float], fractions: Sequence[float],
+    def index(self, top1s: Sequence[float], epochs: Sequence[float],
               losses: Optional[Sequence[float]] = None) -> Optional[int]:
         """The evaluation (index) at which the run's plateau held (after ``drops`` holds that
         lowered the learning rate), or None."""
-        return self._stop(self.holds(top1s, fractions, losses))
+        return self._stop(self.holds(top1s, epochs, losses))
 
     def _stop(self, holds: List[int]) -> Optional[int]:
         """The last of ``holds`` if it is the run's plateau (the one after every drop)."""
         return holds[-1] if len(holds) > self.drops else None
 
     def index_of(self, evaluations: Sequence[Tuple[int, float, float]],
-                 total_steps: int) -> Optional[int]:
+                 steps_per_epoch: int) -> Optional[int]:
         """:meth:`index` over a run's evaluations as (step, val top-1, training loss), in a run of
-        ``total_steps`` steps (the epoch budget)."""
-        return self._stop(self.holds_of(evaluations, total_steps))
+        ``steps_per_epoch`` steps an epoch."""
+        return self._stop(self.holds_of(evaluations, steps_per_epoch))
 
     def holds_of(self, evaluations: Sequence[Tuple[int, float, float]],
-                 total_steps: int) -> List[int]:
+                 steps_per_epoch: int) -> List[int]:
         """:meth:`holds` over a run's evaluations as (step, val top-1, training loss)."""
         if not evaluations:
             return []
         steps, top1s, losses = zip(*evaluations)
-        return self.holds(top1s, [s / total_steps for s in steps], losses)
+        return self.holds(top1s, [s / steps_per_epoch for s in steps], losses)

@@ -278,58 +278,60 @@ def test_mean_std_and_welch_on_known_numbers():
 
 
 def test_plateau_criterion():
-    p = stats.Plateau(patience=2, min_delta=0.01, min_fraction=0.5, max_loss_drop=None)
+    p = stats.Plateau(patience=2, min_delta=0.01, min_epochs=3, max_loss_drop=None)
     top1 = [0.10, 0.30, 0.40, 0.405, 0.41, 0.409]
-    fractions = [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]
-    assert p.index(top1, fractions) == 4  # best 0.41 vs 0.40 two evaluations before
-    assert p.index(top1, [0.1] * 6) is None  # too early in the budget
+    epochs = [1, 2, 3, 4, 5, 6]
+    assert p.index(top1, epochs) == 4  # best 0.41 vs 0.40 two evaluations before
+    assert p.index(top1, [0.4 * e for e in epochs]) is None  # too early: epochs 0.4 to 2.4
     no_loss = dict(max_loss_drop=None)
     assert stats.Plateau(patience=2, min_delta=0.0, **no_loss).index([0.1, 0.2, 0.3],
                                                                      [1.0] * 3) is None
     # with the training loss: flat validation is not enough while the loss still falls 10%
     lossy = dataclasses.replace(p, max_loss_drop=0.05)
     losses = [3.0, 2.0, 1.5, 1.4, 1.35, 1.33]  # 1.5 -> 1.35: -10%; 1.4 -> 1.33: -5.0%
-    assert lossy.index(top1, fractions, losses) == 5
-    assert lossy.index(top1, fractions, losses[:5] + [1.0]) is None
-    assert lossy.index(top1, fractions, losses[:5] + [math.nan]) is None
-    # the same over a run's evaluations as (step, top-1, loss): steps of a 60-step budget
-    assert lossy.index_of(list(zip(range(10, 70, 10), top1, losses)), 60) == 5
-    assert lossy.index_of([], 60) is None
+    assert lossy.index(top1, epochs, losses) == 5
+    assert lossy.index(top1, epochs, losses[:5] + [1.0]) is None
+    assert lossy.index(top1, epochs, losses[:5] + [math.nan]) is None
+    # the same over a run's evaluations as (step, top-1, loss), 10 steps an epoch; the budget
+    # plays no part
+    assert lossy.index_of(list(zip(range(10, 70, 10), top1, losses)), 10) == 5
+    assert lossy.index_of(list(zip(range(10, 70, 10), top1, losses)), 25) is None  # epoch < 3
+    assert lossy.index_of([], 10) is None
     with pytest.raises(ValueError, match="training loss"):
-        lossy.index(top1, fractions)
+        lossy.index(top1, epochs)
     assert "fell by at most 5%" in lossy.describe() and "fell" not in p.describe()
+    assert "from epoch 3" in p.describe()
     # the record names its criterion; a stop under another one does not count
     assert lossy.matches(json.loads(json.dumps(lossy.record())))
     assert not p.matches(lossy.record()) and not lossy.matches({"reached": 1.0})
+    # a record of the criterion in fractions of the budget (before 2026-12-06) is judged again
+    fractions = {**{k: v for k, v in p.record().items() if k != "min_epochs"},
+                 "min_fraction": 0.5}
+    assert not p.matches(fractions)
     # with one drop: the criterion holds twice, the second time after `patience` evaluations
-    # at the lower rate; min_fraction bounds the first hold only
-    dropping = dataclasses.replace(p, drops=1, min_fraction=0.3)
+    # at the lower rate; min_epochs bounds the first hold only
+    dropping = dataclasses.replace(p, drops=1, min_epochs=1.5)
     top1 = [0.10, 0.30, 0.302, 0.305, 0.50, 0.55, 0.555, 0.556]
-    fractions = [i / 10 for i in range(1, 9)]
-    assert dropping.holds(top1, fractions) == [3, 7] and dropping.index(top1, fractions) == 7
-    assert dropping.holds(top1[:7], fractions[:7]) == [3] and \
-        dropping.index(top1[:7], fractions[:7]) is None
-    assert p.holds(top1, fractions) == [7]  # without drops: one hold (from half the budget)
+    epochs = [0.5 * i for i in range(1, 9)]
+    assert dropping.holds(top1, epochs) == [3, 7] and dropping.index(top1, epochs) == 7
+    assert dropping.holds(top1[:7], epochs[:7]) == [3] and \
+        dropping.index(top1[:7], epochs[:7]) is None
+    assert p.holds(top1, epochs) == [7]  # without drops: one hold (from epoch 3)
     assert "multiplied by 0.1 (once)" in dropping.describe() and "multiplied" not in p.describe()
     assert dropping.matches(dropping.record()) and not p.matches(dropping.record())
     assert not dropping.matches(p.record())
-    old_record = {k: v for k, v in p.record().items() if k not in ("drops", "factor")}
-    assert p.matches(old_record)  # written before drops existed
-    # a run at chance takes no first plateau before stuck_fraction; one that left it (best top-1
-    # at min_top1) takes it from min_fraction as before
-    chance = dataclasses.replace(dropping, min_top1=0.2, stuck_fraction=0.6)
+    # a run at chance takes no first plateau before stuck_epochs; one that left it (best top-1
+    # at min_top1) takes it from min_epochs as before
+    chance = dataclasses.replace(dropping, min_top1=0.2, stuck_epochs=3)
     flat = [0.05, 0.06, 0.061, 0.062, 0.062, 0.063, 0.063, 0.063]
-    assert dropping.holds(flat, fractions) == [3, 5]
-    assert chance.holds(flat, fractions) == [5, 7]  # from 0.6 of the budget: still at chance
-    late = flat[:5] + [0.30, 0.45, 0.46]  # started at 0.6: no plateau yet
-    assert dropping.holds(late, fractions) == [3] and chance.holds(late, fractions) == []
-    assert chance.holds(top1, fractions) == [3, 7]  # 0.30 >= 0.2: as without the rule
-    assert "20% or more until 60% of the budget" in chance.describe()
+    assert dropping.holds(flat, epochs) == [3, 5]
+    assert chance.holds(flat, epochs) == [5, 7]  # from epoch 3: still at chance
+    late = flat[:5] + [0.30, 0.45, 0.46]  # started at epoch 3: no plateau yet
+    assert dropping.holds(late, epochs) == [3] and chance.holds(late, epochs) == []
+    assert chance.holds(top1, epochs) == [3, 7]  # 0.30 >= 0.2: as without the rule
+    assert "20% or more until epoch 3" in chance.describe()
     assert chance.matches(chance.record()) and not dropping.matches(chance.record())
     assert not chance.matches(dropping.record())
-    earlier = {k: v for k, v in dropping.record().items()
-               if k not in ("min_top1", "stuck_fraction")}
-    assert dropping.matches(earlier) and not chance.matches(earlier)
 
 
 def test_eval_mode_metrics_in_chunks_equal_one_pass():
@@ -351,13 +353,13 @@ def test_eval_mode_metrics_in_chunks_equal_one_pass():
 
 
 def test_plateau_hook_stops_and_writes():
-    plateau = stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0, max_loss_drop=0.1)
+    plateau = stats.Plateau(patience=1, min_delta=0.05, min_epochs=0, max_loss_drop=0.1)
     hook = common.PlateauHook(plateau, history=[(10, 0.50, 2.0)])  # an evaluation before a resume
     written = []
 
     def event(step, top1, loss=None):
         return types.SimpleNamespace(
-            step=step, total_steps=100, metrics=None if top1 is None else {"top1": top1},
+            step=step, total_steps=100, steps_per_epoch=10, metrics=None if top1 is None else {"top1": top1},
             train_metrics=None if loss is None else {"loss": loss}, stop=False,
             write=lambda split, s: written.append((step, split, s)))
 
@@ -370,12 +372,13 @@ def test_plateau_hook_stops_and_writes():
 
 
 def test_plateau_hook_drops_the_rate_then_stops():
-    plateau = stats.Plateau(patience=1, min_delta=0.05, min_fraction=0.0, max_loss_drop=None,
+    plateau = stats.Plateau(patience=1, min_delta=0.05, min_epochs=0, max_loss_drop=None,
                             drops=1)
     written = []
 
     def event(step, top1):
-        return types.SimpleNamespace(step=step, total_steps=100, metrics={"top1": top1},
+        return types.SimpleNamespace(step=step, total_steps=100, steps_per_epoch=10,
+                                     metrics={"top1": top1},
                                      train_metrics={"loss": 1.0}, stop=False,
                                      write=lambda split, s: written.append((step, split)))
 
@@ -427,7 +430,8 @@ def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     """degradation's smoke run stopped at step 4 of 6. A criterion that also holds there keeps
     the stop (nothing trains); a stricter one resumes the run to its own stop at step 6; one that
     would have stopped earlier (step 2) is an error that says what to do. A stop at the budget
-    (step 6) that a third criterion does not share becomes a budget end, not a plateau."""
+    (step 6) that a third criterion does not share becomes a budget end, not a plateau; under a
+    higher epoch cap (the same run key) that run goes on from its checkpoint."""
     import shutil
 
     from cnn_jax import metrics
@@ -437,25 +441,27 @@ def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     overrides = {"data_dir": str(smoke.data)}
     done = smoke.work / "degradation" / "plain8" / "seed0"
 
-    def judged(name, source=done, **plateau):
+    def judged(name, source=done, epochs=None, **plateau):
         workdir = tmp_path / name
         shutil.copytree(source, workdir)
         lines = []
         rerun = dataclasses.replace(exp, plateau=dataclasses.replace(exp.plateau, **plateau))
-        result = common.train_run(rerun, "plain8", 0, str(workdir), overrides, log=lines.append)
+        cap = {} if epochs is None else {"num_epochs": epochs}
+        result = common.train_run(rerun, "plain8", 0, str(workdir), {**overrides, **cap},
+                                  log=lines.append)
         return result, metrics.read_metrics(str(workdir)), "\n".join(lines)
 
     before = metrics.read_metrics(str(done))
     same, records, log = judged("same", min_delta=0.9)
-    assert "holds under this criterion too" in log and same.steps == 4
+    assert "is a plateau stop under this criterion too" in log and same.steps == 4
     assert [r for r in records if r["split"] != "plateau"] == \
         [r for r in before if r["split"] != "plateau"]  # nothing trained
     assert [(r["step"], r["min_delta"]) for r in records if r["split"] == "plateau"] == [(4, 0.9)]
 
-    later, records, log = judged("later", min_fraction=0.9)
+    later, records, log = judged("later", min_epochs=0.9)
     assert "resumes it from there" in log and later.status == "plateau at epoch 1.0"
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]
-    assert [(r["step"], r["min_fraction"]) for r in records if r["split"] == "plateau"] == \
+    assert [(r["step"], r["min_epochs"]) for r in records if r["split"] == "plateau"] == \
         [(6, 0.9)]
 
     ended, records, log = judged("ended", source=tmp_path / "later", min_delta=-1.0)
@@ -463,8 +469,56 @@ def test_a_stop_under_another_criterion_is_judged_again(smoke, tmp_path):
     assert ended.status == "budget" and not ended.plateaued and ended.steps == 6
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]  # nothing trained
 
-    with pytest.raises(ValueError, match="holds at step 2, before it: remove the workdir"):
-        judged("earlier", patience=0, min_fraction=0.0)
+    ended_records = records
+    longer, records, log = judged("longer", source=tmp_path / "ended", epochs=2.0,
+                                  min_delta=-1.0)
+    assert longer.status == "budget" and longer.steps == 12 and longer.total_steps == 12
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6, 8, 10, 12]
+    assert records[:len(ended_records)] == ended_records  # went on from step 6
+
+    with pytest.raises(ValueError, match="stops it at step 2, before it: remove the workdir"):
+        judged("earlier", patience=0, min_epochs=0)
+
+
+def test_a_run_is_judged_again_by_its_drops_and_last_evaluation(tmp_path):
+    """Records of a run (evaluations at epochs 1-6, 10 steps an epoch) judged by a criterion with
+    one drop that holds at epochs 3 (a drop) and 6 (the stop): a run that dropped at step 30
+    and ended at 60 stops there; one that dropped elsewhere, or ran past a drop this criterion
+    takes, is an error; one whose last evaluation is this criterion's drop drops there."""
+    from cnn_jax import metrics
+
+    top1 = [0.1, 0.3, 0.305, 0.5, 0.6, 0.605]
+    exp = types.SimpleNamespace(plateau=stats.Plateau(
+        patience=1, min_delta=0.01, min_epochs=2, max_loss_drop=None, drops=1))
+
+    def restate(name, evaluations, drops=()):
+        workdir = str(tmp_path / name)
+        writer = metrics.MetricWriter(workdir, tensorboard=False)
+        for i, t in enumerate(top1[:evaluations]):
+            step = 10 * (i + 1)
+            writer.write(step, "train", {"loss": 1.0})
+            writer.write(step, "eval", {"top1": t, "loss": 1.0})
+            if step in drops:
+                writer.write(step, common.LR_DROP, {"learning_rate": 0.1})
+        writer.close()
+        lines = []
+        records = common._restate_plateau(exp, workdir, metrics.read_metrics(workdir), 10, 120,
+                                          1.0, lines.append)
+        return [(r["split"], r["step"]) for r in records
+                if r["split"] in ("plateau", common.LR_DROP)], "\n".join(lines)
+
+    assert restate("stop", 6, drops=(30,)) == (
+        [("lr_drop", 30), ("plateau", 60)],
+        f"{tmp_path / 'stop'}: its last evaluation at step 60 is a plateau stop under this "
+        "criterion too")
+    with pytest.raises(ValueError, match=r"step\(s\) \[20\] under another plateau criterion; "
+                       r"this one would at \[30\]"):
+        restate("elsewhere", 6, drops=(20,))
+    with pytest.raises(ValueError, match="lowers its learning rate at step 30, before it"):
+        restate("past", 6)
+    dropped, log = restate("drop", 3)
+    assert dropped == [("lr_drop", 30)] and "it resumes from there" in log
+    assert restate("going", 2) == ([], "")  # nothing holds yet: it goes on
 
 
 def test_outcomes_from_known_results():
