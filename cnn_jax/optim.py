@@ -54,6 +54,14 @@ def create_schedule(name: str, peak_value: float, total_steps: int, warmup_steps
     return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def schedule_uses_budget(config: Any) -> bool:
+    """Whether a config's learning rate at a step depends on its number of training steps:
+    the cosine decays to the budget's end, and warmup is cut short in a budget no longer than it
+    (``create_schedule``); a constant or step schedule after warmup does not."""
+    return (config.lr_schedule == "cosine" or float(config.warmup_epochs) >= float(config.num_epochs)
+            or int(config.get("num_train_steps", -1) or -1) > 0)
+
+
 def decay_mask(params: Any, skip_bn_and_bias: bool = True) -> Any:
     """True for the leaves weight decay applies to: every kernel, and unless skipped, the rest.
 

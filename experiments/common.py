@@ -565,16 +565,14 @@ def run_key(exp: Experiment, config) -> str:
     baseline) then train it once. The epoch budget is not part of it where the learning rate does
     not depend on it (a constant or step schedule after a warmup that ends before the budget):
     a run under a higher cap is the same run, gone on from where the lower one ended."""
-    from cnn_jax import configs
+    from cnn_jax import configs, optim
     from cnn_jax.models import check_model_options, create_model
 
     module = create_model(config.arch, num_classes=1,
                           **check_model_options(config.arch, configs.model_options(config)))
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.name not in ("parent", "name", "num_classes")}
-    budget = ("num_epochs", "num_train_steps") if (
-        config.lr_schedule != "cosine" and float(config.warmup_epochs) < float(config.num_epochs)
-        and int(config.get("num_train_steps", -1) or -1) <= 0) else ()
+    budget = () if optim.schedule_uses_budget(config) else ("num_epochs", "num_train_steps")
     training = {k: v for k, v in config.to_dict().items()
                 if k not in ("arch", "model") + budget}
     hooks = getattr(exp.hooks, "__qualname__", repr(exp.hooks)) if exp.hooks else ""
