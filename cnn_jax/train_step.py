@@ -59,6 +59,20 @@ def ema_decay_at(decay: float, updates: Array, warmup: bool) -> Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def _jitted_init(model: nn.Module) -> Callable:
+    """``model.init`` jitted once per distinct model: modules are equal and hash by their
+    fields, so a new instance of the same network (each seed of an analysis) compiles nothing."""
+    try:
+        return _jitted_init_cached(model)
+    except TypeError:  # a field that cannot be hashed (a list): no cache
+        return jax.jit(functools.partial(model.init, train=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init_cached(model: nn.Module) -> Callable:
+    return jax.jit(functools.partial(model.init, train=True))
+
+
 def init_variables(model: nn.Module, rng: Array, image_shape: Tuple[int, int, int],
                    dtype: Any = jnp.float32) -> Dict[str, Any]:
     """``model.init`` on a one-image batch, jitted (eager init of a deep net is slow).
@@ -67,7 +81,7 @@ def init_variables(model: nn.Module, rng: Array, image_shape: Tuple[int, int, in
     """
     params_rng, dropout_rng = jax.random.split(rng)
     dummy = jnp.zeros((1,) + tuple(image_shape), dtype)
-    init = jax.jit(functools.partial(model.init, train=True))
+    init = _jitted_init(model)
     # The partitionable threefry (JAX's default) makes XLA:CPU compile init 2x slower (resnet18:
     # 10 s vs 4.7 s); a one-image init never runs sharded, so the classic bit stream is used.
     with jax.threefry_partitionable(False):

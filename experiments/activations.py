@@ -81,16 +81,23 @@ def layer_names(depth: int) -> List[str]:
 
 def kernel_grad_norms(state, images, labels) -> Dict[str, jax.Array]:
     """||dL/dW|| per layer kernel (train mode: batch statistics; cross-entropy)."""
+    return _kernel_grad_norms(state.apply_fn, state.params, state.batch_stats, images, labels)
+
+
+# Jitted on the model's apply alone, not the whole train state: a state's optimizer is a new
+# object in every state, so each seed's state at initialization compiled the same program again.
+@partial(jax.jit, static_argnums=0)
+def _kernel_grad_norms(apply_fn, params, batch_stats, images, labels) -> Dict[str, jax.Array]:
     import optax
 
     from cnn_jax.train_step import global_norm
 
     def loss_fn(params):
-        logits, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                   images, train=True, mutable=["batch_stats"])
+        logits, _ = apply_fn({"params": params, "batch_stats": batch_stats},
+                             images, train=True, mutable=["batch_stats"])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
-    grads = jax.grad(loss_fn)(state.params)
+    grads = jax.grad(loss_fn)(params)
     norms = {}
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
@@ -105,10 +112,9 @@ class GradNormHook:
 
     def __init__(self, images, labels, max_images: int = 256):
         self.images, self.labels = images[:max_images], labels[:max_images]
-        self.fn = jax.jit(kernel_grad_norms)
 
     def norms(self, state) -> Dict[str, float]:
-        return {k: float(v) for k, v in self.fn(state, self.images, self.labels).items()}
+        return {k: float(v) for k, v in kernel_grad_norms(state, self.images, self.labels).items()}
 
     def __call__(self, event) -> None:
         event.write("grad_norms", self.norms(event.state))
@@ -136,11 +142,18 @@ def init_norms(results: common.Results, activation: str, depth: int, norm: bool,
 
     config = results.config()
     common.apply(config, model_overrides(activation, depth, results.exp.extra["widths"], norm))
-    model = create_model(config.arch, num_classes=results.extra["num_classes"],
-                         **configs.model_options(config))
-    state = train_step.create_train_state(model, optax.identity(), jax.random.PRNGKey(seed),
+    options = (config.arch, results.extra["num_classes"],
+               tuple(sorted(configs.model_options(config).items())))
+    if options not in _INIT_MODELS:  # one model object per network: its seeds share a program
+        _INIT_MODELS[options] = create_model(options[0], num_classes=options[1],
+                                             **dict(options[2]))
+    state = train_step.create_train_state(_INIT_MODELS[options], optax.identity(),
+                                          jax.random.PRNGKey(seed),
                                           (config.image_size, config.image_size, 3))
     return GradNormHook(images, labels).norms(state)
+
+
+_INIT_MODELS: Dict[tuple, nn.Module] = {}
 
 
 _INIT_CACHE: Dict[tuple, Dict[str, float]] = {}

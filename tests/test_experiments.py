@@ -717,3 +717,28 @@ def test_setup_states_the_runs_config_overrides():
     no_stop = dataclasses.replace(exp, plateau=never)
     assert "- stopping: none: every run trains to the end of its epoch budget\n" in "\n".join(
         common.setup_lines(common.Results(no_stop, []))) + "\n"
+
+
+def test_gradient_norms_of_each_seed_share_one_program():
+    """The activations hook's norms compile once per network, not once per train state (each
+    state has a new optimizer object), and equal an unjitted computation."""
+    import jax
+    import optax
+
+    from cnn_jax import train_step
+    from experiments import activations
+
+    model = activations.PlainCifarNet(depth=8, widths=(4, 8, 8), num_classes=5)
+    images = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
+    labels = jax.numpy.arange(8) % 5
+    hook = activations.GradNormHook(images, labels)
+    states = [train_step.create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(s),
+                                            (32, 32, 3)) for s in (0, 1)]
+    before = activations._kernel_grad_norms._cache_size()
+    norms = [hook.norms(s) for s in states]
+    assert activations._kernel_grad_norms._cache_size() - before <= 1
+    assert norms[0] != norms[1] and set(norms[0]) == set(activations.layer_names(8))
+    with jax.disable_jit():
+        eager = activations.kernel_grad_norms(states[1], images, labels)
+    for name, value in eager.items():
+        assert math.isclose(float(value), norms[1][name], rel_tol=1e-4)

@@ -316,3 +316,25 @@ def test_global_norm_equals_optax_tree_norm():
     np.testing.assert_allclose(norm, optax.tree.norm(jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float32), half)), rtol=1e-6)
     assert float(ts.global_norm({"w": 3.0, "b": [4.0]})) == 5.0 and float(ts.global_norm({})) == 0.0
+
+
+def test_equal_models_share_one_compiled_init():
+    """A new instance of the same network (another seed) reuses the jitted init; its variables
+    are those of an uncached jitted init with the same key."""
+    cls = type(h.tiny_module())
+    a, b = cls(), cls()
+    assert a is not b and ts._jitted_init(a) is ts._jitted_init(b)
+    assert ts._jitted_init(cls(num_classes=3)) is not ts._jitted_init(a)
+    before = ts._jitted_init(a)._cache_size()
+    states = [ts.create_train_state(m, optax.identity(), jax.random.PRNGKey(s), (8, 8, 3))
+              for m, s in ((a, 0), (b, 1), (cls(), 0))]
+    assert ts._jitted_init(a)._cache_size() - before <= 1
+    chex.assert_trees_all_equal(states[0].params, states[2].params)
+    assert not all(np.array_equal(x, y) for x, y in zip(
+        jax.tree_util.tree_leaves(states[0].params), jax.tree_util.tree_leaves(states[1].params)))
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(0))
+    params_rng, dropout_rng = jax.random.split(init_rng)
+    with jax.threefry_partitionable(False):
+        direct = jax.jit(functools.partial(a.init, train=True))(
+            {"params": params_rng, "dropout": dropout_rng}, jnp.zeros((1, 8, 8, 3)))
+    chex.assert_trees_all_equal(states[0].params, direct["params"])
