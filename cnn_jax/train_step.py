@@ -65,7 +65,7 @@ def _jitted_init(model: nn.Module) -> Callable:
     try:
         return _jitted_init_cached(model)
     except TypeError:  # a field that cannot be hashed (a list): no cache
-        return jax.jit(functools.partial(model.init, train=True))
+        return _jitted_init_cached.__wrapped__(model)
 
 
 @functools.lru_cache(maxsize=32)
