@@ -158,8 +158,9 @@ def test_activations_gradient_norms(smoke):
 
 
 def test_workers_run_on_one_core_and_jobs_do_not_change_a_run(smoke, tmp_path):
-    """Every smoke run trained in a worker pinned to one CPU core; one worker (--jobs=1) trains
-    the same run to the same numbers as one of two workers did."""
+    """Every smoke run trained in a worker pinned to one CPU core that keeps XLA:CPU's step
+    buffers (``hostmem``: its log's first line says otherwise); one worker (--jobs=1) trains the
+    same run to the same numbers as one of two workers did."""
     logs = sorted(smoke.work.glob("*/*/seed0/train.log"))
     assert len(logs) == sum(len(v) for v in SMOKE.values())
     for log in logs:
