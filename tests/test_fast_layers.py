@@ -69,6 +69,11 @@ CONV_CASES = {
     "3x3_narrow_output": ((2, 10, 10, 128), 3, 1, 1, 32),
     "3x3_narrow_output_asymmetric_padding": ((2, 11, 12, 128), 3, 1, ((0, 1), (2, 0)), 32),
     "3x3_narrow_output_valid": ((2, 10, 11, 128), 3, 1, "VALID", 32),
+    # Narrower (DenseNet-BC's 32 -> 8): the weight gradient is one product of the output
+    # gradient's shifted planes.
+    "3x3_narrow_planes": ((2, 10, 10, 32), 3, 1, 1, 8),
+    "3x3_narrow_planes_asymmetric_padding": ((2, 11, 12, 24), 3, 1, ((0, 1), (2, 0)), 6),
+    "5x5_narrow_planes_valid": ((2, 12, 11, 20), 5, 1, "VALID", 5),
     # More than 64 x 64 channels, at least 32 each: forward and input gradient by Winograd's
     # F(2x2, 3x3), here with odd output sizes (the last tiles cropped) and padding of 0 and 2
     # (the VALID convolution's input gradient).
@@ -105,7 +110,8 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
 
 # One case per product the fast path computes: forward and input gradient over im2col taps, the
 # weight gradient per tap (wide), over the patches (stem) and over the output gradient's patches.
-@pytest.mark.parametrize("case", ["3x3", "3x3_wide", "stem_7x7_stride2", "3x3_narrow_output"])
+@pytest.mark.parametrize("case", ["3x3", "3x3_wide", "stem_7x7_stride2", "3x3_narrow_output",
+                                  "3x3_narrow_planes"])
 def test_conv2d_keeps_float64(case):
     """With ``jax_enable_x64`` (gradient checks in float64) the products accumulate in float64:
     float32 accumulation would leave errors of ~1e-7, here 1e-12."""
@@ -169,6 +175,26 @@ def test_which_convolutions_take_the_output_gradient_patches(shape, out, stride,
     kernel_shape = (3, 3, shape[-1], out)
     geo = layers._geometry(shape, kernel_shape, (stride, stride), ((1, 1), (1, 1)))
     assert layers._use_grad_patches(kernel_shape, geo) == taken
+
+
+@pytest.mark.parametrize("shape,out,stride,taken", [
+    ((2, 32, 32, 32), 8, 1, True),  # DenseNet-BC-34 k = 8's conv2 (4k -> k)
+    ((2, 32, 32, 24), 6, 1, True),  # DenseNet-BC-52 k = 6
+    ((2, 8, 8, 48), 12, 1, True),  # DenseNet-BC-100 k = 12 in its last block
+    ((2, 56, 56, 128), 32, 1, False),  # 64 x 64 channels and more: _use_grad_patches
+    ((2, 32, 32, 32), 9, 1, False),  # more than a quarter of the inputs
+    ((2, 32, 32, 32), 8, 2, False),  # strided
+    ((2, 7, 7, 32), 8, 1, False),  # at most 7x7 outputs: the im2col-of-input path
+])
+def test_which_weight_gradients_take_the_output_gradient_planes(shape, out, stride, taken):
+    kernel_shape = (3, 3, shape[-1], out)
+    geo = layers._geometry(shape, kernel_shape, (stride, stride), ((1, 1), (1, 1)))
+    assert layers._use_grad_planes(kernel_shape, geo) == taken
+    if taken:  # the backward pass: the input gradient's convolution and the weight's product
+        x, g = jnp.zeros(shape), jnp.zeros(shape[:3] + (out,))
+        jaxpr = str(jax.make_jaxpr(lambda x, g: layers._conv_fast_bwd(
+            (stride, stride), ((1, 1), (1, 1)), (x, jnp.zeros(kernel_shape)), g))(x, g))
+        assert jaxpr.count("dot_general") == jaxpr.count("conv_general_dilated") == 1
 
 
 @pytest.mark.parametrize("shape,out,stride,dtype,eigen", [
