@@ -21,8 +21,11 @@ Measured on the 2-core AVX-512 host (2026-12-05, separate processes alternating)
 batch 16 2,915 / 2,897 -> 2,338 / 2,519 ms per train step (system CPU 0.9 s -> 4-8 ms per
 step), alexnet 553-604 -> 478 ms; the experiments' resnet20 (no faults either way) unchanged.
 
-The command-line tools call it in ``cli.setup``, before JAX starts its CPU backend (the dispatch
-flag is read when the backend starts; the ``mallopt`` settings act from the moment they are set).
+The command-line tools call it in ``cli.setup``, and each worker process of ``experiments.run``
+first thing (a spawned interpreter: the runner's settings do not carry over; until 2026-12-06 they
+did not, and DenseNet-BC-34's 94 MB step faulted in 23,000 pages, 35 of its 135 ms), before JAX
+starts its CPU backend (the dispatch flag is read when the backend starts; the ``mallopt``
+settings act from the moment they are set).
 A notebook can call it first thing. The cost: the process keeps the memory of its largest step
 until it exits, as it holds it during the step anyway. ``CNN_JAX_KEEP_FREED_MEMORY=0`` leaves
 glibc and JAX as they are.

@@ -128,13 +128,16 @@ Each network trains at the best learning rate of the same 8-epoch trial: resnet2
             "accumulates (MACs column) and runs several times slower per image on this CPU.",
             "The paper's efficiency claim is about converged test error after 300 epochs of "
             "CIFAR; here each run stops at its validation plateau or at the epoch cap of Setup. "
-            "The DenseNets at their rate of 1e-3 learn more slowly than resnet20 and plateau "
-            "about 20 epochs later (the cap was 40 before 2026-12-06, where they reached it "
-            "still rising), so this experiment alone costs more than its 30 minutes.",
+            "The DenseNets at their rate of 1e-3 learn more slowly than resnet20 and mostly "
+            "plateau later (the cap was 40 before 2026-12-06, where they reached it still "
+            "rising).",
             "DenseNet runs are more sensitive than three seeds show: at k = 6 (DenseNet-BC-52, "
             "this experiment's DenseNet until 2026-12-03) the same seeds before a change of the "
             "DenseNet's batch norm that alters its gradients by float32 rounding only "
             "(layers.ConcatBatchNorm) gave 62.0, 53.8 and 31.5% best validation top-1 instead of "
             "23.1, 32.4 and 31.0%, and single-threaded 43.0, 36.4 and 29.2%. The sign of the gap "
-            "to resnet20 held in all of them; its size did not.",
+            "to resnet20 held in all of them; its size did not. At k = 8 a change of the 3x3 "
+            "convolutions' weight gradient (2026-12-06, float32 rounding only) moved the same "
+            "seeds from 75.7, 69.9 and 62.0% to 63.7, 66.9 and 65.0%, and H1 from inconclusive "
+            "(-7.1 points, CI [-21.1, +7.0]) to not confirmed (-11.1, CI [-20.4, -1.7]).",
         ])
