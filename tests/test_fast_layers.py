@@ -163,34 +163,28 @@ def test_which_op_computes_the_weight_gradient(shape, out, op):
     assert op in jaxpr and ({"conv_general_dilated", "dot_general"} - {op}).pop() not in jaxpr
 
 
-@pytest.mark.parametrize("shape,out,stride,taken", [
-    ((2, 56, 56, 128), 32, 1, True),  # densenet121's conv2 (4k -> k, k = 32)
-    ((2, 10, 10, 128), 32, 1, True),
-    ((2, 10, 10, 128), 33, 1, False),  # more than a quarter of the inputs
-    ((2, 32, 32, 24), 6, 1, False),  # DenseNet-BC-52 k = 6: too narrow to pay (XLA's)
-    ((2, 10, 10, 128), 32, 2, False),  # strided
-    ((2, 7, 7, 128), 32, 1, False),  # at most 7x7 outputs: the im2col-of-input path
+@pytest.mark.parametrize("shape,out,stride,rule", [
+    # At most a quarter as many outputs as inputs, 64 x 64 channels and more: both gradients over
+    # the output gradient's im2col patches.
+    ((2, 56, 56, 128), 32, 1, "patches"),  # densenet121's conv2 (4k -> k, k = 32)
+    ((2, 10, 10, 128), 32, 1, "patches"),
+    # Narrower: the weight gradient over the output gradient's planes.
+    ((2, 32, 32, 32), 8, 1, "planes"),  # DenseNet-BC-34 k = 8's conv2
+    ((2, 32, 32, 24), 6, 1, "planes"),  # DenseNet-BC-52 k = 6
+    ((2, 8, 8, 48), 12, 1, "planes"),  # DenseNet-BC-100 k = 12 in its last block
+    ((2, 10, 10, 128), 33, 1, None),  # more than a quarter of the inputs
+    ((2, 32, 32, 32), 9, 1, None),
+    ((2, 10, 10, 128), 32, 2, None),  # strided
+    ((2, 32, 32, 32), 8, 2, None),
+    ((2, 7, 7, 128), 32, 1, None),  # at most 7x7 outputs: the im2col-of-input path
+    ((2, 7, 7, 32), 8, 1, None),
 ])
-def test_which_convolutions_take_the_output_gradient_patches(shape, out, stride, taken):
+def test_which_convolutions_take_the_output_gradient_patches_or_planes(shape, out, stride, rule):
     kernel_shape = (3, 3, shape[-1], out)
     geo = layers._geometry(shape, kernel_shape, (stride, stride), ((1, 1), (1, 1)))
-    assert layers._use_grad_patches(kernel_shape, geo) == taken
-
-
-@pytest.mark.parametrize("shape,out,stride,taken", [
-    ((2, 32, 32, 32), 8, 1, True),  # DenseNet-BC-34 k = 8's conv2 (4k -> k)
-    ((2, 32, 32, 24), 6, 1, True),  # DenseNet-BC-52 k = 6
-    ((2, 8, 8, 48), 12, 1, True),  # DenseNet-BC-100 k = 12 in its last block
-    ((2, 56, 56, 128), 32, 1, False),  # 64 x 64 channels and more: _use_grad_patches
-    ((2, 32, 32, 32), 9, 1, False),  # more than a quarter of the inputs
-    ((2, 32, 32, 32), 8, 2, False),  # strided
-    ((2, 7, 7, 32), 8, 1, False),  # at most 7x7 outputs: the im2col-of-input path
-])
-def test_which_weight_gradients_take_the_output_gradient_planes(shape, out, stride, taken):
-    kernel_shape = (3, 3, shape[-1], out)
-    geo = layers._geometry(shape, kernel_shape, (stride, stride), ((1, 1), (1, 1)))
-    assert layers._use_grad_planes(kernel_shape, geo) == taken
-    if taken:  # the backward pass: the input gradient's convolution and the weight's product
+    assert layers._use_grad_patches(kernel_shape, geo) == (rule == "patches")
+    assert layers._use_grad_planes(kernel_shape, geo) == (rule == "planes")
+    if rule == "planes":  # the backward pass: the input gradient's convolution, the weight's product
         x, g = jnp.zeros(shape), jnp.zeros(shape[:3] + (out,))
         jaxpr = str(jax.make_jaxpr(lambda x, g: layers._conv_fast_bwd(
             (stride, stride), ((1, 1), (1, 1)), (x, jnp.zeros(kernel_shape)), g))(x, g))
