@@ -109,7 +109,8 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
 
 
 # One case per product the fast path computes: forward and input gradient over im2col taps, the
-# weight gradient per tap (wide), over the patches (stem) and over the output gradient's patches.
+# weight gradient per tap (wide), over the patches (stem) and over the output gradient's patches
+# and planes.
 @pytest.mark.parametrize("case", ["3x3", "3x3_wide", "stem_7x7_stride2", "3x3_narrow_output",
                                   "3x3_narrow_planes"])
 def test_conv2d_keeps_float64(case):

@@ -411,6 +411,28 @@ def _use_grad_patches(kernel_shape, geo: _Geometry) -> bool:
             and c * o >= _TAPS_MIN_KERNEL_CHANNELS and not _small_output(geo))
 
 
+def _shifted_grad_windows(g: Array, kernel_hw: Tuple[int, int], geo: _Geometry,
+                          axes: Tuple[int, int] = (1, 2)) -> List[Array]:
+    """``g`` (a stride-1 convolution's output gradient, rows and columns on ``axes``) shifted by
+    each kernel tap, in (i, j) order: window (i, j) at input position (h, w) holds
+    ``g[h + top - i, w + left - j]``, zero outside ``g``."""
+    kh, kw = kernel_hw
+    (top, _), (left, _) = geo.padding
+    (h, w), (ho, wo) = geo.in_hw, geo.out_hw
+    config = [(0, 0, 0)] * g.ndim
+    config[axes[0]] = (kh - 1 - top, h + top - ho, 0)
+    config[axes[1]] = (kw - 1 - left, w + left - wo, 0)
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), config)
+
+    def window(i: int, j: int) -> Array:
+        start, limit = [0] * g.ndim, list(gp.shape)
+        start[axes[0]], limit[axes[0]] = kh - 1 - i, kh - 1 - i + h
+        start[axes[1]], limit[axes[1]] = kw - 1 - j, kw - 1 - j + w
+        return jax.lax.slice(gp, start, limit)
+
+    return [window(i, j) for i in range(kh) for j in range(kw)]
+
+
 def _grad_patches_grads(x: Array, kernel: Array, g: Array, geo: _Geometry):
     """Input and weight gradients of a stride-1 convolution from the im2col patches of ``g``.
 
@@ -419,15 +441,7 @@ def _grad_patches_grads(x: Array, kernel: Array, g: Array, geo: _Geometry):
     ``dw[i, j] = x.T @ G[..., i, j, :]``.
     """
     kh, kw, c, o = kernel.shape
-    n = x.shape[0]
-    (top, _), (left, _) = geo.padding
-    h, w = geo.in_hw
-    ho, wo = geo.out_hw
-    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1 - top, h + top - ho, 0),
-                                                  (kw - 1 - left, w + left - wo, 0), (0, 0, 0)))
-    windows = [jax.lax.slice(gp, (0, kh - 1 - i, kw - 1 - j, 0),
-                             (n, kh - 1 - i + h, kw - 1 - j + w, o))
-               for i in range(kh) for j in range(kw)]
+    windows = _shifted_grad_windows(g, (kh, kw), geo)
     patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * o)
     dx = _dot(patches, kernel.transpose(0, 1, 3, 2).reshape(kh * kw * o, c))
     dw = _dot(x.reshape(-1, c), patches, contract_a=0).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
@@ -442,9 +456,9 @@ def _grad_patches_grads(x: Array, kernel: Array, g: Array, geo: _Geometry):
 # 2.9 ms per layer, a quarter of the train step); the im2col products of _grad_patches_grads
 # contract over the row-major patches (XLA's slower transposed-operand product) and build them in
 # two passes. The planes take one pass over g's k*k*O channels (a few MB), and the product's
-# operands are in the order YNNPACK takes: the step 136 -> 124 ms (medians of 12 alternating
-# chunks, 2026-12-06). The input gradient stays XLA's transposed convolution (as fast as the
-# forward pass here).
+# operands are in the order YNNPACK takes: the step 105.8 -> 89.8 ms (step buffers kept, see
+# cnn_jax.hostmem; medians of 12 alternating chunks of 10, 2026-12-06). The input gradient stays
+# XLA's transposed convolution (as fast as the forward pass here).
 def _use_grad_planes(kernel_shape, geo: _Geometry) -> bool:
     c, o = kernel_shape[2:]
     return (geo.strides == (1, 1) and o <= _GRAD_PATCHES_MAX_OUT_IN_RATIO * c
@@ -458,17 +472,10 @@ def _grad_planes_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -
     ``dw[i, j] = (G[i, j] @ x).T`` over the positions (n, h, w).
     """
     kh, kw, c, o = kernel_shape
-    n = x.shape[0]
-    (top, _), (left, _) = geo.padding
-    h, w = geo.in_hw
-    ho, wo = geo.out_hw
-    planes = jax.lax.pad(jnp.transpose(g, (3, 0, 1, 2)), jnp.zeros((), g.dtype),
-                         ((0, 0, 0), (0, 0, 0), (kh - 1 - top, h + top - ho, 0),
-                          (kw - 1 - left, w + left - wo, 0)))
-    shifted = jnp.stack([jax.lax.slice(planes, (0, 0, kh - 1 - i, kw - 1 - j),
-                                       (o, n, kh - 1 - i + h, kw - 1 - j + w))
-                         for i in range(kh) for j in range(kw)])
-    dw_t = _dot(shifted.reshape(kh * kw * o, -1), x.reshape(-1, c))
+    # g's O channels move to the front once, before the k*k-fold copy (not after it).
+    planes = jnp.stack(_shifted_grad_windows(jnp.transpose(g, (3, 0, 1, 2)), (kh, kw), geo,
+                                             axes=(2, 3)))
+    dw_t = _dot(planes.reshape(kh * kw * o, -1), x.reshape(-1, c))
     return dw_t.reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
