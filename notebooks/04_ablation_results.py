@@ -111,6 +111,47 @@ for folder, name in BEYOND:
         print(f"not run yet: experiments/results/{folder}/{name}")
 
 # %% [markdown]
+# ## The same set on a second CPU
+#
+# The default set again, from one fresh invocation on an AMD EPYC with AVX-512
+# (`experiments/results/amd_epyc_avx512/`). XLA:CPU compiles for the CPU it runs on, so every
+# run there is another draw of float32 rounding: the seeds' luck drawn again, not a copy of the
+# runs above. Best validation top-1 of each variant on both CPUs, and each hypothesis' outcome:
+
+# %%
+HOST2 = os.path.join(RESULTS, "amd_epyc_avx512")
+
+
+def outcomes(folder):
+    """{hypothesis: outcome} from the bold headlines of a README's Outcomes section."""
+    with open(os.path.join(folder, "README.md")) as f:
+        text = f.read().split("## Outcomes", 1)[-1].split("\n## ", 1)[0]
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("- **") and ": " in line:
+            head = line[4:].split("**", 1)[0].rstrip(".")
+            found[head.rsplit(": ", 1)[0]] = head.rsplit(": ", 1)[1]
+    return found
+
+
+top1_rows, outcome_rows = [], []
+for name in [n for n in available if os.path.exists(os.path.join(HOST2, n, "summary.csv"))]:
+    here = {r["variant"]: r for r in read_csv(os.path.join(RESULTS, name, "summary.csv"))}
+    for r in read_csv(os.path.join(HOST2, name, "summary.csv")):
+        top1_rows.append((name, r["variant"], pm(here.get(r["variant"], {}), "best_val_top1"),
+                          pm(r, "best_val_top1")))
+    first, second = outcomes(os.path.join(RESULTS, name)), outcomes(os.path.join(HOST2, name))
+    for h, outcome in first.items():
+        outcome_rows.append((name, h, outcome, second.get(h, "-"),
+                             "same" if second.get(h) == outcome else "**moved**"))
+if top1_rows:
+    display(table(("experiment", "variant", "best val top-1 (above)", "best val top-1 (AMD EPYC)"),
+                  top1_rows))
+    display(table(("experiment", "hypothesis", "above", "AMD EPYC", ""), outcome_rows))
+else:
+    print("no second-CPU set: experiments/results/amd_epyc_avx512/")
+
+# %% [markdown]
 # ## All variants at a glance
 #
 # Best validation top-1 of every variant, mean ± standard deviation over its seeds:
