@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+from cnn_jax.host import cpu_name
 
 DTYPES = ("float32", "bfloat16")
 
@@ -253,18 +254,6 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[s
     return result
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> Dict[str, Any]:
     """Versions, threads and CPU: what a reader needs to reproduce a table."""
     import jax
@@ -314,7 +303,7 @@ def markdown(result: Dict[str, Any]) -> str:
     steps = {(r["steps"], r["warmup"]) for r in result["rows"]}
     lines = [f"cnn_jax (jax {env['jax']}, XLA:CPU) vs torch {env['torch']} (torchvision "
              f"{env['torchvision']}, {env['torch_threads']} threads, channels-last), "
-             f"{env['processor']} ({env['cpu_count']} CPUs, 1-min load average up to "
+             f"{env['processor']}, {env['cpu_count']} CPUs (1-min load average up to "
              f"{max([r['load_average_1min'] for r in result['rows']], default=0):.1f}); "
              f"median step of "
              + ", ".join(f"{s} after {w} warm-up" for s, w in sorted(steps))

@@ -359,6 +359,7 @@ class Run:
     wall_seconds: float
     error: str = ""
     shared_from: str = ""  # another experiment's run of the same config, read instead of trained
+    devices: Tuple[str, ...] = ()  # what it trained on (DEVICE_FILE; empty: not recorded)
 
     def split(self, name: str) -> List[Dict[str, Any]]:
         return [r for r in self.records if r.get("split") == name]
@@ -554,6 +555,29 @@ def model_cost(config, num_classes: int) -> Tuple[int, int]:
 
 
 RUN_KEY_FILE = "run_key.txt"
+# What a run trained on, one line each (the CPU's cnn_jax.host.cpu_name, or the accelerator's
+# kind): XLA's kernels, and so the run's float32 rounding, depend on it, so the write-up names it
+# beside the numbers.
+DEVICE_FILE = "device.txt"
+
+
+def _read_devices(workdir: str) -> Tuple[str, ...]:
+    path = os.path.join(workdir, DEVICE_FILE)
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        return tuple(line.strip() for line in f if line.strip())
+
+
+def _record_device(workdir: str) -> None:
+    import jax
+
+    from cnn_jax import host
+
+    name = host.cpu_name() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+    if name not in _read_devices(workdir):  # a run resumed on another device adds a line
+        with open(os.path.join(workdir, DEVICE_FILE), "a") as f:
+            f.write(name + "\n")
 LR_DROP = "lr_drop"  # the split of a record that lowered the learning rate at a plateau
 
 
@@ -582,10 +606,10 @@ def run_key(exp: Experiment, config) -> str:
 
 
 def _shared_run(workdir: str, key: str, total: int, plateau: stats.Plateau
-                ) -> Optional[Tuple[str, list, float]]:
+                ) -> Optional[Tuple[str, list, float, Tuple[str, ...]]]:
     """A run of the same key in a sibling experiment's workdir (same seed), finished under
     ``plateau`` or at the budget:
-    (its ``experiment/variant`` label, records, wall seconds), or None."""
+    (its ``experiment/variant`` label, records, wall seconds, devices), or None."""
     from cnn_jax import metrics as metrics_lib
 
     seed_dir = os.path.basename(workdir)
@@ -599,7 +623,7 @@ def _shared_run(workdir: str, key: str, total: int, plateau: stats.Plateau
             seconds = os.path.join(other, "wall_seconds.txt")
             wall = float(open(seconds).read()) if os.path.exists(seconds) else 0.0
             exp_dir, variant_dir = os.path.split(os.path.dirname(other))
-            return f"{os.path.basename(exp_dir)}/{variant_dir}", records, wall
+            return f"{os.path.basename(exp_dir)}/{variant_dir}", records, wall, _read_devices(other)
     return None
 
 
@@ -640,13 +664,14 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
             log(f"--- {exp.name} / {label} / seed {seed}: the same run as {shared[0]}; read, "
                 "not trained again")
             return Run(label, seed, config.arch, params, macs, shared[1], spe, total, shared[2],
-                       shared_from=shared[0])
+                       shared_from=shared[0], devices=shared[3])
         if not train:
             raise RuntimeError(f"{exp.name} / {label} / seed {seed} has not finished training "
                                f"(workdir {workdir}); re-run the same command to train it")
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, RUN_KEY_FILE), "w") as f:
             f.write(key)
+        _record_device(workdir)
         log(f"--- {exp.name} / {label} / seed {seed}: {config.arch} {dict(exp.variants[label])} "
             f"({params:,} parameters, {macs / 1e6:.1f}M MACs/image)")
         if probe is None:
@@ -694,7 +719,8 @@ def train_run(exp: Experiment, label: str, seed: int, workdir: str,
     if error:
         with open(diverged_file, "w") as f:
             f.write(error)
-    return Run(label, seed, config.arch, params, macs, records, spe, total, wall, error)
+    return Run(label, seed, config.arch, params, macs, records, spe, total, wall, error,
+               devices=_read_devices(workdir))
 
 
 @dataclasses.dataclass
@@ -979,8 +1005,23 @@ def setup_lines(results: Results) -> List[str]:
         "excludes 0",
         f"- machine: JAX {jax.__version__} on {jax.default_backend()} ({jax.device_count()} "
         f"device(s), {os.cpu_count()} CPU cores, shared with other jobs)",
+        f"- trained on: {trained_on(results.runs)} (XLA compiles for the processor it runs on, so "
+        "a run's float32 rounding, and after a few thousand steps its numbers, are those of that "
+        "kind of processor: on another kind the same command draws the rounding again, like a "
+        "seed)",
     ]
     return lines
+
+
+def trained_on(runs: Sequence[Run]) -> str:
+    """What the runs trained on, with how many runs each where that differs."""
+    counts: Dict[str, int] = {}
+    for run in runs:
+        for device in run.devices or ("not recorded (trained before 2026-12-06)",):
+            counts[device] = counts.get(device, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{device} ({n} run(s))" for device, n in counts.items())
 
 
 def write_results(results: Results, out: str, command: str, seconds: float,

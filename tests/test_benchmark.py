@@ -228,6 +228,30 @@ def test_compare_layers_against_torch_conv2d(one_torch_thread):
     assert f"**{total['torch'] / total['cnn_jax']:.2f}** |" in table.splitlines()[-1]
 
 
+def test_cpu_name_tells_two_cpus_of_one_name_apart(monkeypatch):
+    """Benchmark tables and experiment write-ups name the CPU: AMD's AVX2 and AVX-512 EPYCs have
+    one model name but other XLA kernels (other speed, other float32 rounding)."""
+    import platform
+
+    from cnn_jax import host
+    from cnn_jax.models import layers
+
+    genoa = {"model name": "AMD EPYC", "cpu family": "25", "model": "17",
+             "flags": "fpu avx f16c avx2 avx512f avx512_bf16"}
+    monkeypatch.setattr(host, "_cpuinfo", lambda: genoa)
+    assert host.cpu_name() == "AMD EPYC (family 25 model 17, AVX-512)"
+    assert layers._cpu_has_avx512() and benchmark_torch.cpu_name() == host.cpu_name()
+    monkeypatch.setattr(host, "_cpuinfo", lambda: {**genoa, "model": "1", "flags": "fpu avx avx2"})
+    assert host.cpu_name() == "AMD EPYC (family 25 model 1, AVX2)" and not layers._cpu_has_avx512()
+    monkeypatch.setattr(host, "_cpuinfo", dict)  # no /proc/cpuinfo (macOS)
+    assert host.cpu_name() == (platform.processor() or platform.machine())
+    assert host.vector_isa() == "" and not host.has_avx512()
+    monkeypatch.undo()
+    if os.path.exists("/proc/cpuinfo"):  # the real file's first processor
+        info = host._cpuinfo()
+        assert info and host.cpu_name().startswith(info.get("model name", ""))
+
+
 def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
                          "--model.widths=8,16,32,64"])

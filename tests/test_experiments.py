@@ -116,6 +116,14 @@ def test_smoke_run_writes_results(smoke, name):
                for line in outcomes.splitlines() if line.startswith("- **H"))
     for label in labels:
         assert f"| {label} |" in md
+    # what the runs trained on, recorded by each run (a worker's CPU is this process's)
+    from cnn_jax import host
+
+    assert f"- trained on: {host.cpu_name()} (XLA compiles for the processor" in md
+    for label in labels:
+        device = smoke.work / name / label / "seed0" / "device.txt"
+        shared = "(= " in next(r["status"] for r in runs if r["variant"] == label)
+        assert shared or device.read_text() == host.cpu_name() + "\n"
 
 
 def test_plateau_stops_runs_and_rerun_resumes(smoke):

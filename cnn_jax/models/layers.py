@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_jax import host
+
 Array = jax.Array
 Dtype = Any
 IntOrPair = Union[int, Tuple[int, int]]
@@ -565,18 +567,7 @@ def _use_winograd(kernel_shape, dtype) -> bool:
 _WINOGRAD_AVX512_MIN_POSITIONS = 28 * 28
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-    """Whether this host's CPU has AVX-512 (the ``avx512f`` flag in Linux's /proc/cpuinfo);
-    False where that file is missing."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512f" in line.split()
-    except OSError:
-        pass
-    return False
+_cpu_has_avx512 = host.has_avx512  # a module name of its own: the tests set it
 
 
 def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> bool:
