@@ -56,6 +56,7 @@ def cpu_name() -> str:
     details = []
     if info.get("cpu family") and info.get("model"):
         details.append(f"family {info['cpu family']} model {info['model']}")
-    if vector_isa():
-        details.append(vector_isa())
+    isa = vector_isa()
+    if isa:
+        details.append(isa)
     return f"{name} ({', '.join(details)})" if details else name

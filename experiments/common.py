@@ -555,6 +555,9 @@ def model_cost(config, num_classes: int) -> Tuple[int, int]:
 
 
 RUN_KEY_FILE = "run_key.txt"
+LR_DROP = "lr_drop"  # the split of a record that lowered the learning rate at a plateau
+
+
 # What a run trained on, one line each (the CPU's cnn_jax.host.cpu_name, or the accelerator's
 # kind): XLA's kernels, and so the run's float32 rounding, depend on it, so the write-up names it
 # beside the numbers.
@@ -578,7 +581,6 @@ def _record_device(workdir: str) -> None:
     if name not in _read_devices(workdir):  # a run resumed on another device adds a line
         with open(os.path.join(workdir, DEVICE_FILE), "a") as f:
             f.write(name + "\n")
-LR_DROP = "lr_drop"  # the split of a record that lowered the learning rate at a plateau
 
 
 def run_key(exp: Experiment, config) -> str:

@@ -68,6 +68,11 @@ def pm(row, key, percent=True):
     return f"{100 * m:.1f} ± {100 * s:.1f}%" if percent else f"{m:.3f} ± {s:.3f}"
 
 
+def outcomes_section(readme):
+    """The text of a results README's Outcomes section."""
+    return readme.split("## Outcomes", 1)[-1].split("\n## ", 1)[0].strip()
+
+
 def show(name, results=RESULTS):
     """The experiment's command, summary over seeds, plots and outcomes (from ``results``)."""
     folder = os.path.join(results, name)
@@ -84,8 +89,7 @@ def show(name, results=RESULTS):
                    for r in rows]))
     for png in sorted(f for f in os.listdir(folder) if f.endswith(".png")):
         display(Image(filename=os.path.join(folder, png), width=900))
-    outcomes = readme.split("## Outcomes", 1)[-1].split("\n## ", 1)[0].strip()
-    display(Markdown("**Outcomes** (from its README):\n\n" + outcomes))
+    display(Markdown("**Outcomes** (from its README):\n\n" + outcomes_section(readme)))
 
 
 # %%
@@ -125,7 +129,7 @@ HOST2 = os.path.join(RESULTS, "amd_epyc_avx512")
 def outcomes(folder):
     """{hypothesis: outcome} from the bold headlines of a README's Outcomes section."""
     with open(os.path.join(folder, "README.md")) as f:
-        text = f.read().split("## Outcomes", 1)[-1].split("\n## ", 1)[0]
+        text = outcomes_section(f.read())
     found = {}
     for line in text.splitlines():
         if line.startswith("- **") and ": " in line:
