@@ -383,8 +383,8 @@ def test_unknown_implementation_is_one_line_error():
     ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool"})])
 def test_one_formulation_at_a_time(impl, fast):
     """'fast:OP+OP' (an A/B of single formulations, e.g. on a GPU) rewrites only those ops: a 1x1
-    convolution is a product, a 3x3 one takes its own gradients, a max pool's gradient is
-    masks over slices; the rest stays XLA's. Values and gradients equal XLA's."""
+    convolution is a product, a 3x3 one takes its own gradients, a max pool is the maximum of
+    its windows' slices and its gradient masks over them; the rest stays XLA's. Values and gradients equal XLA's."""
     x, w1, w3 = normal(0, (2, 8, 8, 16)), normal(1, (1, 1, 16, 24)), normal(2, (3, 3, 24, 24))
 
     def net(x, w1, w3):
@@ -402,6 +402,9 @@ def test_one_formulation_at_a_time(impl, fast):
     assert ("conv_general_dilated" not in one) == ("conv1x1" in fast)
     assert ("custom_vjp" in three) == ("conv" in fast)  # XLA's forward, its own gradients
     assert ("custom_vjp" in pool) == ("max_pool" in fast)
+    # and its forward is the windows' maximum, not a reduce-window (which XLA:CPU lets YNNPACK
+    # fuse with the convolutions and products around it: slow, see layers._max_pool_by_windows)
+    assert ("reduce_window" not in pool) == ("max_pool" in fast)
     with layers.implementation("xla"):
         ref = jax.jit(jax.grad(lambda *a: net(*a), argnums=(0, 1, 2)))(x, w1, w3)
     _assert_close(ref, grads, 1e-5)
