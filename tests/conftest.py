@@ -14,7 +14,9 @@ tests' programs are small and run a few steps, so compiling is most of their cos
 YNNPACK runs single dots and convolutions only, not XLA's multi-op library fusions: at the tests'
 small inputs VGG's head upsamples a 1x1 map to 7x7 before fc6, and XLA fuses that broadcast and
 the three classifier matmuls into one YNNPACK call that costs 2.3 s of CPU per 2-image eval
-forward of vgg11 at 32x32 (0.24 s with single ops; XLA's default at 224x224 is as fast).
+forward of vgg11 at 32x32 (0.24 s with single ops). The commands keep XLA's default: its
+library fusions of reductions make the batch-norm statistics of a train step fast at 224 px
+(README, Fast layers: the max pool).
 CNN_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
 """
 
