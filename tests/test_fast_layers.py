@@ -93,10 +93,15 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     shape, k, stride, padding, *out = CONV_CASES[case]
     x = normal(0, shape, dtype)
     w = (normal(1, (k, k, shape[-1], *(out or [7]))) * 0.3).astype(dtype)
+    # One fixed output gradient for both paths, so that the gradients compare the two VJPs. (A
+    # gradient that depends on the output, such as sin's, turns a one-ulp difference of a bf16
+    # output of magnitude ~30 into a ~0.1 difference of that output's gradient.)
+    out_shape = jax.eval_shape(lambda x, w: layers.conv2d(x, w, stride, padding), x, w).shape
+    r = normal(2, out_shape)
 
     def loss(x, w):
         y = layers.conv2d(x, w, stride, padding)
-        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+        return jnp.sum(y.astype(jnp.float32) * r), y
 
     ref, got = _both(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), x, w)
     (ref_loss, ref_y), ref_grads = ref
@@ -104,7 +109,7 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     _assert_close((ref_y, ref_grads), (got_y, got_grads), rtol)
     # The loss sums many terms of both signs: its error scales with the sum of their magnitudes
     # (bf16 outputs of the same convolution, rounded from different accumulation orders).
-    scale = float(jnp.sum(jnp.abs(jnp.sin(ref_y.astype(jnp.float32)))))
+    scale = float(jnp.sum(jnp.abs(ref_y.astype(jnp.float32) * r)))
     np.testing.assert_allclose(got_loss, ref_loss, rtol=0, atol=rtol * scale)
 
 
@@ -316,6 +321,23 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
 ])
 def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):
     assert layers._use_winograd(kernel_shape, dtype) == winograd
+
+
+@pytest.mark.parametrize("kernel_shape,hw,dtype,taps", [
+    ((3, 3, 256, 256), 14, jnp.bfloat16, True),  # resnet50's layer3, googlenet's 4a-4e
+    ((3, 3, 384, 256), 13, jnp.bfloat16, True),  # alexnet's conv4
+    ((3, 3, 128, 64), 14, jnp.bfloat16, True),
+    ((3, 3, 64, 64), 14, jnp.bfloat16, False),  # 64 x 64 channels and fewer keep XLA's
+    ((3, 3, 128, 128), 28, jnp.bfloat16, False),  # from 15x15 outputs XLA's convolution wins
+    ((3, 3, 256, 256), 14, jnp.float32, False),  # bfloat16 only
+])
+def test_which_bf16_convolutions_take_per_tap_products(kernel_shape, hw, dtype, taps):
+    geo = layers._geometry((2, hw, hw, kernel_shape[2]), kernel_shape, (1, 1), ((1, 1), (1, 1)))
+    assert layers._use_taps_bf16(kernel_shape, dtype, geo) == taps
+    x, w = jnp.zeros((2, hw, hw, kernel_shape[2]), dtype), jnp.zeros(kernel_shape, dtype)
+    program = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1))(x, w))
+    if taps:  # no convolution left in the forward pass
+        assert "conv_general_dilated" not in program
 
 
 @pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile", [
