@@ -841,8 +841,9 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
     wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3) (their weight gradients F(3x3, 2x2) or,
-    from 28x28 outputs, F(3x3, 4x4)), bfloat16 ones at small maps sums of per-tap bf16 products,
-    and other weight gradients sums of per-tap matrix products (see the comments above each).
+    from 28x28 outputs, F(3x3, 4x4)), wide stride-1 bfloat16 convolutions at small maps sums of
+    per-tap bf16 products, and other weight gradients sums of per-tap matrix products (see the
+    comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
