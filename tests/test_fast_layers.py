@@ -406,7 +406,8 @@ def test_unknown_implementation_is_one_line_error():
 def test_one_formulation_at_a_time(impl, fast):
     """'fast:OP+OP' (an A/B of single formulations, e.g. on a GPU) rewrites only those ops: a 1x1
     convolution is a product, a 3x3 one takes its own gradients, a max pool is the maximum of
-    its windows' slices and its gradient masks over them; the rest stays XLA's. Values and gradients equal XLA's."""
+    its windows' slices and its gradient masks over them; the rest stays XLA's. Values and
+    gradients equal XLA's."""
     x, w1, w3 = normal(0, (2, 8, 8, 16)), normal(1, (1, 1, 16, 24)), normal(2, (3, 3, 24, 24))
 
     def net(x, w1, w3):

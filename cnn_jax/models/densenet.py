@@ -127,6 +127,7 @@ class Transition(nn.Module):
                  normalized: Sequence[layers.Normalized] = ()) -> Array:
         """``pieces``: a dense block's output, as ``DenseBlock`` returns it."""
         x, _ = layers.batch_norm(train, self.dtype, "norm", concat=True)(pieces, normalized)
+        x = nn.relu(x)
         conv = layers.Conv2d(self.features, (1, 1), use_bias=False, dtype=self.dtype,
                              kernel_init=_conv_init, name="conv")
         if layers.use_fast_formulations("conv1x1"):
@@ -134,8 +135,8 @@ class Transition(nn.Module):
             # they commute (the same outputs up to float rounding), and the product then runs
             # on a quarter of the positions: densenet121's train step ~10% faster on the CPU
             # (README, Fast layers); XLA's path (GPUs, cnn_jax.analysis) keeps the paper's order.
-            return conv(layers.avg_pool(nn.relu(x), 2, 2))
-        return layers.avg_pool(conv(nn.relu(x)), 2, 2)
+            return conv(layers.avg_pool(x, 2, 2))
+        return layers.avg_pool(conv(x), 2, 2)
 
 
 class DenseNet(nn.Module):

@@ -159,14 +159,14 @@ def _xla_max_pool(x: Array, window, strides, padding) -> Array:
 
 
 def _pool_windows(x: Array, window, strides, padding) -> List[Array]:
-    """Each tap's strided window of ``x`` padded with -inf, in row-major tap order: window (i, j)
-    holds tap (i, j) of every output's window."""
-    (kh, kw), (sh, sw) = window, strides
+    """Each tap's strided window of ``x`` padded with -inf, in row-major tap order (every tap,
+    not only the live ones: the gradient numbers them): window (i, j) holds tap (i, j) of every
+    output's window."""
+    geo = _geometry(x.shape, window, strides, padding)
+    n, c = x.shape[0], x.shape[-1]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
-    n, hp, wp, c = xp.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    return [jax.lax.slice(xp, *geo.tap_window(i, j, n, c))
+            for i in range(window[0]) for j in range(window[1])]
 
 
 # The forward pass as the maximum of the taps' strided windows (one element-wise loop) rather
@@ -325,12 +325,17 @@ def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
     return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), preferred_element_type=acc)
 
 
-def _patches(x: Array, geo: _Geometry) -> Array:
-    """im2col: the live taps' strided input windows side by side, ``[N*Ho*Wo, taps*C]``."""
+def _tap_windows(x: Array, geo: _Geometry) -> List[Array]:
+    """The live taps' strided windows of the zero-padded input, each ``[N, Ho, Wo, C]``."""
     n, c = x.shape[0], x.shape[-1]
     xp = _pad_input(x, geo)
-    windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)) for i, j in geo.live_taps]
-    return jnp.concatenate(windows, axis=-1).reshape(-1, len(windows) * c)
+    return [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)) for i, j in geo.live_taps]
+
+
+def _patches(x: Array, geo: _Geometry) -> Array:
+    """im2col: the live taps' strided input windows side by side, ``[N*Ho*Wo, taps*C]``."""
+    windows = _tap_windows(x, geo)
+    return jnp.concatenate(windows, axis=-1).reshape(-1, len(windows) * x.shape[-1])
 
 
 def _live_kernel(kernel: Array, geo: _Geometry) -> Array:
@@ -403,16 +408,13 @@ def _taps_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -> Array
     if (c * o < _TAPS_MIN_KERNEL_CHANNELS and c > _STEM_MAX_CHANNELS
             and not _small_output(geo)):
         return _xla_weight_grad(x, g, kernel_shape, geo)
-    n = x.shape[0]
     g2 = g.reshape(-1, o)
     live = geo.live_taps
     if c < _IM2COL_MAX_CHANNELS or _small_output(geo):
         per_tap = _dot(_patches(x, geo), g2, contract_a=0).reshape(-1, c, o)
     else:
-        xp = _pad_input(x, geo)
-        windows = [jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c)
-                   for i, j in live]
-        per_tap = jnp.stack([_dot(t, g2, contract_a=0) for t in windows])
+        per_tap = jnp.stack([_dot(t.reshape(-1, c), g2, contract_a=0)
+                             for t in _tap_windows(x, geo)])
     if len(live) == kh * kw:
         return per_tap.reshape(kernel_shape)
     dw = jnp.zeros(kernel_shape, per_tap.dtype)  # taps that only ever see padding
@@ -755,10 +757,8 @@ def _use_taps_bf16(kernel_shape, dtype, geo: _Geometry) -> bool:
 def _taps_sum_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
     """The convolution as one product per live tap over its strided input window, summed."""
     n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
-    xp = _pad_input(x, geo)
-    y = functools.reduce(jnp.add, [
-        _dot(jax.lax.slice(xp, *geo.tap_window(i, j, n, c)).reshape(-1, c), kernel[i, j])
-        for i, j in geo.live_taps])
+    y = functools.reduce(jnp.add, [_dot(t.reshape(-1, c), kernel[i, j])
+                                   for t, (i, j) in zip(_tap_windows(x, geo), geo.live_taps)])
     return y.reshape((n,) + geo.out_hw + (o,)).astype(x.dtype)
 
 
