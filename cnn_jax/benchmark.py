@@ -50,7 +50,8 @@ flags.DEFINE_string("ab", None, "A/B of layer implementations in one process: tw
 flags.DEFINE_enum("suite", None, ["gpu"], "One-shot accelerator check: every family, fp32 and "
                   "bf16, pmap over all local devices; writes JSON and markdown to --output.")
 flags.DEFINE_bool("layers", False, "--compare=torch: each convolution of the networks alone "
-                  "against torch's Conv2d (float32, forward and with gradients), not whole steps.")
+                  "against torch's Conv2d (forward and with gradients; float32 unless --dtype), "
+                  "not whole steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (--compare, --suite).")
 flags.DEFINE_string("output", None, "Directory for the results (--suite: default "
                     "benchmark_results; --compare: optional).")
@@ -213,12 +214,14 @@ def main_compare() -> None:
     if MODEL_OPTIONS:
         raise ValueError("--model.* options change the network; --compare=torch times the "
                          "stock networks that torchvision also builds")
+    # --layers: float32 alone unless --dtype says (each network's layers take minutes)
+    dtypes = ([FLAGS.dtype] if FLAGS["dtype"].present or FLAGS.layers
+              else benchmark_torch.DTYPES)
     rows = benchmark_torch.select_rows(
-        _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"),
-        [FLAGS.dtype] if FLAGS["dtype"].present else benchmark_torch.DTYPES)
+        _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"), dtypes)
     steps = FLAGS.steps if FLAGS["steps"].present else 5
     if FLAGS.layers:
-        return _compare_layers([row for row, dtype in rows if dtype == "float32"], steps)
+        return _compare_layers(rows, steps)
     result = benchmark_torch.run_compare(rows, steps, FLAGS.warmup, FLAGS.torch_threads,
                                          progress=_progress)
     _emit("compare_torch", result, benchmark_torch.markdown(result))
@@ -228,11 +231,9 @@ def _compare_layers(rows, steps: int) -> None:
     """``--compare=torch --layers``: one table per network, on stdout."""
     from cnn_jax import benchmark_layers
 
-    if not rows:
-        raise ValueError("--layers times float32 convolutions; leave out --dtype=bfloat16")
     results = [benchmark_layers.compare(
         row.arch, row.batch_size, row.image_size, row.num_classes, steps, FLAGS.warmup,
-        progress=_progress) for row in rows]
+        progress=_progress, dtype=dtype) for row, dtype in rows]
     _emit("compare_layers", {"networks": results},
           "\n\n".join(benchmark_layers.markdown(r) for r in results))
 

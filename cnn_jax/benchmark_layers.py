@@ -7,8 +7,10 @@ network's convolution shapes come from tracing its forward pass with XLA's convo
 shapes, strides, padding and groups); each distinct shape is timed once and weighted by how
 often the network has it. Per shape, alternating (cnn_jax, torch, cnn_jax, ...; medians): the
 forward pass, and the forward pass with both gradients (the input gradient left out for the
-first convolution, whose input is the image), float32, torch channels-last. Batch norm, ReLU,
-pooling and the classifier are not in it.
+first convolution, whose input is the image), torch channels-last; float32, or bfloat16 (cnn_jax's
+operands in bf16 as its ``--dtype=bfloat16`` networks have them, torch's fp32 layer under
+``torch.autocast``, as ``--compare=torch`` runs both). Batch norm, ReLU, pooling and the
+classifier are not in it.
 """
 
 from __future__ import annotations
@@ -83,18 +85,19 @@ def convolutions(arch: str, batch_size: int, image_size: int,
     return list(counts.items())
 
 
-def _jax_fns(conv: Conv, grad_input: bool, rng) -> Tuple[Callable, Callable]:
+def _jax_fns(conv: Conv, grad_input: bool, rng, dtype: str) -> Tuple[Callable, Callable]:
     import jax
 
     from cnn_jax.models import layers
 
-    x = jax.device_put(rng.standard_normal(conv.input_shape, "float32"))
-    w = jax.device_put(0.05 * rng.standard_normal(conv.kernel_shape, "float32"))
+    x = jax.device_put(rng.standard_normal(conv.input_shape, "float32").astype(dtype))
+    w = jax.device_put((0.05 * rng.standard_normal(conv.kernel_shape, "float32")).astype(dtype))
 
     def f(x, w):
         return layers.conv2d(x, w, conv.strides, conv.padding, conv.groups)
 
-    g = jax.device_put(rng.standard_normal(jax.eval_shape(f, x, w).shape, "float32"))
+    g = jax.device_put(
+        rng.standard_normal(jax.eval_shape(f, x, w).shape, "float32").astype(dtype))
     fwd = jax.jit(f)
 
     @jax.jit
@@ -109,7 +112,8 @@ def _jax_fns(conv: Conv, grad_input: bool, rng) -> Tuple[Callable, Callable]:
             lambda: jax.block_until_ready(train(x, w, g)))
 
 
-def _torch_fns(torch, conv: Conv, grad_input: bool, rng) -> Tuple[Callable, Callable]:
+def _torch_fns(torch, conv: Conv, grad_input: bool, rng,
+               dtype: str) -> Tuple[Callable, Callable]:
     (top, bottom), (left, right) = conv.padding
     if top != bottom or left != right:
         raise ValueError(f"{conv.label()}: asymmetric padding {conv.padding}; torch's Conv2d "
@@ -119,25 +123,31 @@ def _torch_fns(torch, conv: Conv, grad_input: bool, rng) -> Tuple[Callable, Call
                             groups=conv.groups, bias=False).to(memory_format=torch.channels_last)
     x = torch.from_numpy(rng.standard_normal(conv.input_shape, "float32")).permute(
         0, 3, 1, 2).contiguous(memory_format=torch.channels_last).requires_grad_(grad_input)
-    with torch.no_grad():
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    with torch.no_grad(), autocast():
         g = torch.randn_like(layer(x))
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             layer(x)
 
     def train():
         layer.weight.grad = x.grad = None
-        layer(x).backward(g)
+        with autocast():
+            y = layer(x)
+        y.backward(g)
 
     return fwd, train
 
 
 def compare(arch: str, batch_size: int, image_size: int, num_classes: int = 1000,
             steps: int = 5, warmup: int = 2,
-            progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Every distinct convolution of ``arch``: medians (ms) of both sides, forward and forward
-    with gradients, and the network's totals (each shape times its count)."""
+            progress: Optional[Callable[[str], None]] = None,
+            dtype: str = "float32") -> Dict[str, Any]:
+    """Every distinct convolution of ``arch`` in ``dtype``: medians (ms) of both sides, forward
+    and forward with gradients, and the network's totals (each shape times its count)."""
     import numpy as np
 
     torch, _ = benchmark_torch.import_torch()
@@ -145,7 +155,8 @@ def compare(arch: str, batch_size: int, image_size: int, num_classes: int = 1000
     for i, (conv, count) in enumerate(convolutions(arch, batch_size, image_size, num_classes)):
         rng = np.random.default_rng(i)
         grad_input = i > 0  # the first convolution reads the image: no input gradient
-        fns = [*_jax_fns(conv, grad_input, rng), *_torch_fns(torch, conv, grad_input, rng)]
+        fns = [*_jax_fns(conv, grad_input, rng, dtype),
+               *_torch_fns(torch, conv, grad_input, rng, dtype)]
         jf, jt, tf, tt = (1e3 * statistics.median(t)
                           for t in benchmark_torch.alternate(fns, warmup, steps))
         row = {"conv": conv.label(), "input_shape": list(conv.input_shape),
@@ -161,7 +172,7 @@ def compare(arch: str, batch_size: int, image_size: int, num_classes: int = 1000
     total = {kind: {side: sum(r["count"] * r[kind][side] for r in rows)
                     for side in ("cnn_jax", "torch")} for kind in ("forward_ms", "train_ms")}
     return {"arch": arch, "batch_size": batch_size, "image_size": image_size,
-            "num_classes": num_classes, "steps": steps, "warmup": warmup,
+            "num_classes": num_classes, "dtype": dtype, "steps": steps, "warmup": warmup,
             "environment": benchmark_torch.environment(), "rows": rows, "total": total}
 
 
@@ -169,9 +180,11 @@ def markdown(result: Dict[str, Any]) -> str:
     """One table per network: per shape and in total, ms of both sides and the ratio (torch time /
     cnn_jax time, > 1: cnn_jax faster), forward and with gradients."""
     env = result["environment"]
+    autocast = " (autocast)" if result.get("dtype") == "bfloat16" else ""
     lines = [f"{result['arch']}, batch {result['batch_size']} at {result['image_size']} px, "
-             f"float32: each convolution alone, cnn_jax (jax {env['jax']}) vs torch "
-             f"{env['torch']} ({env['torch_threads']} threads, channels-last), {env['processor']}"
+             f"{result.get('dtype', 'float32')}: each convolution alone, cnn_jax (jax {env['jax']}) "
+             f"vs torch {env['torch']} ({env['torch_threads']} threads, channels-last{autocast}), "
+             f"{env['processor']}"
              f"; median of {result['steps']} after {result['warmup']} warm-up, alternating; "
              "ratio = torch time / cnn_jax time.", "",
              "| convolution | count | forward ms cnn_jax | forward ms torch | forward ratio | "

@@ -212,8 +212,10 @@ def test_convolutions_of_a_network_with_counts():
 
 
 @needs_torch
-def test_compare_layers_against_torch_conv2d(one_torch_thread):
-    result = benchmark_layers.compare("resnet18", 2, 32, 10, steps=1, warmup=0)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compare_layers_against_torch_conv2d(one_torch_thread, dtype):
+    result = benchmark_layers.compare("resnet18", 2, 32, 10, steps=1, warmup=0, dtype=dtype)
+    assert result["dtype"] == dtype
     rows = result["rows"]
     assert sum(r["count"] for r in rows) == 20 and len(rows) == 11
     assert [r["grad_input"] for r in rows] == [False] + [True] * 10
@@ -222,6 +224,8 @@ def test_compare_layers_against_torch_conv2d(one_torch_thread):
         assert result["total"][kind]["torch"] == pytest.approx(
             sum(r["count"] * r[kind]["torch"] for r in rows))
     table = benchmark_layers.markdown(result)
+    assert table.startswith(f"resnet18, batch 2 at 32 px, {dtype}: each convolution alone")
+    assert ("autocast" in table.splitlines()[0]) == (dtype == "bfloat16")
     assert "| 7x7/2 3->64 at 32x32 (no input gradient) | 1 |" in table
     total = result["total"]["train_ms"]
     assert "| **all, times count** | 20 |" in table
@@ -266,11 +270,6 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: write model options as --model.FIELD=VALUE, not '--model.widths'")
-    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--layers",
-                         "--dtype=bfloat16", "--arch=resnet18"])
-    assert proc.returncode != 0
-    assert h.last_line(proc.stderr) == (
-        "error: --layers times float32 convolutions; leave out --dtype=bfloat16")
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--ab=xla,auto", "--compare=torch"])
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
