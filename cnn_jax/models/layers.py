@@ -762,15 +762,33 @@ def _taps_sum_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
     return y.reshape((n,) + geo.out_hw + (o,)).astype(x.dtype)
 
 
+# bfloat16 convolutions that no bf16 formulation here computes faster run in float32: XLA:CPU's
+# own bf16 convolutions run at its float32 speed at best and far below it for the stems (batch 16
+# on the AMD AVX-512 host, 2026-12-06, forward / forward with the weight gradient, ms: resnet50's
+# 7x7/2 stem 139 / 302 in bf16 against 32 / 74 in float32; 3x3 64 -> 64 at 56x56 38 / 129
+# against 22 / 63, with both gradients; 128 -> 128 at 28x28 20 / 74 against 13 / 38). The
+# float32 convolution of the bf16 operands, rounded once to bf16, is also the more accurate one.
+# Their weight gradients too (the float32 ones are Winograd's).
+def _is_bf16(x: Array) -> bool:
+    return jnp.dtype(x.dtype) == jnp.bfloat16
+
+
+def _in_float32(f: Callable, x: Array, kernel: Array, *args) -> Array:
+    """``f(x, kernel, *args)`` computed in float32 and rounded back to ``x``'s dtype."""
+    return f(x.astype(jnp.float32), kernel.astype(jnp.float32), *args).astype(x.dtype)
+
+
 def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     """A stride-1 convolution, by Winograd, per-tap products (bfloat16 at small maps) or on
     XLA's Eigen convolution where ``_use_winograd_forward``, ``_use_taps_bf16`` or
-    ``_use_eigen`` says it is faster."""
+    ``_use_eigen`` says it is faster; other bfloat16 ones in float32."""
     if _use_winograd_forward(x.shape, kernel.shape, x.dtype, padding):
         return _winograd_conv3x3(x, kernel, padding)
     geo = _geometry(x.shape, kernel.shape, (1, 1), padding)
     if _use_taps_bf16(kernel.shape, x.dtype, geo):
         return _taps_sum_forward(x, kernel, geo)
+    if _is_bf16(x):
+        return _in_float32(_conv_stride1, x, kernel, padding)
     if not _use_eigen(kernel.shape, (1, 1), x.dtype):
         return _xla_conv(*_pad_for_ynn(x, kernel), (1, 1), padding)
     (top, bottom), cols = padding
@@ -785,6 +803,8 @@ def _xla_input_grad(g: Array, kernel: Array, x_shape, geo: _Geometry) -> Array:
     """The input gradient as XLA's transposed convolution; stride 1: the convolution of ``g``
     with the flipped kernel (so that ``_conv_stride1`` can pick the faster library)."""
     if geo.strides != (1, 1):
+        if _is_bf16(g):
+            return _in_float32(lambda g_, k_: _xla_input_grad(g_, k_, x_shape, geo), g, kernel)
         _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, geo.strides, geo.padding),
                                jnp.zeros(x_shape, g.dtype))
         return input_vjp(g)[0]
@@ -802,6 +822,8 @@ def _conv_fast(x: Array, kernel: Array, strides: Tuple[int, int], padding: Paddi
         return _taps_forward(x, kernel, geo)
     if strides == (1, 1):
         return _conv_stride1(x, kernel, padding)
+    if _is_bf16(x):
+        return _in_float32(_xla_conv, x, kernel, strides, padding)
     return _xla_conv(x, kernel, strides, padding)
 
 
@@ -819,6 +841,8 @@ def _conv_fast_bwd(strides, padding, residuals, g):
         dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
     else:  # XLA's transposed convolution is as fast as the forward pass here
         dx = _xla_input_grad(g, kernel, x.shape, geo)
+        if _is_bf16(x):  # see _in_float32
+            x, g = x.astype(jnp.float32), g.astype(jnp.float32)
     tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo)
     if tile:
         dw = _winograd_weight_grad(x, g, padding, tile)
@@ -906,7 +930,40 @@ def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int]) -> Array:
     if strides != (1, 1):
         x = x[:, ::strides[0], ::strides[1]]
     n, h, w, c = x.shape
-    return (x.reshape(-1, c) @ kernel.reshape(c, -1)).reshape(n, h, w, -1)
+    return _matmul(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
+
+
+# bfloat16 products: XLA:CPU multiplies bf16 operands with its bf16 instructions (AVX-512 BF16:
+# twice the float32 rate) only when asked for a float32 result; a bf16 ``a @ b`` runs at float32
+# speed or below, and so does autodiff's transpose of a float32-accumulating product, whose
+# cotangent operand is float32. Batch 16 on the 2-core AMD AVX-512 host (2026-12-06, medians of
+# 7), (rows, in, out), bf16 ``a @ b`` -> float32-accumulated bf16 product, ms: (3136, 256, 1024)
+# 8.8 -> 4.6, (12544, 512, 128) 11.9 -> 5.5. The weight gradient's x^T g reads x transposed: a
+# bf16 copy of x^T first, then a plain product, beat XLA's transposed-operand product there,
+# (12544, 512, 128) 17.3 -> 10.8, (3136, 1024, 256) 13.7 -> 9.2, (50176, 256, 64) 37.5 -> 28.4.
+@jax.custom_vjp
+def _matmul(a: Array, b: Array) -> Array:
+    """``a @ b`` in ``a``'s dtype, its products (and its gradients') accumulated in float32."""
+    return _dot(a, b).astype(a.dtype)
+
+
+def _matmul_fwd(a, b):
+    return _matmul(a, b), (a, b)
+
+
+def _matmul_bwd(residuals, g):
+    a, b = residuals
+    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    da = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    if jnp.dtype(a.dtype) == jnp.bfloat16:
+        # the barrier keeps XLA from folding the copy back into a transposed-operand product
+        db = _dot(jax.lax.optimization_barrier(a.T), g)
+    else:  # autodiff's own products (float32 programs as before)
+        db = jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc).T
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Conv2d(nn.Module):
