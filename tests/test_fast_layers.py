@@ -116,8 +116,8 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
 # One case per product the fast path computes: forward and input gradient over im2col taps, the
 # weight gradient per tap (wide), over the patches (stem) and over the output gradient's patches
 # and planes.
-@pytest.mark.parametrize("case", ["3x3", "3x3_wide", "stem_7x7_stride2", "3x3_narrow_output",
-                                  "3x3_narrow_planes"])
+@pytest.mark.parametrize("case", ["1x1_stride2", "3x3", "3x3_wide", "stem_7x7_stride2",
+                                  "3x3_narrow_output", "3x3_narrow_planes"])
 def test_conv2d_keeps_float64(case):
     """With ``jax_enable_x64`` (gradient checks in float64) the products accumulate in float64:
     float32 accumulation would leave errors of ~1e-7, here 1e-12."""
@@ -338,6 +338,39 @@ def test_which_bf16_convolutions_take_per_tap_products(kernel_shape, hw, dtype, 
     program = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1))(x, w))
     if taps:  # no convolution left in the forward pass
         assert "conv_general_dilated" not in program
+
+
+_STABLEHLO_OP = re.compile(r"stablehlo\.(convolution|dot_general)\b.*?:\s*\((.*?)\)\s*->\s*(\S+)")
+
+
+def _operand_dtypes(program: str):
+    """(op, operand element types, result element type) of each convolution and product."""
+    def elem(t):
+        return t.rsplit("x", 1)[-1].rstrip(">")
+    return [(op, tuple(elem(t) for t in operands.split(", ")), elem(result))
+            for op, operands, result in _STABLEHLO_OP.findall(program)]
+
+
+@pytest.mark.parametrize("case", ["1x1", "1x1_stride2", "stem_7x7_stride2", "3x3_stride2_wide",
+                                  "3x3_wide", "3x3_narrow_output", "3x3_winograd_valid"])
+def test_bf16_convolutions_are_bf16_products_or_float32(case):
+    """In bf16 the fast path (forward and both gradients) multiplies bf16 operands only in
+    products that accumulate in float32 (XLA:CPU's bf16 instructions), and computes the rest
+    in float32: none of XLA's bf16 convolutions, which run at float32 speed or below, and no
+    product of a float32 cotangent with a bf16 operand (autodiff's transpose of one)."""
+    shape, k, stride, padding, *out = CONV_CASES[case]
+    x = normal(0, shape, jnp.bfloat16)
+    w = normal(1, (k, k, shape[-1], *(out or [7])), jnp.bfloat16)
+    loss = lambda x, w: jnp.sum(layers.conv2d(x, w, stride, padding).astype(jnp.float32))  # noqa
+    with layers.implementation("fast"):
+        ops = _operand_dtypes(jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, w).as_text())
+    assert ops
+    bf16_products = [o for o in ops if "bf16" in o[1]]
+    assert all(operands == ("bf16", "bf16") and result == "f32"
+               for _, operands, result in bf16_products), ops
+    assert all(op == "dot_general" for op, _, _ in bf16_products), ops
+    if case.startswith("1x1"):  # forward, input and weight gradient
+        assert len(bf16_products) == 3, ops
 
 
 @pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile", [
