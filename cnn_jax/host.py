@@ -38,6 +38,11 @@ def has_avx512() -> bool:
     return "avx512f" in cpu_flags()
 
 
+def has_avx512_bf16() -> bool:
+    """Whether the CPU has AVX-512's bfloat16 dot-product instructions (``avx512_bf16``)."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def vector_isa() -> str:
     """The widest x86 vector extension the CPU has ("AVX-512", "AVX2", "AVX"), else ""."""
     flags = cpu_flags()
