@@ -322,6 +322,12 @@ def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
     """``a @ b`` (``contract_a=0``: ``a.T @ b``), accumulated in float32 at least: bf16 stays
     accurate and float64 (``jax_enable_x64``) stays float64."""
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    if contract_a == 0 and jnp.dtype(a.dtype) == jnp.bfloat16:
+        # A bf16 copy of a.T, then a plain product, beats XLA:CPU's transposed-operand product
+        # (rows, a's columns, b's columns; AMD AVX-512 host, 2026-12-06, medians of 7, ms):
+        # (12544, 512, 128) 17.3 -> 10.8, (3136, 1024, 256) 13.7 -> 9.2, (50176, 256, 64) 37.5 ->
+        # 28.4; the barrier keeps XLA from folding the copy back into the product.
+        a, contract_a = jax.lax.optimization_barrier(a.T), 1
     return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), preferred_element_type=acc)
 
 
@@ -971,9 +977,7 @@ def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int]) -> Array:
 # speed or below, and so does autodiff's transpose of a float32-accumulating product, whose
 # cotangent operand is float32. Batch 16 on the 2-core AMD AVX-512 host (2026-12-06, medians of
 # 7), (rows, in, out), bf16 ``a @ b`` -> float32-accumulated bf16 product, ms: (3136, 256, 1024)
-# 8.8 -> 4.6, (12544, 512, 128) 11.9 -> 5.5. The weight gradient's x^T g reads x transposed: a
-# bf16 copy of x^T first, then a plain product, beat XLA's transposed-operand product there,
-# (12544, 512, 128) 17.3 -> 10.8, (3136, 1024, 256) 13.7 -> 9.2, (50176, 256, 64) 37.5 -> 28.4.
+# 8.8 -> 4.6, (12544, 512, 128) 11.9 -> 5.5.
 @jax.custom_vjp
 def _matmul(a: Array, b: Array) -> Array:
     """``a @ b`` in ``a``'s dtype, its products (and its gradients') accumulated in float32."""
@@ -989,8 +993,7 @@ def _matmul_bwd(residuals, g):
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     da = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
     if jnp.dtype(a.dtype) == jnp.bfloat16:
-        # the barrier keeps XLA from folding the copy back into a transposed-operand product
-        db = _dot(jax.lax.optimization_barrier(a.T), g)
+        db = _dot(a, g, contract_a=0)
     else:  # autodiff's own products (float32 programs as before)
         db = jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc).T
     return da.astype(a.dtype), db.astype(b.dtype)
