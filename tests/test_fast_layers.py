@@ -352,11 +352,34 @@ def test_which_bf16_convolutions_take_winograd(cpu_avx512_bf16, kernel_shape, av
                                         ((1, 1), (1, 1))) == winograd
 
 
-@pytest.mark.parametrize("case", ["3x3_winograd_asymmetric_padding", "3x3_winograd_valid"])
-def test_bf16_winograd_values_and_gradients_equal_xla(cpu_avx512_bf16, case):
-    """The bf16 Winograd path on any host (this one may lack AVX-512 BF16)."""
+@pytest.mark.parametrize("case", ["3x3_winograd_asymmetric_padding", "3x3_winograd_valid",
+                                  "3x3_narrow_output", "3x3_narrow_output_asymmetric_padding",
+                                  "3x3_narrow_output_valid"])
+def test_bf16_winograd_and_kn2row_values_and_gradients_equal_xla(cpu_avx512_bf16, case):
+    """The bf16 Winograd and kn2row paths on any host (this one may lack AVX-512 BF16)."""
     cpu_avx512_bf16(True)
     test_conv2d_values_and_gradients_equal_xla(case, jnp.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("kernel_shape,hw,dtype,avx512_bf16,kn2row", [
+    ((3, 3, 128, 32), 56, jnp.bfloat16, True, True),  # densenet121's growth convolutions
+    ((3, 3, 128, 32), 14, jnp.bfloat16, True, True),
+    ((3, 3, 128, 32), 7, jnp.bfloat16, True, False),  # one im2col product at 7x7 and below
+    ((3, 3, 128, 32), 56, jnp.bfloat16, False, False),
+    ((3, 3, 128, 32), 56, jnp.float32, True, False),
+    ((3, 3, 128, 64), 56, jnp.bfloat16, True, False),  # more than a quarter of the inputs
+    ((3, 3, 32, 8), 32, jnp.bfloat16, True, False),  # DenseNet-BC's narrow ones (< 64 x 64)
+])
+def test_which_convolutions_take_kn2row(cpu_avx512_bf16, kernel_shape, hw, dtype, avx512_bf16,
+                                        kn2row):
+    cpu_avx512_bf16(avx512_bf16)
+    x_shape = (2, hw, hw, kernel_shape[2])
+    geo = layers._geometry(x_shape, kernel_shape, (1, 1), ((1, 1), (1, 1)))
+    assert layers._use_kn2row_bf16(kernel_shape, dtype, geo) == kn2row
+    x, w = jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
+    program = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1))(x, w))
+    if kn2row:  # one product, no convolution
+        assert "conv_general_dilated" not in program and program.count("dot_general") == 1
 
 
 @pytest.mark.parametrize("shape,out", [((2, 10, 9, 40), 112), ((4, 14, 14, 256), 256)])
