@@ -338,7 +338,9 @@ def cpu_avx512_bf16(monkeypatch):
     ((3, 3, 256, 256), True, True),
     ((3, 3, 96, 48), True, True),
     ((3, 3, 256, 256), False, False),  # bf16 products no faster than float32's
-    ((3, 3, 64, 64), True, False),  # the channels rule of float32's Winograd
+    ((3, 3, 64, 64), True, True),  # from 64 x 64 channels (float32: more than that)
+    ((3, 3, 128, 32), True, True),  # (densenet121's 4k -> k: kn2row's, checked first)
+    ((3, 3, 64, 32), True, False),
     ((3, 3, 16, 512), True, False),
     ((5, 5, 256, 256), True, False),
 ])
