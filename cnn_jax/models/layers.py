@@ -318,11 +318,15 @@ def _pad_input(x: Array, geo: _Geometry) -> Array:
     return jnp.pad(x, ((0, 0), geo.padding[0], geo.padding[1], (0, 0)))
 
 
+def _is_bf16(x: Array) -> bool:
+    return jnp.dtype(x.dtype) == jnp.bfloat16
+
+
 def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
     """``a @ b`` (``contract_a=0``: ``a.T @ b``), accumulated in float32 at least: bf16 stays
     accurate and float64 (``jax_enable_x64``) stays float64."""
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
-    if contract_a == 0 and jnp.dtype(a.dtype) == jnp.bfloat16:
+    if contract_a == 0 and _is_bf16(a):
         # A bf16 copy of a.T, then a plain product, beats XLA:CPU's transposed-operand product
         # (rows, a's columns, b's columns; AMD AVX-512 host, 2026-12-06, medians of 7, ms):
         # (12544, 512, 128) 17.3 -> 10.8, (3136, 1024, 256) 13.7 -> 9.2, (50176, 256, 64) 37.5 ->
@@ -603,9 +607,10 @@ _cpu_has_avx512 = host.has_avx512  # a module name of its own: the tests set it
 # bfloat16 on a CPU with AVX-512 BF16 (where bf16 products run at twice the float32 rate, see
 # _matmul): Winograd's F(2x2, 3x3) with the tile transforms in float32 and only the products'
 # operands rounded to bf16 (accumulated in float32), forward and input gradient, from 8x8 outputs
-# (smaller ones are one im2col product) and ahead of _use_taps_bf16 (Winograd is as fast at 14x14
-# and faster at 13x13); the weight gradient stays float32's (see _in_float32). Against XLA's bf16 convolution
-# (2-core AMD AVX-512 host, 2026-12-06, medians of 7), ms: 128 -> 128 at 28x28, batch 16,
+# (smaller ones are one im2col product) and ahead of _use_taps_bf16 (Winograd is as fast at
+# 14x14 and faster at 13x13); the weight gradient stays float32's (see _in_float32). Against XLA's
+# bf16 convolution (2-core AMD AVX-512 host, 2026-12-06, medians of 7), ms: 128 -> 128 at 28x28,
+# batch 16,
 # 20.1 -> 9.8; 256 -> 256 at 14x14 20.5 -> 11.3; vgg16's 512 -> 512 at 28x28 (batch 8) 153.9 ->
 # 74.3. Whole bf16 steps against the float32 Winograd it replaces (A/B, both build orders, train
 # / eval ms): vgg16 (batch 8) 3,855 -> 3,442 and 3,792 -> 3,457 / 972 -> 788 and 922 -> 755;
@@ -749,7 +754,7 @@ def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding, m: int = 2) -> 
     n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
     a = m + 2
     # bfloat16 (_use_winograd_bf16): the transforms in float32, only the products' operands bf16
-    transforms = jnp.float32 if jnp.dtype(x.dtype) == jnp.bfloat16 else x.dtype
+    transforms = jnp.float32 if _is_bf16(x) else x.dtype
     xp, (ho, wo), (th, tw) = _winograd_input(x.astype(transforms), padding, m)
     g = _winograd_g(m, transforms)
     u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(transforms), g,
@@ -817,10 +822,6 @@ def _taps_sum_forward(x: Array, kernel: Array, geo: _Geometry) -> Array:
 # against 22 / 63, with both gradients; 128 -> 128 at 28x28 20 / 74 against 13 / 38). The
 # float32 convolution of the bf16 operands, rounded once to bf16, is also the more accurate one.
 # Their weight gradients too (the float32 ones are Winograd's).
-def _is_bf16(x: Array) -> bool:
-    return jnp.dtype(x.dtype) == jnp.bfloat16
-
-
 def _in_float32(f: Callable, x: Array, kernel: Array, *args) -> Array:
     """``f(x, kernel, *args)`` computed in float32 and rounded back to ``x``'s dtype."""
     return f(x.astype(jnp.float32), kernel.astype(jnp.float32), *args).astype(x.dtype)
@@ -944,9 +945,10 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
     wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3) (their weight gradients F(3x3, 2x2) or,
-    from 28x28 outputs, F(3x3, 4x4)), wide stride-1 bfloat16 convolutions at small maps sums of
-    per-tap bf16 products, and other weight gradients sums of per-tap matrix products (see the
-    comments above each).
+    from 28x28 outputs, F(3x3, 4x4)), and other weight gradients sums of per-tap matrix products;
+    in bfloat16, products of bf16 operands accumulated in float32 (1x1s, Winograd's with float32
+    transforms, kn2row for DenseNet's growth convolutions, per-tap products at small maps) where
+    the CPU multiplies bf16 faster, else float32 rounded to bf16 (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
     """
@@ -1032,7 +1034,7 @@ def _matmul_bwd(residuals, g):
     a, b = residuals
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     da = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-    if jnp.dtype(a.dtype) == jnp.bfloat16:
+    if _is_bf16(a):
         db = _dot(a, g, contract_a=0)
     else:  # autodiff's own products (float32 programs as before)
         db = jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc).T
