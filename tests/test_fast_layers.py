@@ -455,6 +455,44 @@ def test_bf16_convolutions_are_bf16_products_or_float32(case):
         assert len(bf16_products) == 3, ops
 
 
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(4, 24), (2, 3, 5, 24)])
+def test_dense_equals_nn_dense(shape, dtype, rtol):
+    """``layers.Dense``: ``nn.Dense``'s parameters, values and gradients (inputs of any rank)."""
+    x = normal(0, shape)
+    ref_model, model = nn.Dense(16, dtype=dtype), layers.Dense(16, dtype=dtype)
+    params = ref_model.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_structure(model.init(jax.random.key(0), x)) == \
+        jax.tree_util.tree_structure(params)
+    r = normal(1, shape[:-1] + (16,))
+
+    def loss(m):
+        def f(p, x):
+            y = m.apply(p, x)
+            return jnp.sum(y.astype(jnp.float32) * r), y
+        return f
+
+    with layers.implementation("fast"):
+        got = jax.jit(jax.value_and_grad(loss(model), (0, 1), has_aux=True))(params, x)
+    ref = jax.jit(jax.value_and_grad(loss(ref_model), (0, 1), has_aux=True))(params, x)
+    _assert_close(ref[0][1], got[0][1], rtol)
+    _assert_close(ref[1], got[1], rtol)
+
+
+def test_bf16_dense_layers_are_bf16_products():
+    """A bf16 classifier (``layers.Dense`` and ``DenseAsConv``): forward, input and weight
+    gradient each one product of bf16 operands into float32 (as the 1x1 convolutions)."""
+    x = normal(0, (4, 24), jnp.bfloat16)
+    for model in (layers.Dense(16, dtype=jnp.bfloat16),
+                  layers.DenseAsConv(16, dtype=jnp.bfloat16)):
+        params = model.init(jax.random.key(0), x)
+        loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32))  # noqa: E731
+        with layers.implementation("fast"):
+            ops = _operand_dtypes(jax.jit(jax.value_and_grad(loss, (0, 1))).lower(
+                params, x).as_text())
+        assert ops == [("dot_general", ("bf16", "bf16"), "f32")] * 3, ops
+
+
 @pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile", [
     ((3, 3, 128, 128), 10, 1, jnp.float32, 2),  # as the forward (_use_winograd)
     ((3, 3, 128, 128), 28, 1, jnp.float32, 4),  # from 28x28 outputs: F(3x3, 4x4)

@@ -138,10 +138,10 @@ class AlexNet(nn.Module):
         for name in ("fc6", "fc7"):
             kernel_init, bias_init = inits(name)
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
-            x = act(nn.Dense(self.fc_features, dtype=self.dtype, kernel_init=kernel_init,
+            x = act(layers.Dense(self.fc_features, dtype=self.dtype, kernel_init=kernel_init,
                              bias_init=bias_init, name=name)(x))
         kernel_init, bias_init = inits("fc8")
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
+        return layers.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
                         bias_init=bias_init, name="fc8")(x)
 
 

@@ -189,7 +189,7 @@ class DenseNet(nn.Module):
             pieces, normalized)
         x = nn.relu(x)
         x = layers.global_avg_pool(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_linear_init,
+        return layers.Dense(self.num_classes, dtype=self.dtype, kernel_init=_linear_init,
                         name="classifier")(x)
 
 

@@ -131,10 +131,10 @@ class InceptionAux(nn.Module):
         x = layers.ConvBNAct(128, 1, use_norm=self.use_norm, bn_epsilon=1e-3, dtype=self.dtype,
                              kernel_init=self.kernel_init, name="conv")(x, train)
         x = layers.flatten(x)
-        x = nn.Dense(1024, dtype=self.dtype, kernel_init=self.kernel_init, name="fc1")(x)
+        x = layers.Dense(1024, dtype=self.dtype, kernel_init=self.kernel_init, name="fc1")(x)
         x = nn.relu(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=self.kernel_init,
+        return layers.Dense(self.num_classes, dtype=self.dtype, kernel_init=self.kernel_init,
                         name="fc2")(x)
 
 
@@ -211,7 +211,7 @@ class GoogLeNet(nn.Module):
         x = layers.global_avg_pool(x)  # the paper's 7x7/1 average pool at 224x224
         rate = self.dropout if self.dropout is not None else (0.4 if paper else 0.2)
         x = nn.Dropout(rate, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="fc")(x)
+        x = layers.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="fc")(x)
         if self.aux_logits and train:
             return GoogLeNetOutputs(x, aux2, aux1)
         return x

@@ -1281,6 +1281,35 @@ class LocalResponseNorm(nn.Module):
         return (xf / jnp.power(self.k + self.alpha * summed, self.beta)).astype(x.dtype)
 
 
+def dense(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over ``x``'s last axis. On the CPU's fast path (``"conv1x1"``: a dense layer
+    is a 1x1 convolution of a 1x1 map) it is ``_matmul``, so that bf16 classifiers multiply bf16
+    operands into float32 in all three products: as a bf16 ``x @ kernel`` they ran at float32
+    speed or below, and XLA transposed their weight gradients in separate passes (alexnet's bf16
+    train step: fc6's and fc7's gradient transposes and conversions 230 ms of 813). float32
+    programs are those of ``x @ kernel``."""
+    if not use_fast_formulations("conv1x1"):
+        return x @ kernel
+    return _matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
+def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                       preferred_element_type=None) -> Array:
+    """``lax.dot_general`` for ``Dense``: its plain ``x @ kernel`` by ``dense``."""
+    (contract_l, contract_r), batch = dimension_numbers
+    if (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
+            and batch == ((), ()) and precision is None and preferred_element_type is None):
+        return dense(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` (same fields, parameters and initializers) whose product is ``dense``."""
+
+    dot_general: Optional[Callable] = _dense_dot_general
+
+
 class DenseAsConv(nn.Module):
     """A fully connected layer that can also run as a convolution with the same weights.
 
@@ -1303,7 +1332,7 @@ class DenseAsConv(nn.Module):
         dtype = self.dtype or x.dtype
         x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
         if not as_conv:
-            return x @ kernel + bias
+            return dense(x, kernel) + bias
         conv_kernel = kernel.reshape(self.window + (x.shape[-1], self.features))
         y = jax.lax.conv_general_dilated(x, conv_kernel, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -248,7 +248,7 @@ class ResNet(nn.Module):
         if place == "pre":  # v2: the last unit's sum is never normalized otherwise
             x = nn.relu(norm(name="final_bn")(x))
         x = layers.global_avg_pool(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return layers.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
 
 
 # name -> (block, blocks per stage), He et al. 2016a, Table 1.
