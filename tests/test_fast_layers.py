@@ -227,26 +227,28 @@ def _ynnpack_convolutions(hlo: str) -> int:
     return count
 
 
-@pytest.fixture
-def cpu_avx512(monkeypatch):
-    """``cpu_avx512(flag)`` makes the layers see a CPU with (or without) AVX-512, whatever this
-    host has; the forward's Winograd rule depends on it."""
+def _host_flag(monkeypatch, name: str):
+    """A setter ``set_flag(flag)`` that makes ``layers.<name>()`` (a fact about this host)
+    return ``flag``, whatever this host is."""
     def set_flag(flag: bool):
-        monkeypatch.setattr(layers, "_cpu_has_avx512", lambda: flag)
+        monkeypatch.setattr(layers, name, lambda: flag)
         jax.clear_caches()  # conv2d's inner jit keeps each geometry's trace, rule and all
 
-    yield set_flag
+    return set_flag
+
+
+@pytest.fixture
+def cpu_avx512(monkeypatch):
+    """``cpu_avx512(flag)`` makes the layers see a CPU with (or without) AVX-512; the forward's
+    Winograd rule depends on it."""
+    yield _host_flag(monkeypatch, "_cpu_has_avx512")
     jax.clear_caches()
 
 
 @pytest.fixture
 def one_thread(monkeypatch):
     """``one_thread(flag)`` makes the layers see a process on one CPU core (or on several)."""
-    def set_flag(flag: bool):
-        monkeypatch.setattr(layers, "_one_thread", lambda: flag)
-        jax.clear_caches()
-
-    yield set_flag
+    yield _host_flag(monkeypatch, "_one_thread")
     jax.clear_caches()
 
 
@@ -326,11 +328,7 @@ def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):
 @pytest.fixture
 def cpu_avx512_bf16(monkeypatch):
     """``cpu_avx512_bf16(flag)``: the layers see a CPU with (or without) AVX-512 BF16."""
-    def set_flag(flag: bool):
-        monkeypatch.setattr(layers, "_cpu_has_avx512_bf16", lambda: flag)
-        jax.clear_caches()
-
-    yield set_flag
+    yield _host_flag(monkeypatch, "_cpu_has_avx512_bf16")
     jax.clear_caches()
 
 
