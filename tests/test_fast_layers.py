@@ -318,7 +318,7 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
     ((3, 3, 16, 512), jnp.float32, False),  # fewer than 32 inputs
     ((3, 3, 3, 64), jnp.float32, False),  # VGG's first convolution
     ((5, 5, 256, 256), jnp.float32, False),
-    ((3, 3, 256, 256), jnp.bfloat16, False),  # float32 only
+    ((3, 3, 256, 256), jnp.bfloat16, False),  # float32's rule (bf16's: _use_winograd_bf16)
     ((3, 3, 256, 256), jnp.float64, False),
 ])
 def test_which_convolutions_take_winograd(kernel_shape, dtype, winograd):

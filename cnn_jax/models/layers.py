@@ -580,7 +580,8 @@ def _pad_for_ynn(x: Array, kernel: Array) -> Tuple[Array, Array]:
 # 512 -> 512 at 28x28 (batch 8) 773 -> 430 (torch 640); errors ~2e-6 of the output's scale. At
 # 64 x 64 channels and fewer (the Eigen path above) or 32 outputs (DenseNet's growth convolutions)
 # the transforms' memory traffic costs more than the products save (64 -> 64 at 56x56: 99 -> 101,
-# 128 -> 32 at 56x56: 114 -> 141). float32 only: in bfloat16 the transforms' rounding adds up.
+# 128 -> 32 at 56x56: 114 -> 141). float32 only: bfloat16 has its own rule (_use_winograd_bf16,
+# with the transforms in float32).
 _WINOGRAD_MIN_KERNEL_CHANNELS = 64 * 64 + 1
 _WINOGRAD_MIN_CHANNELS = 32
 
@@ -610,9 +611,8 @@ _cpu_has_avx512 = host.has_avx512  # a module name of its own: the tests set it
 # (smaller ones are one im2col product) and ahead of _use_taps_bf16 (Winograd is as fast at
 # 14x14 and faster at 13x13); the weight gradient stays float32's (see _in_float32). Against XLA's
 # bf16 convolution (2-core AMD AVX-512 host, 2026-12-06, medians of 7), ms: 128 -> 128 at 28x28,
-# batch 16,
-# 20.1 -> 9.8; 256 -> 256 at 14x14 20.5 -> 11.3; vgg16's 512 -> 512 at 28x28 (batch 8) 153.9 ->
-# 74.3. Whole bf16 steps against the float32 Winograd it replaces (A/B, both build orders, train
+# batch 16, 20.1 -> 9.8; 256 -> 256 at 14x14 20.5 -> 11.3; vgg16's 512 -> 512 at 28x28 (batch 8)
+# 153.9 -> 74.3. Whole bf16 steps against the float32 Winograd it replaces (A/B, both build orders, train
 # / eval ms): vgg16 (batch 8) 3,855 -> 3,442 and 3,792 -> 3,457 / 972 -> 788 and 922 -> 755;
 # googlenet 895 -> 860 and 1,022 -> 982 / 269 -> 250 and 250 -> 226; resnet50 2,215 -> 2,134 and
 # 2,368 -> 2,341; alexnet's train step level, eval 150 -> 136. The price is one more bf16
@@ -921,7 +921,7 @@ def _conv_fast_bwd(strides, padding, residuals, g):
         dx = _taps_input_grad(g, kernel, geo, x.shape, x.dtype)
     else:  # XLA's transposed convolution is as fast as the forward pass here
         dx = _xla_input_grad(g, kernel, x.shape, geo)
-        if _is_bf16(x):  # see _in_float32
+        if _is_bf16(x):  # the weight gradient below in float32 (see _in_float32)
             x, g = x.astype(jnp.float32), g.astype(jnp.float32)
     tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo)
     if tile:
