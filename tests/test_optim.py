@@ -183,8 +183,13 @@ def test_recipe_paths_and_families():
 def test_default_config_per_arch():
     assert configs.load(configs.DEFAULT_CONFIG, "resnet18").dataset == "shapes"
     assert configs.load(configs.DEFAULT_CONFIG, "alexnet").image_size == 64
-    assert (configs.load(configs.DEFAULT_CONFIG, "vgg11").learning_rate
-            < configs.load(configs.DEFAULT_CONFIG, "vgg11_bn").learning_rate)
+    assert (configs.load(configs.DEFAULT_CONFIG, "googlenet_paper").learning_rate
+            < configs.load(configs.DEFAULT_CONFIG, "resnet18").learning_rate)
+    # VGG's 25,088-input fc6 dies under AdamW's per-weight steps (default.py): the paper's SGD.
+    for arch in ("vgg11", "vgg16_bn", "vgg11_lrn"):
+        config = configs.load(configs.DEFAULT_CONFIG, arch)
+        assert (config.optimizer, config.learning_rate, config.momentum) == ("sgd", 1e-2, 0.9)
+    assert configs.load(configs.DEFAULT_CONFIG, "alexnet").optimizer == "adamw"
 
 
 def test_parse_model_kwargs():
