@@ -31,12 +31,15 @@ ARMS = ("auto", "xla", "fast", "torch")
 
 def parse_arms(spec: str) -> List[str]:
     """``"xla,auto"`` -> ``["xla", "auto"]``: at least two distinct known arms."""
+    from cnn_jax.models import layers
+
     arms = [a.strip() for a in spec.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS and not _one_formulation(a)]
     if unknown:
         raise ValueError(f"--ab: unknown arm {unknown[0]!r}; arms are layer implementations "
-                         f"(auto, xla, fast, or fast:OP+OP with OPs of conv1x1, conv, max_pool) "
-                         f"or torch, e.g. --ab=xla,auto or --ab=xla,fast:max_pool")
+                         f"(auto, xla, fast, or fast:OP+OP with OPs of "
+                         f"{', '.join(layers.FAST_OPS)}) or torch, e.g. --ab=xla,auto or "
+                         f"--ab=xla,fast:max_pool")
     if len(arms) < 2 or len(set(arms)) != len(arms):
         raise ValueError(f"--ab takes two or more different arms, e.g. --ab=xla,auto; got {spec!r}")
     return arms

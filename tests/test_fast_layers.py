@@ -544,26 +544,60 @@ def test_unknown_implementation_is_one_line_error():
         with layers.implementation("cudnn"):
             pass
     with pytest.raises(ValueError, match="'fast:eigen'; 'fast:' takes one or more of conv1x1, "
-                                         "conv, max_pool joined by"):
+                                         "conv, max_pool, batch_norm joined by"):
         with layers.implementation("fast:eigen"):
             pass
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_batch_norm_backward_equals_autodiff(dtype):
+    """Training BN's own backward (two reductions, one pass) gives autodiff's gradients in the
+    input, scale and shift through all three outputs (the normalized map and the batch mean and
+    variance, which feed the running averages), also for a constant channel (its variance
+    clipped at 0) and a channel far from zero mean; its forward is the same program's."""
+    x = normal(0, (4, 6, 6, 8)) * 2 + 1
+    x = x.at[..., 3].set(2.0).at[..., 5].multiply(0.1).at[..., 5].add(30.0)
+    x = x.astype(dtype)
+    scale, bias = 1 + 0.3 * normal(1, (8,)), 0.1 * normal(2, (8,))
+    w, wm, wv = normal(3, x.shape), normal(4, (8,)), normal(5, (8,))
+
+    def autodiff(x, scale, bias):
+        mu, var = layers._batch_statistics(x, dtype=dtype, axis_name=None, fast=True)
+        return layers._bn_out(x, mu, var, scale, bias, epsilon=1e-5, dtype=dtype), mu, var
+
+    def loss(bn):
+        def f(x, scale, bias):
+            y, mu, var = bn(x, scale, bias)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w) + mu @ wm + var @ wv
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    own = lambda x, s, b: layers._bn_batch(x, s, b, 1e-5, dtype)  # noqa: E731
+    chex.assert_trees_all_equal(jax.jit(own)(x, scale, bias), jax.jit(autodiff)(x, scale, bias))
+    (want, want_grads), (got, got_grads) = loss(autodiff)(x, scale, bias), loss(own)(x, scale, bias)
+    assert got == want
+    # bf16: dx is rounded to bf16 (half an ulp: 2^-9 of the largest), the rest is float32
+    _assert_close(want_grads, got_grads, 2e-6 if dtype == jnp.float32 else 2 ** -8)
+
+
 @pytest.mark.parametrize("impl,fast", [
     ("fast:max_pool", {"max_pool"}), ("fast:conv1x1", {"conv1x1"}), ("fast:conv", {"conv"}),
+    ("fast:batch_norm", {"batch_norm"}),
     ("fast:conv1x1+max_pool", {"conv1x1", "max_pool"}), ("fast:conv+conv1x1+max_pool",
                                                          {"conv", "conv1x1", "max_pool"}),
-    ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool"})])
+    ("xla", set()), ("fast", {"conv", "conv1x1", "max_pool", "batch_norm"})])
 def test_one_formulation_at_a_time(impl, fast):
     """'fast:OP+OP' (an A/B of single formulations, e.g. on a GPU) rewrites only those ops: a 1x1
     convolution is a product, a 3x3 one takes its own gradients, a max pool is the maximum of
-    its windows' slices and its gradient masks over them; the rest stays XLA's. Values and
-    gradients equal XLA's."""
+    its windows' slices and its gradient masks over them, training BN takes its own backward;
+    the rest stays XLA's (autodiff). Values and gradients equal XLA's."""
     x, w1, w3 = normal(0, (2, 8, 8, 16)), normal(1, (1, 1, 16, 24)), normal(2, (3, 3, 24, 24))
+    bn = layers.batch_norm(True)
+    bn_vars = bn.init(jax.random.key(0), normal(4, (2, 8, 8, 24)))
 
     def net(x, w1, w3):
         y = layers.conv2d(layers.conv2d(x, w1), w3, 1, 1)
-        return layers.max_pool(y, 3, 2, 1).sum()
+        y = bn.apply(bn_vars, y, mutable=["batch_stats"])[0]
+        return jnp.sin(layers.max_pool(y, 3, 2, 1)).sum()
 
     with layers.implementation(impl):
         assert {op for op in layers.FAST_OPS if layers.use_fast_formulations(op)} == fast
@@ -572,10 +606,13 @@ def test_one_formulation_at_a_time(impl, fast):
         three = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, 1))(normal(3, (2, 8, 8, 24)),
                                                                             w3))
         pool = str(jax.make_jaxpr(lambda x: layers.max_pool(x, 3, 2, 1))(x))
+        norm = str(jax.make_jaxpr(lambda x: bn.apply(bn_vars, x, mutable=["batch_stats"]))(
+            normal(4, (2, 8, 8, 24))))
         grads = jax.jit(jax.grad(lambda *a: net(*a), argnums=(0, 1, 2)))(x, w1, w3)
     assert ("conv_general_dilated" not in one) == ("conv1x1" in fast)
     assert ("custom_vjp" in three) == ("conv" in fast)  # XLA's forward, its own gradients
     assert ("custom_vjp" in pool) == ("max_pool" in fast)
+    assert ("custom_vjp" in norm) == ("batch_norm" in fast)
     # and its forward is the windows' maximum, not a reduce-window (which XLA:CPU lets YNNPACK
     # fuse with the convolutions and products around it: slow, see layers._max_pool_by_windows)
     assert ("reduce_window" not in pool) == ("max_pool" in fast)

@@ -57,7 +57,8 @@ def param(module: nn.Module, name: str, init_fn: Callable, shape, dtype=jnp.floa
 # XLA:CPU runs 1x1 convolutions 2-4x slower than the same product as a matrix multiply, the weight
 # gradient of a 3x3 convolution 2-4x slower than its forward pass, and the gradient of an
 # overlapping max pool (select-and-scatter) 4x slower than the same gradient written as masks over
-# strided slices (measured in ../shared/perf and `python -m cnn_jax.benchmark`). On CPU the layers
+# strided slices, and autodiff's BatchNorm backward reads and writes twice what it needs
+# (measured in ../shared/perf and `python -m cnn_jax.benchmark`). On CPU the layers
 # below therefore compute these with matrix products and slices, through ``jax.custom_vjp`` where
 # only the gradient changes. GPUs and TPUs keep XLA's own ops (cuDNN / the MXU are fast there).
 # Parameters are untouched, and values and gradients equal XLA's ops (tests/test_fast_layers.py).
@@ -65,8 +66,8 @@ def param(module: nn.Module, name: str, init_fn: Callable, shape, dtype=jnp.floa
 IMPLEMENTATIONS = ("auto", "xla", "fast")
 # The formulations that can be chosen one by one ('fast:max_pool+conv1x1'): 1x1 convolutions as
 # matrix products, the other convolution rewrites (strided stems, Winograd, per-tap gradients),
-# and max pooling's gradient as masks over strided slices.
-FAST_OPS = ("conv1x1", "conv", "max_pool")
+# max pooling's gradient as masks over strided slices, and training BatchNorm's own backward.
+FAST_OPS = ("conv1x1", "conv", "max_pool", "batch_norm")
 _IMPLEMENTATION: contextvars.ContextVar[str] = contextvars.ContextVar("implementation",
                                                                      default="auto")
 
@@ -1102,15 +1103,68 @@ def _batch_statistics(x: Array, *, dtype: Optional[Dtype], axis_name: Optional[s
     return mu, pmean(jax.lax.square(xf - mu).mean(axes))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_batch(x: Array, scale: Array, bias: Array, epsilon: float,
+              dtype: Optional[Dtype]) -> Tuple[Array, Array, Array]:
+    """Training BatchNorm on one device with the one-pass variance: ``(y, mean, var)``, as
+    ``_batch_statistics`` and ``_bn_out`` compute them, with a hand-written backward."""
+    mu, var = _batch_statistics(x, dtype=dtype, axis_name=None, fast=True)
+    return _bn_out(x, mu, var, scale, bias, epsilon=epsilon, dtype=dtype), mu, var
+
+
+def _bn_batch_fwd(x, scale, bias, epsilon, dtype):
+    out = _bn_batch(x, scale, bias, epsilon, dtype)
+    return out, (x, out[1], out[2], scale, bias)
+
+
+def _bn_batch_bwd(epsilon, dtype, res, cotangents):
+    # Autodiff's backward of BN materializes x - mean and dy * scale / std and reduces four times
+    # (BN+ReLU's backward took 1.5-1.8x torch's at resnet50's shapes); this one is two fused
+    # reductions, sum(dy) and sum(dy * x), and one elementwise pass. sum(dy * (x - mean)) taken
+    # as sum(dy * x) - mean * sum(dy) cancels as the forward's E[x^2] - E[x]^2 does.
+    x, mu, var, scale, bias = res
+    dy, dmu, dvar = cotangents
+    ct = jnp.promote_types(dtype or x.dtype, jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = math.prod(x.shape[:-1])
+    xf, dyf = x.astype(ct), dy.astype(ct)
+    inv = jax.lax.rsqrt(var + epsilon)
+    sum_dy = dyf.sum(axes)
+    sum_dy_xc = (dyf * xf).sum(axes) - mu * sum_dy  # sum(dy * (x - mean))
+    a = inv * scale
+    # No gradient through the clip at 0 where it binds (autodiff's lax.max passes 1/2 at an exact
+    # tie: a constant channel, whose sum_dy_xc is 0).
+    dvar = jnp.where(var > 0, sum_dy_xc * scale * (-0.5 * inv * inv * inv) + dvar, 0.0)
+    c1 = 2 * dvar / count  # dx = a dy + (2 dvar / M) (x - mean) + (dmean - a sum(dy)) / M
+    c0 = (dmu - a * sum_dy) / count - c1 * mu
+    dx = a * dyf + xf * c1 + c0
+    return (dx.astype(x.dtype), (sum_dy_xc * inv).astype(scale.dtype),
+            sum_dy.astype(bias.dtype))
+
+
+_bn_batch.defvjp(_bn_batch_fwd, _bn_batch_bwd)
+
+
 def _running(ra_mean, ra_var, mu, var, momentum):
     return momentum * ra_mean + (1 - momentum) * mu, momentum * ra_var + (1 - momentum) * var
 
 
-@functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast"))
-def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis_name, fast):
+def _own_backward(axis_name: Optional[str], fast: bool) -> bool:
+    """Whether BN traced now takes ``_bn_batch``'s backward: one device, one-pass variance and
+    the 'batch_norm' fast formulation."""
+    return axis_name is None and fast and use_fast_formulations("batch_norm")
+
+
+@functools.partial(jax.jit, static_argnames=("momentum", "epsilon", "dtype", "axis_name", "fast",
+                                             "own_backward"))
+def _bn_train(x, ra_mean, ra_var, scale, bias, *, momentum, epsilon, dtype, axis_name, fast,
+              own_backward):
     """Batch statistics, the normalized output and the updated running averages."""
-    mu, var = _batch_statistics(x, dtype=dtype, axis_name=axis_name, fast=fast)
-    y = _bn_out(x, mu, var, scale, bias, epsilon=epsilon, dtype=dtype)
+    if own_backward:
+        y, mu, var = _bn_batch(x, scale, bias, epsilon, dtype)
+    else:
+        mu, var = _batch_statistics(x, dtype=dtype, axis_name=axis_name, fast=fast)
+        y = _bn_out(x, mu, var, scale, bias, epsilon=epsilon, dtype=dtype)
     return (y,) + _running(ra_mean, ra_var, mu, var, momentum)
 
 
@@ -1122,8 +1176,12 @@ class Normalized(NamedTuple):
     var: Array
 
 
-@functools.partial(jax.jit, static_argnames=("epsilon", "dtype", "axis_name", "fast"))
-def _normalize(x, *, epsilon, dtype, axis_name, fast) -> Normalized:
+@functools.partial(jax.jit, static_argnames=("epsilon", "dtype", "axis_name", "fast",
+                                             "own_backward"))
+def _normalize(x, *, epsilon, dtype, axis_name, fast, own_backward) -> Normalized:
+    if own_backward:  # scale 1 and shift 0: the same values
+        one = jnp.ones(x.shape[-1:], jnp.float32)
+        return Normalized(*_bn_batch(x, one, jnp.zeros_like(one), epsilon, dtype))
     mu, var = _batch_statistics(x, dtype=dtype, axis_name=axis_name, fast=fast)
     xhat = (x - mu) * jax.lax.rsqrt(var + epsilon)
     return Normalized(jnp.asarray(xhat, nn.dtypes.canonicalize_dtype(x, mu, dtype=dtype)), mu, var)
@@ -1155,10 +1213,11 @@ class BatchNorm(nn.BatchNorm):
             return _bn_eval(x, ra_mean.value, ra_var.value, scale, bias, epsilon=self.epsilon,
                             dtype=self.dtype)
         initializing = self.is_initializing()
+        axis_name = None if initializing else self.axis_name
         y, new_mean, new_var = _bn_train(
             x, ra_mean.value, ra_var.value, scale, bias, momentum=self.momentum,
             epsilon=self.epsilon, dtype=self.dtype, fast=self.use_fast_variance,
-            axis_name=None if initializing else self.axis_name)
+            axis_name=axis_name, own_backward=_own_backward(axis_name, self.use_fast_variance))
         if not initializing:  # as nn.BatchNorm: init does not update the running averages
             ra_mean.value, ra_var.value = new_mean, new_var
         return y
@@ -1198,8 +1257,10 @@ class ConcatBatchNorm(BatchNorm):
             return self._apply(jnp.concatenate(pieces, axis=-1), True), normalized
         initializing = self.is_initializing()
         axis_name = None if initializing else self.axis_name
+        own_backward = _own_backward(axis_name, self.use_fast_variance)
         normalized += tuple(_normalize(p, epsilon=self.epsilon, dtype=self.dtype,
-                                       axis_name=axis_name, fast=self.use_fast_variance)
+                                       axis_name=axis_name, fast=self.use_fast_variance,
+                                       own_backward=own_backward)
                             for p in pieces[len(normalized):])
         cat = lambda parts: jnp.concatenate(parts, axis=-1)  # noqa: E731
         xhat, mu, var = (cat(parts) for parts in zip(*normalized))
