@@ -154,7 +154,7 @@ def test_gpu_ab_script_commands_parse(tmp_path):
     proc = h.run_python(["-c", check, json.dumps([c[1:] for c in commands])])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(h.last_line(proc.stdout)) == [
-        ["resnet50", 256, ["xla", "fast:max_pool", "fast:conv1x1"]],
+        ["resnet50", 256, ["xla", "fast:max_pool", "fast:conv1x1", "fast:batch_norm"]],
         ["googlenet", 256, ["xla", "fast:max_pool"]],
         ["densenet121", 256, ["xla", "fast:conv1x1"]],
         ["resnet50", 256, None], ["resnet50", 512, None]]
