@@ -49,11 +49,13 @@ def test_select_rows_defaults_and_overrides():
         benchmark_torch.select_rows(dtypes=["float16"])
 
 
-def test_alternate_interleaves_after_warmup():
+def test_alternate_interleaves_after_warmup(monkeypatch):
+    """Calls alternate, and each timed one starts after the pause (outside its time)."""
     calls = []
+    monkeypatch.setattr(benchmark_torch.time, "sleep", lambda s: calls.append(s))
     times = benchmark_torch.alternate([lambda: calls.append("a"), lambda: calls.append("b")],
-                                      warmup=1, steps=3)
-    assert calls == ["a", "b"] * 4
+                                      warmup=1, steps=3, pause_s=0.05)
+    assert calls == ["a", "b"] + [0.05, "a", 0.05, "b"] * 3
     assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
 
 
