@@ -328,11 +328,21 @@ def _dot(a: Array, b: Array, contract_a: int = 1) -> Array:
     accurate and float64 (``jax_enable_x64``) stays float64."""
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     if contract_a == 0 and _is_bf16(a):
-        # A bf16 copy of a.T, then a plain product, beats XLA:CPU's transposed-operand product
-        # (rows, a's columns, b's columns; AMD AVX-512 host, 2026-12-06, medians of 7, ms):
-        # (12544, 512, 128) 17.3 -> 10.8, (3136, 1024, 256) 13.7 -> 9.2, (50176, 256, 64) 37.5 ->
-        # 28.4; the barrier keeps XLA from folding the copy back into the product.
-        a, contract_a = jax.lax.optimization_barrier(a.T), 1
+        # A bf16 row-major copy of a.T, then a plain product: XLA:CPU runs a bf16 product with
+        # its bf16 instructions only when both operands are row-major; a transposed operand (or
+        # a.T itself, whose lowering is the same data in column-major layout, even behind a
+        # barrier) makes it convert both operands to float32 first. The barrier keeps the
+        # [m, 1, c] -> [c, m, 1] transpose's layout, so the reshape after it is the copy.
+        # (rows, a's columns, b's columns; AMD AVX-512 host, 2026-12-06, medians of 11, ms;
+        # transposed-operand product / a.T behind a barrier / this): (50176, 64, 256) 20.0 /
+        # 20.9 / 13.3, (12544, 512, 128) 21.1 / 15.8 / 9.4, (12544, 128, 512) 15.1 / 18.6 / 7.1,
+        # (3136, 1024, 256) 15.9 / 20.8 / 10.8.
+        m, c = a.shape
+        a_t = jax.lax.optimization_barrier(a.reshape(m, 1, c).transpose(2, 0, 1)).reshape(c, m)
+        # The product's result stays row-major too (behind a barrier): a caller's transpose
+        # folded into its layout would leave it to a kernel without bf16 products.
+        return jax.lax.optimization_barrier(jax.lax.dot_general(
+            a_t, b, (((1,), (0,)), ((), ())), preferred_element_type=acc))
     return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), preferred_element_type=acc)
 
 
