@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
-import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from cnn_jax import benchmark_torch
 
 ARMS = ("auto", "xla", "fast", "torch")
 
@@ -67,17 +68,9 @@ def time_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int,
     after ``pause_s`` of sleep; ``warmup`` untimed rounds first. Each fn must return only when
     its work is done."""
     names = list(fns)
-    for r in range(warmup):
-        for name in rotated(names, r):
-            fns[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in rotated(names, r):
-            time.sleep(pause_s)
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    times = benchmark_torch.alternate([fns[n] for n in names], warmup, rounds, pause_s,
+                                      order=lambda r: rotated(range(len(names)), r))
+    return dict(zip(names, times))
 
 
 def fingerprint(program_text: str) -> str:
@@ -91,14 +84,13 @@ def _build_arm(impl: str, model, host_state, images, labels):
     fingerprint."""
     import jax
 
-    from cnn_jax.benchmark_torch import CompiledSteps
     from cnn_jax.models import layers
 
     jax.clear_caches()  # else the layers' jitted helpers replay another arm's traces
     state, batch = jax.device_put((host_state.replace(apply_fn=model.apply),
                                    {"image": images, "label": labels}), jax.devices()[0])
     with layers.implementation(impl):
-        steps = CompiledSteps(state, batch)
+        steps = benchmark_torch.CompiledSteps(state, batch)
     # Of the traced program (what the arms differ in), not the compiled one: in one test run two
     # builds of the same traced program printed different compiled HLO (cause not found).
     steps.fingerprint = fingerprint(steps.train_lowered.as_text(debug_info=False))
@@ -132,12 +124,10 @@ def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num
     # One initial state for every arm (torch's weights where torch is an arm), kept on the host.
     torch_side = None
     if "torch" in arms:
-        from cnn_jax import benchmark_torch as bt
-
-        torch, torchvision = bt.import_torch()
-        row = bt.Row(arch, image_size, batch_size, num_classes)
-        torch_side = bt._TorchSide(torch, torchvision, row, dtype, images, labels)
-        state, _ = bt.state_from_torch(row, dtype, torch_side.model.state_dict())
+        torch, torchvision = benchmark_torch.import_torch()
+        row = benchmark_torch.Row(arch, image_size, batch_size, num_classes)
+        torch_side = benchmark_torch._TorchSide(torch, torchvision, row, dtype, images, labels)
+        state, _ = benchmark_torch.state_from_torch(row, dtype, torch_side.model.state_dict())
     else:
         from cnn_jax.benchmark_gpu import host_train_state
 

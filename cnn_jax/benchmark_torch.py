@@ -86,23 +86,26 @@ def select_rows(archs: Sequence[str] = (), batch_size: Optional[int] = None,
 
 
 def alternate(fns: Sequence[Callable[[], Any]], warmup: int, steps: int,
-              pause_s: float = 0.02) -> List[List[float]]:
+              pause_s: float = 0.02,
+              order: Optional[Callable[[int], Sequence[int]]] = None) -> List[List[float]]:
     """Seconds of each of ``steps`` calls of every fn, called in turn (a, b, a, b, ...) after
     ``warmup`` untimed rounds, each timed call after ``pause_s`` of sleep; each fn must return
-    only when its work is done. The pause is for the side that runs second: torch's OpenMP
-    threads spin-wait for a while after each call, and a 9 ms XLA product (1x1 1024 -> 256 at
-    14x14, batch 16) took 14-16 ms right after a torch convolution against 8.7-8.9 ms after
-    10 ms of sleep (AMD AVX-512 host, 2026-12-06)."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
+    only when its work is done. ``order(r)``: the indices of ``fns`` in the order of round ``r``
+    (warm-up and timed rounds each count from 0; default: as given). The pause is for the side
+    that runs second: torch's OpenMP threads spin-wait for a while after each call, and a 9 ms
+    XLA product (1x1 1024 -> 256 at 14x14, batch 16) took 14-16 ms right after a torch
+    convolution against 8.7-8.9 ms after 10 ms of sleep (AMD AVX-512 host, 2026-12-06)."""
+    order = order or (lambda r: range(len(fns)))
+    for r in range(warmup):
+        for i in order(r):
+            fns[i]()
     times: List[List[float]] = [[] for _ in fns]
-    for _ in range(steps):
-        for fn, t in zip(fns, times):
+    for r in range(steps):
+        for i in order(r):
             time.sleep(pause_s)
             t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
     return times
 
 
