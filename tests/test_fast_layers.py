@@ -84,6 +84,10 @@ CONV_CASES = {
     # tiles cropped).
     "3x3_winograd_weight_grad_64": ((1, 14, 15, 64), 3, 1, 1, 64),
     "3x3_winograd_weight_grad_f4": ((1, 29, 30, 48), 3, 1, ((0, 1), (2, 0)), 96),
+    # 5x5 by F(2x2, 5x5), forward and both gradients (alexnet's 64 -> 192), at odd output sizes
+    # and asymmetric padding; VALID: the input gradient's padding is 4.
+    "5x5_winograd_asymmetric_padding": ((1, 9, 11, 40), 5, 1, ((1, 2), (0, 3)), 112),
+    "5x5_winograd_valid": ((1, 10, 9, 112), 5, 1, "VALID", 40),
 }
 
 
@@ -317,7 +321,9 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
     ((3, 3, 128, 32), jnp.float32, False),  # densenet121's 4k -> k
     ((3, 3, 16, 512), jnp.float32, False),  # fewer than 32 inputs
     ((3, 3, 3, 64), jnp.float32, False),  # VGG's first convolution
-    ((5, 5, 256, 256), jnp.float32, False),
+    ((5, 5, 64, 192), jnp.float32, True),  # alexnet's conv2: F(2x2, 5x5)
+    ((5, 5, 32, 128), jnp.float32, False),  # googlenet's (paper layout) 5x5s are narrower
+    ((7, 7, 256, 256), jnp.float32, False),
     ((3, 3, 256, 256), jnp.bfloat16, False),  # float32's rule (bf16's: _use_winograd_bf16)
     ((3, 3, 256, 256), jnp.float64, False),
 ])
@@ -524,6 +530,9 @@ def test_bf16_dense_layers_are_bf16_products():
     ((3, 3, 256, 256), 7, 1, jnp.float32, 0),  # 7x7 outputs: per-tap products (_small_output)
     ((3, 3, 256, 256), 28, 2, jnp.float32, 0),  # strided
     ((3, 3, 256, 256), 28, 1, jnp.bfloat16, 0),
+    ((5, 5, 64, 192), 27, 1, jnp.float32, 2),  # 5x5s: F(5x5, 2x2) at any size
+    ((5, 5, 64, 192), 28, 1, jnp.float32, 2),
+    ((5, 5, 32, 64), 14, 1, jnp.float32, 0),
 ])
 def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, tile):
     geo = layers._geometry((2, hw, hw, kernel_shape[2]), kernel_shape, (stride, stride),
@@ -548,6 +557,35 @@ def test_winograd_computes_forward_and_both_gradients_as_products(
     forward_products = 2 * (16 + 2) if winograd_forward else 0
     assert jaxpr.count("conv_general_dilated") == (0 if winograd_forward else 2)
     assert jaxpr.count("dot_general") == forward_products + weight_grad_products + 2
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_5x5_winograd_computes_forward_and_both_gradients_as_products(cpu_avx512, avx512, dtype):
+    """alexnet's 5x5 (64 -> 192 at 27x27) by F(2x2, 5x5) on any CPU: 36 products each for the
+    forward, the input gradient and the weight gradient, none of them a convolution; bfloat16
+    computes it in float32 (the transformed tiles in bf16 err by ~3%)."""
+    cpu_avx512(avx512)
+    x, w = jnp.zeros((2, 27, 27, 64), dtype), jnp.zeros((5, 5, 64, 192), dtype)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(
+        layers.conv2d(x, w, 1, 2).astype(jnp.float32)), (0, 1)))(x, w))
+    assert jaxpr.count("conv_general_dilated") == 0
+    # + 2 small products per kernel transform (the forward's, the input gradient's, and the
+    # weight gradient's output transform)
+    assert jaxpr.count("dot_general") == 3 * (36 + 2)
+    assert "bf16" not in [line for line in jaxpr.splitlines() if "dot_general" in line][0]
+
+
+def test_5x5_winograd_error_is_float32_scale():
+    """F(2x2, 5x5)'s transforms (entries up to 5 and 2/3) keep the relative error of the output
+    and of the weight gradient within ~1e-5 of the float32 convolution's."""
+    x, w, g = normal(0, (2, 27, 27, 64)), normal(1, (5, 5, 64, 96)) * 0.05, normal(2, (2, 27, 27, 96))
+    pad = ((2, 2), (2, 2))
+    ref = layers._xla_conv(x, w, (1, 1), pad)
+    dw_ref = layers._xla_weight_grad(x, g, w.shape, layers._geometry(x.shape, w.shape, (1, 1), pad))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    assert rel(layers._winograd_conv(x, w, pad), ref) < 1e-5
+    assert rel(layers._winograd_weight_grad(x, g, pad, 2, 5), dw_ref) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["stem_7x7_stride2", "stem_11x11_stride4"])

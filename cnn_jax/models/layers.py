@@ -593,13 +593,23 @@ def _pad_for_ynn(x: Array, kernel: Array) -> Tuple[Array, Array]:
 # the transforms' memory traffic costs more than the products save (64 -> 64 at 56x56: 99 -> 101,
 # 128 -> 32 at 56x56: 114 -> 141). float32 only: bfloat16 has its own rule (_use_winograd_bf16,
 # with the transforms in float32).
+#
+# 5x5 convolutions by F(2x2, 5x5) under the same channel rule, at any map size (2.8x fewer
+# products, where 3x3's F(2x2) saves 2.25x): AlexNet's 64 -> 192 at 27x27, batch 16, float32
+# (AMD AVX-512 host, 2026-12-06, medians of 7; XLA's convolution / per-tap weight gradient ->
+# Winograd's), ms: forward 49.6 -> 27.5, weight gradient 49.2 -> 29.8, and its input gradient
+# (the 192 -> 64 convolution of the flipped kernel) 42.6 -> 28.7; errors 2-4e-6 of the output's
+# scale (as F(4x4, 3x3)). GoogLeNet's paper-layout 5x5s (16 -> 32 at 28x28, 32 -> 64 at 14x14)
+# are too narrow: 2.5 -> 5.5 and 3.4 -> 4.2 ms forward. With its transformed tiles rounded to
+# bf16 (as _use_winograd_bf16's 3x3s) the output's relative error was 2.8e-2 against 1.7e-3 for
+# the float32 convolution rounded to bf16, so bfloat16 5x5s run in float32 (_in_float32), by this.
 _WINOGRAD_MIN_KERNEL_CHANNELS = 64 * 64 + 1
 _WINOGRAD_MIN_CHANNELS = 32
 
 
 def _use_winograd(kernel_shape, dtype) -> bool:
     kh, kw, c, o = kernel_shape
-    return ((kh, kw) == (3, 3) and jnp.dtype(dtype) == jnp.float32
+    return ((kh, kw) in ((3, 3), (5, 5)) and jnp.dtype(dtype) == jnp.float32
             and c * o >= _WINOGRAD_MIN_KERNEL_CHANNELS and min(c, o) >= _WINOGRAD_MIN_CHANNELS)
 
 
@@ -653,12 +663,15 @@ def _use_winograd_bf16(kernel_shape, dtype) -> bool:
 
 
 def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> bool:
-    """``_use_winograd``, and on an AVX-512 CPU at least 28x28 outputs (forward and input
-    gradient, both computed by ``_conv_stride1``); bfloat16 ones where ``_use_winograd_bf16``."""
+    """``_use_winograd``, and for 3x3s on an AVX-512 CPU at least 28x28 outputs (forward and
+    input gradient, both computed by ``_conv_stride1``); bfloat16 ones where
+    ``_use_winograd_bf16``."""
     if _use_winograd_bf16(kernel_shape, dtype):
         return True
     if not _use_winograd(kernel_shape, dtype):
         return False
+    if kernel_shape[0] == 5:
+        return True
     ho, wo = _geometry(x_shape, kernel_shape, (1, 1), padding).out_hw
     return ho * wo >= _WINOGRAD_AVX512_MIN_POSITIONS or not _cpu_has_avx512()
 
@@ -678,8 +691,8 @@ _WINOGRAD_F4_MIN_POSITIONS = 28 * 28
 
 
 def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry) -> int:
-    """m of the F(3x3, m x m) that computes this convolution's weight gradient; 0: not by
-    Winograd's algorithm."""
+    """m of the F(r x r, m x m) that computes this convolution's (r x r) weight gradient; 0: not
+    by Winograd's algorithm. 5x5s: m = 2."""
     c, o = kernel_shape[2:]
     positions = geo.out_hw[0] * geo.out_hw[1]
     if geo.strides != (1, 1) or _small_output(geo):
@@ -689,22 +702,33 @@ def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry) -> int:
             and positions >= _WINOGRAD_WGRAD_MIN_POSITIONS)
     if not (wide or _use_winograd(kernel_shape, dtype)):
         return 0
+    if kernel_shape[0] == 5:
+        return 2
     return 4 if positions >= _WINOGRAD_F4_MIN_POSITIONS else 2
 
 
-# Winograd's F(m x m, 3 x 3) for m = 2 and 4 as (B^T, G, A^T) (Lavin & Gray 2016; points 0, 1, -1
-# and 0, +-1, +-2): an input tile of m + 2 rows, V = B^T d B; the kernel's U = G g G^T; outputs
-# A^T (V * U) A. F(4x4, 3x3) needs 36 products per 16 outputs where F(2x2, 3x3) needs 64, at
-# errors ~10x larger (~4e-6 of the output's scale in float32 against ~3e-7).
+# Winograd's F(m x m, r x r) as (B^T, G, A^T), keyed (m, r) (Lavin & Gray 2016; points 0, 1, -1
+# and 0, +-1, +-2, with the point at infinity): an input tile of m + r - 1 rows, V = B^T d B; the
+# kernel's U = G g G^T; outputs A^T (V * U) A. F(4x4, 3x3) needs 36 products per 16 outputs where
+# F(2x2, 3x3) needs 64, at errors ~10x larger (~4e-6 of the output's scale in float32 against
+# ~3e-7). F(2x2, 5x5) shares F(4x4, 3x3)'s points, so its B^T: 36 products per 4 outputs where a
+# 5x5 convolution needs 100.
+_B6 = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+       (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 _WINOGRAD = {
-    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-        ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
-        ((1, 1, 1, 0), (0, 1, -1, -1))),
-    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
-        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
-        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+    (2, 3): (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+             ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+             ((1, 1, 1, 0), (0, 1, -1, -1))),
+    (4, 3): (_B6,
+             ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+              (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+             ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+              (0, 1, -1, 8, -8, 1))),
+    (2, 5): (_B6,
+             ((1 / 4, 0, 0, 0, 0), (-1 / 6,) * 5, (-1 / 6, 1 / 6, -1 / 6, 1 / 6, -1 / 6),
+              (1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3), (1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3),
+              (0, 0, 0, 0, 1)),
+             ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1))),
 }
 
 
@@ -728,76 +752,81 @@ def _combine(rows, parts: List[Array]) -> List[Array]:
     return out
 
 
-def _winograd_tiles(t: Array, axis: int, tiles: int, m: int) -> List[Array]:
-    """B^T d along ``axis`` for every tile at once: the m + 2 rows of each tile (stride m, so
-    neighbouring tiles share 2) combined by the rows of B^T."""
-    d = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m + 2)]
-    return _combine(_WINOGRAD[m][0], d)
+def _winograd_tiles(t: Array, axis: int, tiles: int, m: int, r: int = 3) -> List[Array]:
+    """B^T d along ``axis`` for every tile at once: the m + r - 1 rows of each tile (stride m, so
+    neighbouring tiles share r - 1) combined by the rows of B^T."""
+    d = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m + r - 1)]
+    return _combine(_WINOGRAD[m, r][0], d)
 
 
-def _winograd_output_tiles(t: Array, axis: int, tiles: int, m: int) -> List[Array]:
+def _winograd_output_tiles(t: Array, axis: int, tiles: int, m: int, r: int = 3) -> List[Array]:
     """A g along ``axis`` for every m-row tile of an output gradient (A = the transpose of A^T);
-    for m = 2: g0, g0 + g1, g0 - g1, -g1."""
+    for m = 2, r = 3: g0, g0 + g1, g0 - g1, -g1."""
     g = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m)]
-    return _combine(tuple(zip(*_WINOGRAD[m][2])), g)
+    return _combine(tuple(zip(*_WINOGRAD[m, r][2])), g)
 
 
-def _winograd_g(m: int, dtype) -> Array:
-    return jnp.asarray(_WINOGRAD[m][1], dtype)
+def _winograd_g(m: int, r: int, dtype) -> Array:
+    return jnp.asarray(_WINOGRAD[m, r][1], dtype)
 
 
-def _winograd_input(x: Array, padding: Padding, m: int
+def _winograd_input(x: Array, padding: Padding, m: int, r: int = 3
                     ) -> Tuple[Array, Tuple[int, int], Tuple[int, int]]:
-    """The input padded (or cropped) to exactly the m * tiles + 2 rows and columns that the
+    """The input padded (or cropped) to exactly the m * tiles + r - 1 rows and columns that the
     tiles read, the output size and the tiles per dimension (m x m outputs each)."""
     _, h, w, _ = x.shape
     (top, bottom), (left, right) = padding
-    ho, wo = h + top + bottom - 2, w + left + right - 2
+    ho, wo = h + top + bottom - r + 1, w + left + right - r + 1
     th, tw = -(-ho // m), -(-wo // m)
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, m * th + 2 - h - top, 0),
-                                                 (left, m * tw + 2 - w - left, 0), (0, 0, 0)))
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (top, m * th + r - 1 - h - top, 0),
+                      (left, m * tw + r - 1 - w - left, 0), (0, 0, 0)))
     return xp, (ho, wo), (th, tw)
 
 
-def _winograd_conv3x3(x: Array, kernel: Array, padding: Padding, m: int = 2) -> Array:
-    """A stride-1 3x3 convolution by Winograd's F(m x m, 3 x 3): V = B^T d B per input tile,
-    U = G g G^T per kernel, (m + 2)^2 products V_ab @ U_ab over the tiles, outputs A^T M A."""
+def _winograd_conv(x: Array, kernel: Array, padding: Padding, m: int = 2) -> Array:
+    """A stride-1 r x r convolution (r = 3 or 5) by Winograd's F(m x m, r x r): V = B^T d B per
+    input tile, U = G g G^T per kernel, (m + r - 1)^2 products V_ab @ U_ab over the tiles,
+    outputs A^T M A."""
     n, c, o = x.shape[0], x.shape[-1], kernel.shape[-1]
-    a = m + 2
+    r = kernel.shape[0]
+    a = m + r - 1
     # bfloat16 (_use_winograd_bf16): the transforms in float32, only the products' operands bf16
     transforms = jnp.float32 if _is_bf16(x) else x.dtype
-    xp, (ho, wo), (th, tw) = _winograd_input(x.astype(transforms), padding, m)
-    g = _winograd_g(m, transforms)
+    xp, (ho, wo), (th, tw) = _winograd_input(x.astype(transforms), padding, m, r)
+    g = _winograd_g(m, r, transforms)
     u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(transforms), g,
                    precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
     prods = [[_dot(v.astype(x.dtype).reshape(-1, c), u[i, j]).astype(transforms)
               .reshape(n, th, tw, o)
-              for j, v in enumerate(_winograd_tiles(rows, 2, tw, m))]
-             for i, rows in enumerate(_winograd_tiles(xp, 1, th, m))]
-    at = _WINOGRAD[m][2]
+              for j, v in enumerate(_winograd_tiles(rows, 2, tw, m, r))]
+             for i, rows in enumerate(_winograd_tiles(xp, 1, th, m, r))]
+    at = _WINOGRAD[m, r][2]
     cols = [_combine(at, [prods[i][j] for i in range(a)]) for j in range(a)]  # A^T M, by column
     y = jnp.stack([jnp.stack(_combine(at, [cols[j][p] for j in range(a)]), axis=3)
                    for p in range(m)], axis=2)  # [n, th, m, tw, m, o]: the blocks back in place
     return y.reshape(n, m * th, m * tw, o)[:, :ho, :wo].astype(x.dtype)
 
 
-def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int = 2) -> Array:
-    """The weight gradient of a stride-1 3x3 convolution by F(3x3, m x m), Winograd's algorithm
-    transposed: dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as (m + 2)^2 products over the
-    tiles: fewer multiplications than one product per tap (2.25x for m = 2, 4x for m = 4), and no
-    per-tap copies of the input. Errors ~1e-6 to 1e-5 of the gradient's scale, from the long
-    sums over the tiles."""
+def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int = 2,
+                          r: int = 3) -> Array:
+    """The weight gradient of a stride-1 r x r convolution by F(r x r, m x m), Winograd's
+    algorithm transposed: dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as (m + r - 1)^2
+    products over the tiles: fewer multiplications than one product per tap (2.25x for m = 2 and
+    r = 3, 4x for m = 4; 2.8x for m = 2 and r = 5), and no per-tap copies of the input. Errors
+    ~1e-6 to 1e-5 of the gradient's scale, from the long sums over the tiles."""
     c, o = x.shape[-1], g.shape[-1]
-    a = m + 2
-    xp, (ho, wo), (th, tw) = _winograd_input(x, padding, m)
+    a = m + r - 1
+    xp, (ho, wo), (th, tw) = _winograd_input(x, padding, m, r)
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, m * th - ho, 0),
                                                  (0, m * tw - wo, 0), (0, 0, 0)))
-    v = [_winograd_tiles(rows, 2, tw, m) for rows in _winograd_tiles(xp, 1, th, m)]
-    w = [_winograd_output_tiles(rows, 2, tw, m) for rows in _winograd_output_tiles(gp, 1, th, m)]
+    v = [_winograd_tiles(rows, 2, tw, m, r) for rows in _winograd_tiles(xp, 1, th, m, r)]
+    w = [_winograd_output_tiles(rows, 2, tw, m, r)
+         for rows in _winograd_output_tiles(gp, 1, th, m, r)]
     prods = jnp.stack([jnp.stack([_dot(v[i][j].reshape(-1, c), w[i][j].reshape(-1, o),
                                        contract_a=0) for j in range(a)])
                        for i in range(a)])  # [a, a, C, O]
-    gm = _winograd_g(m, prods.dtype)
+    gm = _winograd_g(m, r, prods.dtype)
     return jnp.einsum("ai,abco,bj->ijco", gm, prods, gm, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -875,7 +904,7 @@ def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     if _use_kn2row_bf16(kernel.shape, x.dtype, geo):
         return _kn2row_forward(x, kernel, geo)
     if _use_winograd_forward(x.shape, kernel.shape, x.dtype, padding):
-        return _winograd_conv3x3(x, kernel, padding)
+        return _winograd_conv(x, kernel, padding)
     if _use_taps_bf16(kernel.shape, x.dtype, geo):
         return _taps_sum_forward(x, kernel, geo)
     if _is_bf16(x):
@@ -936,7 +965,7 @@ def _conv_fast_bwd(strides, padding, residuals, g):
             x, g = x.astype(jnp.float32), g.astype(jnp.float32)
     tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo)
     if tile:
-        dw = _winograd_weight_grad(x, g, padding, tile)
+        dw = _winograd_weight_grad(x, g, padding, tile, kernel.shape[0])
     elif _use_grad_planes(kernel.shape, geo):
         dw = _grad_planes_weight_grad(x, g, kernel.shape, geo)
     else:
@@ -956,7 +985,8 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
     wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3) (their weight gradients F(3x3, 2x2) or,
-    from 28x28 outputs, F(3x3, 4x4)), and other weight gradients sums of per-tap matrix products;
+    from 28x28 outputs, F(3x3, 4x4)), wide 5x5s F(2x2, 5x5) (weight gradients F(5x5, 2x2)), and
+    other weight gradients sums of per-tap matrix products;
     in bfloat16, products of bf16 operands accumulated in float32 (1x1s, Winograd's with float32
     transforms, kn2row for DenseNet's growth convolutions, per-tap products at small maps) where
     the CPU multiplies bf16 faster, else float32 rounded to bf16 (see the comments above each).
