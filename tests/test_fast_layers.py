@@ -540,16 +540,18 @@ def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, t
     assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo) == tile
 
 
-@pytest.mark.parametrize("hw,avx512,winograd_forward,weight_grad_products", [
-    (10, False, True, 16), (28, False, True, 36),
-    # With AVX-512 XLA's own forward and input gradient below 28x28 outputs.
-    (14, True, False, 16), (28, True, True, 36)])
+@pytest.mark.parametrize("hw,channels,avx512,winograd_forward,weight_grad_products", [
+    (10, 128, False, True, 16), (28, 128, False, True, 36), (14, 512, False, True, 16),
+    # With AVX-512 XLA's own forward and input gradient below 28x28 outputs, above 384 x 256
+    # channels (vgg16's 512 -> 512 at 14x14).
+    (14, 128, True, True, 16), (13, 384, True, False, 16), (14, 512, True, False, 16),
+    (28, 512, True, True, 36)])
 def test_winograd_computes_forward_and_both_gradients_as_products(
-        cpu_avx512, hw, avx512, winograd_forward, weight_grad_products):
+        cpu_avx512, hw, channels, avx512, winograd_forward, weight_grad_products):
     """16 products each for the forward and input gradient (F(2x2, 3x3)); 16 or, from 28x28
     outputs, 36 for the weight gradient (F(3x3, 4x4))."""
     cpu_avx512(avx512)
-    x, w = jnp.zeros((2, hw, hw, 128)), jnp.zeros((3, 3, 128, 128))
+    x, w = jnp.zeros((2, hw, hw, channels)), jnp.zeros((3, 3, channels, channels))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
                                         (0, 1)))(x, w))
     # + 2 small products per kernel transform: the forward's, the input gradient's (flipped

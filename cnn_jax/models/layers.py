@@ -620,7 +620,19 @@ def _use_winograd(kernel_shape, dtype) -> bool:
 # for resnet50's 256 -> 256 at 14x14, and 18.7 -> 13.7 at 28x28, 128 -> 128 (on AVX2: 13x13
 # 114 -> 70, 14x14 106 -> 58). There the forward and input gradient stay XLA's below 28x28; the
 # weight gradient's Winograd wins on both.
+#
+# Except up to 384 x 256 channels (alexnet's 13x13s, resnet50's and googlenet's 14x14s), where
+# whole train steps are faster with Winograd's, though alone per layer the two are level (XLA ->
+# Winograd, forward ms, batch 16, medians of 3 x 9, 2026-12-06: 13x13 192 -> 384 21.5 -> 20.2,
+# 384 -> 192 27.5 -> 21.6, 384 -> 256 28.6 -> 24.2, 256 -> 384 28.7 -> 27.1, 256 -> 256 18.7 ->
+# 24.1; 14x14 256 -> 256 21.2 -> 22.4, 160 -> 320 19.6 -> 21.5). Train / eval step ms, A/B in one
+# process with torch's step as a third arm, both build orders (old -> this, torch): alexnet
+# 473 -> 416 and 452 -> 415 (422, 433), again with 9 rounds 418 -> 381 and 442 -> 407 (401, 407);
+# eval 149 -> 143, 144 -> 129; resnet50 2,510 -> 2,495 and 2,536 -> 2,420, eval 796 -> 747 and
+# 774 -> 740; googlenet 1,097 -> 1,047 and 1,099 -> 1,123. vgg16's 512 -> 512 at 14x14 (42.5 ->
+# 47.4 alone, batch 8) stays XLA's.
 _WINOGRAD_AVX512_MIN_POSITIONS = 28 * 28
+_WINOGRAD_AVX512_SMALL_MAP_MAX_KERNEL_CHANNELS = 384 * 256
 
 
 _cpu_has_avx512 = host.has_avx512  # a module name of its own: the tests set it
@@ -663,17 +675,19 @@ def _use_winograd_bf16(kernel_shape, dtype) -> bool:
 
 
 def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> bool:
-    """``_use_winograd``, and for 3x3s on an AVX-512 CPU at least 28x28 outputs (forward and
-    input gradient, both computed by ``_conv_stride1``); bfloat16 ones where
-    ``_use_winograd_bf16``."""
+    """``_use_winograd``, and for 3x3s on an AVX-512 CPU at least 28x28 outputs or at most
+    384 x 256 channels (forward and input gradient, both computed by ``_conv_stride1``);
+    bfloat16 ones where ``_use_winograd_bf16``."""
     if _use_winograd_bf16(kernel_shape, dtype):
         return True
     if not _use_winograd(kernel_shape, dtype):
         return False
-    if kernel_shape[0] == 5:
+    kh, _, c, o = kernel_shape
+    if kh == 5 or not _cpu_has_avx512():
         return True
     ho, wo = _geometry(x_shape, kernel_shape, (1, 1), padding).out_hw
-    return ho * wo >= _WINOGRAD_AVX512_MIN_POSITIONS or not _cpu_has_avx512()
+    return (ho * wo >= _WINOGRAD_AVX512_MIN_POSITIONS
+            or c * o <= _WINOGRAD_AVX512_SMALL_MAP_MAX_KERNEL_CHANNELS)
 
 
 # The weight gradient gains more than the forward: per-tap products are XLA:CPU's slowest pass
