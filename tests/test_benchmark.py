@@ -246,9 +246,10 @@ def test_cpu_name_tells_two_cpus_of_one_name_apart(monkeypatch):
              "flags": "fpu avx f16c avx2 avx512f avx512_bf16"}
     monkeypatch.setattr(host, "_cpuinfo", lambda: genoa)
     assert host.cpu_name() == "AMD EPYC (family 25 model 17, AVX-512)"
-    assert layers._cpu_has_avx512() and benchmark_torch.cpu_name() == host.cpu_name()
+    assert layers._cpu_has_avx512_bf16() and benchmark_torch.cpu_name() == host.cpu_name()
     monkeypatch.setattr(host, "_cpuinfo", lambda: {**genoa, "model": "1", "flags": "fpu avx avx2"})
-    assert host.cpu_name() == "AMD EPYC (family 25 model 1, AVX2)" and not layers._cpu_has_avx512()
+    assert host.cpu_name() == "AMD EPYC (family 25 model 1, AVX2)"
+    assert not layers._cpu_has_avx512_bf16()
     monkeypatch.setattr(host, "_cpuinfo", dict)  # no /proc/cpuinfo (macOS)
     assert host.cpu_name() == (platform.processor() or platform.machine())
     assert host.vector_isa() == "" and not host.has_avx512()

@@ -242,14 +242,6 @@ def _host_flag(monkeypatch, name: str):
 
 
 @pytest.fixture
-def cpu_avx512(monkeypatch):
-    """``cpu_avx512(flag)`` makes the layers see a CPU with (or without) AVX-512; the forward's
-    Winograd rule depends on it."""
-    yield _host_flag(monkeypatch, "_cpu_has_avx512")
-    jax.clear_caches()
-
-
-@pytest.fixture
 def one_thread(monkeypatch):
     """``one_thread(flag)`` makes the layers see a process on one CPU core (or on several)."""
     yield _host_flag(monkeypatch, "_one_thread")
@@ -294,7 +286,7 @@ def test_one_thread_hands_narrow_convolutions_to_ynnpack(one_thread):
     assert ynn(False) == 0 and ynn(True) == 2
 
 
-def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
+def test_eigen_convolutions_are_not_handed_to_ynnpack(one_thread):
     """The one-extra-row convolutions (forward and input gradient) stay XLA's own: if a newer XLA
     hands them to YNNPACK anyway, re-measure ``_EIGEN_MAX_OUTPUT_CHANNELS``. At 24 -> 128 the
     forward and XLA's weight gradient go to YNNPACK (the check sees them) and the input gradient
@@ -309,7 +301,6 @@ def test_eigen_convolutions_are_not_handed_to_ynnpack(cpu_avx512, one_thread):
     assert hlo.count(" convolution(") == 3 and _ynnpack_convolutions(hlo) == 2
     hlo = compiled(64, 64)
     assert hlo.count(" convolution(") == 2 and _ynnpack_convolutions(hlo) == 0
-    cpu_avx512(False)
     assert compiled(128, 128).count(" convolution(") == 0
 
 
@@ -353,9 +344,7 @@ def test_which_bf16_convolutions_take_winograd(cpu_avx512_bf16, kernel_shape, av
     cpu_avx512_bf16(avx512_bf16)
     assert layers._use_winograd_bf16(kernel_shape, jnp.bfloat16) == winograd
     assert not layers._use_winograd_bf16(kernel_shape, jnp.float32)
-    x_shape = (2, 14, 14, kernel_shape[2])
-    assert layers._use_winograd_forward(x_shape, kernel_shape, jnp.bfloat16,
-                                        ((1, 1), (1, 1))) == winograd
+    assert layers._use_winograd_forward(kernel_shape, jnp.bfloat16) == winograd
 
 
 @pytest.mark.parametrize("case", ["3x3_winograd_asymmetric_padding", "3x3_winograd_valid",
@@ -540,35 +529,27 @@ def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, t
     assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo) == tile
 
 
-@pytest.mark.parametrize("hw,channels,avx512,winograd_forward,weight_grad_products", [
-    (10, 128, False, True, 16), (28, 128, False, True, 36), (14, 512, False, True, 16),
-    # With AVX-512 XLA's own forward and input gradient below 28x28 outputs, above 384 x 256
-    # channels (vgg16's 512 -> 512 at 14x14).
-    (14, 128, True, True, 16), (13, 384, True, False, 16), (14, 512, True, False, 16),
-    (28, 512, True, True, 36)])
-def test_winograd_computes_forward_and_both_gradients_as_products(
-        cpu_avx512, hw, channels, avx512, winograd_forward, weight_grad_products):
-    """16 products each for the forward and input gradient (F(2x2, 3x3)); 16 or, from 28x28
-    outputs, 36 for the weight gradient (F(3x3, 4x4))."""
-    cpu_avx512(avx512)
+@pytest.mark.parametrize("hw,channels,weight_grad_products", [
+    (10, 128, 16), (13, 384, 16), (14, 512, 16), (28, 128, 36), (28, 512, 36)])
+def test_winograd_computes_forward_and_both_gradients_as_products(hw, channels,
+                                                                  weight_grad_products):
+    """16 products each for the forward and input gradient (F(2x2, 3x3)) at any map size above
+    7x7; 16 or, from 28x28 outputs, 36 for the weight gradient (F(3x3, 4x4))."""
     x, w = jnp.zeros((2, hw, hw, channels)), jnp.zeros((3, 3, channels, channels))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
                                         (0, 1)))(x, w))
     # The kernel transforms (the forward's, the input gradient's of the flipped kernel, the
     # weight gradient's G^T P G) are sums of slices, not products (XLA:CPU's einsum products for
     # them took ~10x as long).
-    forward_products = 2 * 16 if winograd_forward else 0
-    assert jaxpr.count("conv_general_dilated") == (0 if winograd_forward else 2)
-    assert jaxpr.count("dot_general") == forward_products + weight_grad_products
+    assert jaxpr.count("conv_general_dilated") == 0
+    assert jaxpr.count("dot_general") == 2 * 16 + weight_grad_products
 
 
-@pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-def test_5x5_winograd_computes_forward_and_both_gradients_as_products(cpu_avx512, avx512, dtype):
-    """alexnet's 5x5 (64 -> 192 at 27x27) by F(2x2, 5x5) on any CPU: 36 products each for the
-    forward, the input gradient and the weight gradient, none of them a convolution; bfloat16
-    computes it in float32 (the transformed tiles in bf16 err by ~3%)."""
-    cpu_avx512(avx512)
+def test_5x5_winograd_computes_forward_and_both_gradients_as_products(dtype):
+    """alexnet's 5x5 (64 -> 192 at 27x27) by F(2x2, 5x5): 36 products each for the forward, the
+    input gradient and the weight gradient, none of them a convolution; bfloat16 computes it in
+    float32 (the transformed tiles in bf16 err by ~3%)."""
     x, w = jnp.zeros((2, 27, 27, 64), dtype), jnp.zeros((5, 5, 64, 192), dtype)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(
         layers.conv2d(x, w, 1, 2).astype(jnp.float32)), (0, 1)))(x, w))

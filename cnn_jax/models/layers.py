@@ -613,29 +613,20 @@ def _use_winograd(kernel_shape, dtype) -> bool:
             and c * o >= _WINOGRAD_MIN_KERNEL_CHANNELS and min(c, o) >= _WINOGRAD_MIN_CHANNELS)
 
 
-# On a CPU with AVX-512, XLA's own convolutions (YNNPACK) are faster than on AVX2 by more than
-# Winograd's forward gains, below 28x28 outputs: on the 2-core AVX-512 host (2026-12-05, batch 16,
-# medians of 7) XLA -> F(2x2, 3x3) took 35 -> 53 ms for vgg16's 512 -> 512 at 14x14 (batch 8),
-# 14.0 -> 17.8 for alexnet's 192 -> 384 at 13x13, 23.9 -> 34.8 for its 384 -> 256, 15.8 -> 16.7
-# for resnet50's 256 -> 256 at 14x14, and 18.7 -> 13.7 at 28x28, 128 -> 128 (on AVX2: 13x13
-# 114 -> 70, 14x14 106 -> 58). There the forward and input gradient stay XLA's below 28x28; the
-# weight gradient's Winograd wins on both.
-#
-# Except up to 384 x 256 channels (alexnet's 13x13s, resnet50's and googlenet's 14x14s), where
-# whole train steps are faster with Winograd's, though alone per layer the two are level (XLA ->
-# Winograd, forward ms, batch 16, medians of 3 x 9, 2026-12-06: 13x13 192 -> 384 21.5 -> 20.2,
-# 384 -> 192 27.5 -> 21.6, 384 -> 256 28.6 -> 24.2, 256 -> 384 28.7 -> 27.1, 256 -> 256 18.7 ->
-# 24.1; 14x14 256 -> 256 21.2 -> 22.4, 160 -> 320 19.6 -> 21.5). Train / eval step ms, A/B in one
-# process with torch's step as a third arm, both build orders (old -> this, torch): alexnet
-# 473 -> 416 and 452 -> 415 (422, 433), again with 9 rounds 418 -> 381 and 442 -> 407 (401, 407);
-# eval 149 -> 143, 144 -> 129; resnet50 2,510 -> 2,495 and 2,536 -> 2,420, eval 796 -> 747 and
-# 774 -> 740; googlenet 1,097 -> 1,047 and 1,099 -> 1,123. vgg16's 512 -> 512 at 14x14 (42.5 ->
-# 47.4 alone, batch 8) stays XLA's.
-_WINOGRAD_AVX512_MIN_POSITIONS = 28 * 28
-_WINOGRAD_AVX512_SMALL_MAP_MAX_KERNEL_CHANNELS = 384 * 256
-
-
-_cpu_has_avx512 = host.has_avx512  # a module name of its own: the tests set it
+# On a CPU with AVX-512 the forward and input gradient were XLA's below 28x28 outputs until
+# 2026-12-06 (and until 7e94c37 above 384 x 256 channels there): XLA -> F(2x2, 3x3) had measured
+# 35 -> 53 ms for vgg16's 512 -> 512 at 14x14 (batch 8), 23.9 -> 34.8 for alexnet's 384 -> 256
+# at 13x13. Those Winograd times included the kernel transforms as einsum products (12-35 ms per
+# layer, see _two_sided). With the transforms as sums Winograd is faster at every size measured
+# (XLA -> Winograd, forward ms, batch 16, medians of 3 x 9, AMD AVX-512 host): 13x13 192 -> 384
+# 20.4 -> 18.3, 384 -> 192 27.1 -> 19.9, 384 -> 256 28.7 -> 22.8, 256 -> 384 29.4 -> 21.8,
+# 256 -> 256 19.9 -> 17.6; 14x14 256 -> 256 21.6 -> 15.3, 160 -> 320 19.5 -> 15.5, vgg16's
+# 512 -> 512 (batch 8) 42.7 -> 21.2; so the rule is gone. Whole steps, A/B with torch's as a
+# third arm, both build orders, ms, train / eval, the rule -> without it (torch): with the 384 x
+# 256 exception (einsum transforms), alexnet 473 -> 416 and 452 -> 415 (422, 433) / 149 -> 143
+# and 144 -> 129, resnet50 2,510 -> 2,495 and 2,536 -> 2,420 / 796 -> 747 and 774 -> 740,
+# googlenet 1,097 -> 1,047 and 1,099 -> 1,123; then vgg16 (batch 8, its 14x14s, sums) 3,074 ->
+# 3,073 and 3,035 -> 2,992 (3,950, 3,878) / 898 -> 846 and 949 -> 888.
 
 
 # bfloat16 on a CPU with AVX-512 BF16 (where bf16 products run at twice the float32 rate, see
@@ -674,20 +665,10 @@ def _use_winograd_bf16(kernel_shape, dtype) -> bool:
             and min(c, o) >= _WINOGRAD_MIN_CHANNELS and _cpu_has_avx512_bf16())
 
 
-def _use_winograd_forward(x_shape, kernel_shape, dtype, padding: Padding) -> bool:
-    """``_use_winograd``, and for 3x3s on an AVX-512 CPU at least 28x28 outputs or at most
-    384 x 256 channels (forward and input gradient, both computed by ``_conv_stride1``);
-    bfloat16 ones where ``_use_winograd_bf16``."""
-    if _use_winograd_bf16(kernel_shape, dtype):
-        return True
-    if not _use_winograd(kernel_shape, dtype):
-        return False
-    kh, _, c, o = kernel_shape
-    if kh == 5 or not _cpu_has_avx512():
-        return True
-    ho, wo = _geometry(x_shape, kernel_shape, (1, 1), padding).out_hw
-    return (ho * wo >= _WINOGRAD_AVX512_MIN_POSITIONS
-            or c * o <= _WINOGRAD_AVX512_SMALL_MAP_MAX_KERNEL_CHANNELS)
+def _use_winograd_forward(kernel_shape, dtype) -> bool:
+    """Whether a stride-1 convolution's forward (and input gradient, both computed by
+    ``_conv_stride1``) is Winograd's: ``_use_winograd``, or in bfloat16 ``_use_winograd_bf16``."""
+    return _use_winograd_bf16(kernel_shape, dtype) or _use_winograd(kernel_shape, dtype)
 
 
 # The weight gradient gains more than the forward: per-tap products are XLA:CPU's slowest pass
@@ -923,7 +904,7 @@ def _conv_stride1(x: Array, kernel: Array, padding: Padding) -> Array:
     geo = _geometry(x.shape, kernel.shape, (1, 1), padding)
     if _use_kn2row_bf16(kernel.shape, x.dtype, geo):
         return _kn2row_forward(x, kernel, geo)
-    if _use_winograd_forward(x.shape, kernel.shape, x.dtype, padding):
+    if _use_winograd_forward(kernel.shape, x.dtype):
         return _winograd_conv(x, kernel, padding)
     if _use_taps_bf16(kernel.shape, x.dtype, geo):
         return _taps_sum_forward(x, kernel, geo)
