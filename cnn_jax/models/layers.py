@@ -614,7 +614,7 @@ def _use_winograd(kernel_shape, dtype) -> bool:
 
 
 # On a CPU with AVX-512 the forward and input gradient were XLA's below 28x28 outputs until
-# 2026-12-06 (and until 7e94c37 above 384 x 256 channels there): XLA -> F(2x2, 3x3) had measured
+# 2026-12-06 (from 7e94c37 only above 384 x 256 channels): XLA -> F(2x2, 3x3) had measured
 # 35 -> 53 ms for vgg16's 512 -> 512 at 14x14 (batch 8), 23.9 -> 34.8 for alexnet's 384 -> 256
 # at 13x13. Those Winograd times included the kernel transforms as einsum products (12-35 ms per
 # layer, see _two_sided). With the transforms as sums Winograd is faster at every size measured
