@@ -747,14 +747,14 @@ def _combine(rows, parts: List[Array]) -> List[Array]:
     return out
 
 
-def _winograd_tiles(t: Array, axis: int, tiles: int, m: int, r: int = 3) -> List[Array]:
+def _winograd_tiles(t: Array, axis: int, tiles: int, m: int, r: int) -> List[Array]:
     """B^T d along ``axis`` for every tile at once: the m + r - 1 rows of each tile (stride m, so
     neighbouring tiles share r - 1) combined by the rows of B^T."""
     d = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m + r - 1)]
     return _combine(_WINOGRAD[m, r][0], d)
 
 
-def _winograd_output_tiles(t: Array, axis: int, tiles: int, m: int, r: int = 3) -> List[Array]:
+def _winograd_output_tiles(t: Array, axis: int, tiles: int, m: int, r: int) -> List[Array]:
     """A g along ``axis`` for every m-row tile of an output gradient (A = the transpose of A^T);
     for m = 2, r = 3: g0, g0 + g1, g0 - g1, -g1."""
     g = [jax.lax.slice_in_dim(t, i, i + m * (tiles - 1) + 1, m, axis) for i in range(m)]
@@ -773,7 +773,7 @@ def _two_sided(rows, t: Sequence[Sequence[Array]]) -> List[List[Array]]:
     return [_combine(rows, [cols[j][p] for j in range(len(t))]) for p in range(len(rows))]
 
 
-def _winograd_input(x: Array, padding: Padding, m: int, r: int = 3
+def _winograd_input(x: Array, padding: Padding, m: int, r: int
                     ) -> Tuple[Array, Tuple[int, int], Tuple[int, int]]:
     """The input padded (or cropped) to exactly the m * tiles + r - 1 rows and columns that the
     tiles read, the output size and the tiles per dimension (m x m outputs each)."""
@@ -810,8 +810,7 @@ def _winograd_conv(x: Array, kernel: Array, padding: Padding, m: int = 2) -> Arr
     return y.reshape(n, m * th, m * tw, o)[:, :ho, :wo].astype(x.dtype)
 
 
-def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int = 2,
-                          r: int = 3) -> Array:
+def _winograd_weight_grad(x: Array, g: Array, padding: Padding, m: int, r: int) -> Array:
     """The weight gradient of a stride-1 r x r convolution by F(r x r, m x m), Winograd's
     algorithm transposed: dw = G^T [sum over tiles (B^T d B) (A g A^T)] G, as (m + r - 1)^2
     products over the tiles: fewer multiplications than one product per tap (2.25x for m = 2 and
