@@ -59,7 +59,8 @@ flags.DEFINE_integer("torch_threads", 0, "--compare: torch's intra-op threads (0
                      "default).")
 flags.DEFINE_float("time_budget_s", 450.0, "--suite: the whole suite's wall-time limit.")
 flags.DEFINE_integer("profile", 0, "Trace this many train steps after the timed ones and print "
-                     "where they spend their time: XLA op kinds and ops (cnn_jax.profiling).")
+                     "where they spend their time: XLA op kinds and ops (cnn_jax.profiling); "
+                     "with --compare=torch, each row's torch step too (torch.profiler).")
 flags.DEFINE_integer("profile_steps", 0, "--suite: trace this many train steps of each row after "
                      "its timing; the op kinds go into the JSON and the table.")
 flags.DEFINE_float("kind_budget_s", 4.0, "--suite: timed seconds per train or eval step kind.")
@@ -221,9 +222,12 @@ def main_compare() -> None:
         _archs(), _given("batch_size"), _given("image_size"), _given("num_classes"), dtypes)
     steps = FLAGS.steps if FLAGS["steps"].present else 5
     if FLAGS.layers:
+        if FLAGS.profile:
+            raise ValueError("--profile traces whole train steps; --layers times single "
+                             "convolutions: pass one of them")
         return _compare_layers(rows, steps)
     result = benchmark_torch.run_compare(rows, steps, FLAGS.warmup, FLAGS.torch_threads,
-                                         progress=_progress)
+                                         progress=_progress, profile=FLAGS.profile)
     _emit("compare_torch", result, benchmark_torch.markdown(result))
 
 
@@ -285,6 +289,8 @@ def main(argv):
     with cli.one_line_errors():
         if sum(map(bool, (FLAGS.compare, FLAGS.suite, FLAGS.ab))) > 1:
             raise ValueError("pass one of --compare=torch, --suite=gpu and --ab=ARMS")
+        if FLAGS.profile < 0:
+            raise ValueError(f"--profile takes a number of steps (0: none), got {FLAGS.profile}")
         if FLAGS.ab:
             return main_ab()
         if FLAGS.compare:
@@ -293,8 +299,6 @@ def main(argv):
             return main_suite()
         if not FLAGS.arch:
             raise ValueError("pass --arch=<name>, e.g. --arch=resnet50")
-        if FLAGS.profile < 0:
-            raise ValueError(f"--profile takes a number of steps (0: none), got {FLAGS.profile}")
         r = run(FLAGS.arch, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.dtype,
                 FLAGS.steps, FLAGS.eval, MODEL_OPTIONS, FLAGS.profile)
     if FLAGS.json:

@@ -224,8 +224,26 @@ class _TorchSide:
         float(loss), int(hits)
 
 
-def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[str, Any]:
-    """Alternate cnn_jax's and torch's train steps, then their eval steps; medians and ratios."""
+def profile_torch(torch, step: Callable[[], Any], steps: int) -> Dict[str, Any]:
+    """``steps`` calls of ``step`` under ``torch.profiler``: each aten op's own CPU time (the
+    calling thread's wall time, its intra-op threads inside), summarized as
+    :func:`cnn_jax.profiling.summarize` does XLA's ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cnn_jax import profiling
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    times = {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}
+    return profiling.summarize(times, steps, source="torch.profiler")
+
+
+def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2,
+                profile: int = 0) -> Dict[str, Any]:
+    """Alternate cnn_jax's and torch's train steps, then their eval steps; medians and ratios.
+    ``profile``: then trace that many more train steps of each side, into ``result["profile"]``
+    (where each side's step spends its time: XLA's ops and torch's aten ops)."""
     import numpy as np
 
     torch, torchvision = import_torch()
@@ -260,6 +278,13 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2) -> Dict[s
             "cnn_jax_step_ms": [1e3 * t for t in jax_t],
             "torch_step_ms": [1e3 * t for t in torch_t],
         }
+    if profile:
+        from cnn_jax import profiling
+
+        summary, (jax_side.state, _) = profiling.profile_steps(
+            jax_side._train, (jax_side.state, jax_side.batch), profile, carry=True)
+        result["profile"] = {"cnn_jax": summary,
+                             "torch": profile_torch(torch, torch_side.train, profile)}
     return result
 
 
@@ -274,19 +299,22 @@ def environment() -> Dict[str, Any]:
 
 
 def run_compare(rows: Sequence[tuple], steps: int = 5, warmup: int = 2, torch_threads: int = 0,
-                progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+                progress: Optional[Callable[[str], None]] = None,
+                profile: int = 0) -> Dict[str, Any]:
     """Every ``(Row, dtype)`` of ``rows``, one after another; one dict with all the numbers.
 
-    ``torch_threads``: torch's intra-op threads (0: torch's default, one per physical core).
+    ``torch_threads``: torch's intra-op threads (0: torch's default, one per physical core);
+    ``profile``: trace that many train steps of each side after each row's timing.
     """
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if steps < 1 or warmup < 0 or profile < 0:
+        raise ValueError(f"need --steps >= 1, --warmup >= 0 and --profile >= 0, got {steps}, "
+                         f"{warmup} and {profile}")
     if torch_threads:
         torch, _ = import_torch()
         torch.set_num_threads(torch_threads)
     out = {"environment": environment(), "rows": []}
     for row, dtype in rows:
-        r = compare_row(row, dtype, steps, warmup)
+        r = compare_row(row, dtype, steps, warmup, profile)
         out["rows"].append(r)
         if progress:
             progress(_progress_line(r))
@@ -331,4 +359,12 @@ def markdown(result: Dict[str, Any]) -> str:
             f"**{t['ratio']:.2f}** | {_faster(t['ratio'])} | "
             f"{e['cnn_jax_images_per_sec']:.2f} | {e['torch_images_per_sec']:.2f} | "
             f"{e['ratio']:.2f} |")
+    for r in result["rows"]:
+        if "profile" in r:
+            from cnn_jax import profiling
+
+            name = f"{r['arch']} {r['image_size']} px batch {r['batch_size']} {r['dtype']}"
+            lines += ["", profiling.markdown(r["profile"]["cnn_jax"], f"{name}, cnn_jax train step"),
+                      "", profiling.markdown(r["profile"]["torch"], f"{name}, torch train step",
+                                             ops="torch ops' own CPU time")]
     return "\n".join(lines)

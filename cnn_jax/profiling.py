@@ -121,10 +121,11 @@ def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
                         for o, (s, n) in ops[:top]]}
 
 
-def markdown(summary: Dict[str, Any], title: str = "") -> str:
-    """Two tables: the op kinds and the single ops with the most time per step."""
+def markdown(summary: Dict[str, Any], title: str = "", ops: str = "XLA ops") -> str:
+    """Two tables: the op kinds and the single ops with the most time per step; ``ops``: what
+    was traced (a summary of torch's ops says so)."""
     head = (f"{title}: " if title else "") + (
-        f"{summary['op_ms_per_step']:.2f} ms of XLA ops per step ({summary['steps']} traced "
+        f"{summary['op_ms_per_step']:.2f} ms of {ops} per step ({summary['steps']} traced "
         f"steps, {summary['ops_counted']} ops, read from the {summary.get('source') or 'trace'};"
         f" ops running at once on two threads both count)")
     lines = [head, "", "| op kind | ms/step | calls/step | share |", "|---|---|---|---|"]

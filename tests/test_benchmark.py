@@ -64,10 +64,20 @@ def test_compare_torch_one_row(tmp_path):
     # One torch thread: two spin-waiting OpenMP threads on a busy 2-core machine take 10x longer.
     proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet18",
                          "--batch_size=2", "--steps=1", "--warmup=0", "--dtype=bfloat16",
-                         "--torch_threads=1", "--json", f"--output={tmp_path}"])
+                         "--torch_threads=1", "--profile=1", "--json", f"--output={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(h.last_line(proc.stdout))
     assert result == json.loads((tmp_path / "compare_torch.json").read_text())
+    # --profile=1: one more train step of each side traced, each op's time per step
+    profile = result["rows"][0]["profile"]
+    assert profile["cnn_jax"]["steps"] == profile["torch"]["steps"] == 1
+    assert profile["torch"]["source"] == "torch.profiler"
+    for side in profile.values():
+        assert side["op_ms_per_step"] > 0 and side["top_ops"]
+        assert side["op_ms_per_step"] == pytest.approx(
+            sum(k["ms_per_step"] for k in side["kinds"]), rel=0.2)  # the kinds cover most
+    torch_ops = {k["kind"] for k in profile["torch"]["kinds"]}
+    assert {"aten::mkldnn_convolution", "aten::convolution_backward"} <= torch_ops
     env = result["environment"]
     assert env["torch"] and env["torchvision"] and env["torch_threads"] == 1
     (row,) = result["rows"]
@@ -87,6 +97,9 @@ def test_compare_torch_one_row(tmp_path):
     assert "| resnet18 (10 classes) | 32 | 2 | bfloat16 |" in table
     assert f"**{row['train']['ratio']:.2f}**" in table and "torch step time / cnn_jax" in table
     assert "resnet18 32px b2 bfloat16: train" in proc.stderr  # the progress line
+    assert "resnet18 32 px batch 2 bfloat16, cnn_jax train step: " in table
+    assert "resnet18 32 px batch 2 bfloat16, torch train step: " in table
+    assert "ms of torch ops' own CPU time per step (1 traced steps" in table
 
 
 def test_ab_rounds_rotate_the_order_of_the_arms():
@@ -281,10 +294,16 @@ def test_compare_and_suite_reject_bad_flags_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: --ab needs --arch=<name>[,<name>...], e.g. --arch=resnet50")
-    proc = h.run_python(["-m", "cnn_jax.benchmark", "--arch=resnet50", "--profile=-1"])
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--arch=resnet50",
+                         "--profile=-1"])
     assert proc.returncode != 0
     assert h.last_line(proc.stderr) == (
         "error: --profile takes a number of steps (0: none), got -1")
+    proc = h.run_python(["-m", "cnn_jax.benchmark", "--compare=torch", "--layers",
+                         "--arch=resnet50", "--profile=1"])
+    assert proc.returncode != 0
+    assert h.last_line(proc.stderr) == ("error: --profile traces whole train steps; --layers "
+                                        "times single convolutions: pass one of them")
 
 
 @pytest.mark.parametrize("devices", [8, 1])
