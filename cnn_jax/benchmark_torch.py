@@ -224,19 +224,21 @@ class _TorchSide:
         float(loss), int(hits)
 
 
-def profile_torch(torch, step: Callable[[], Any], steps: int) -> Dict[str, Any]:
-    """``steps`` calls of ``step`` under ``torch.profiler``: each aten op's own CPU time (the
-    calling thread's wall time, its intra-op threads inside), summarized as
-    :func:`cnn_jax.profiling.summarize` does XLA's ops."""
+def profile_torch(torch, step: Callable[[], Any], steps: int,
+                  pause_s: float = 0.02) -> Dict[str, Any]:
+    """``steps`` calls of ``step`` under ``torch.profiler``, each after ``pause_s`` of sleep (as
+    :func:`alternate`): each aten op's own CPU time (the calling thread's wall time, its
+    intra-op threads inside), summarized as :func:`cnn_jax.profiling.summarize` does XLA's ops."""
     from torch.profiler import ProfilerActivity, profile
 
     from cnn_jax import profiling
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
+            time.sleep(pause_s)
             step()
     times = {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}
-    return profiling.summarize(times, steps, source="torch.profiler")
+    return profiling.summarize(times, steps, source="trace of torch.profiler")
 
 
 def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2,
@@ -281,10 +283,11 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2,
     if profile:
         from cnn_jax import profiling
 
+        torch_summary = profile_torch(torch, torch_side.train, profile)
+        time.sleep(0.02)
         summary, (jax_side.state, _) = profiling.profile_steps(
             jax_side._train, (jax_side.state, jax_side.batch), profile, carry=True)
-        result["profile"] = {"cnn_jax": summary,
-                             "torch": profile_torch(torch, torch_side.train, profile)}
+        result["profile"] = {"cnn_jax": summary, "torch": torch_summary}
     return result
 
 

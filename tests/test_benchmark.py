@@ -71,7 +71,7 @@ def test_compare_torch_one_row(tmp_path):
     # --profile=1: one more train step of each side traced, each op's time per step
     profile = result["rows"][0]["profile"]
     assert profile["cnn_jax"]["steps"] == profile["torch"]["steps"] == 1
-    assert profile["torch"]["source"] == "torch.profiler"
+    assert profile["torch"]["source"] == "trace of torch.profiler"
     for side in profile.values():
         assert side["op_ms_per_step"] > 0 and side["top_ops"]
         assert side["op_ms_per_step"] == pytest.approx(
