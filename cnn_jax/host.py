@@ -33,11 +33,6 @@ def cpu_flags() -> FrozenSet[str]:
     return frozenset(_cpuinfo().get("flags", "").split())
 
 
-def has_avx512() -> bool:
-    """Whether the CPU has AVX-512 (``avx512f``); False where /proc/cpuinfo is missing."""
-    return "avx512f" in cpu_flags()
-
-
 def has_avx512_bf16() -> bool:
     """Whether the CPU has AVX-512's bfloat16 dot-product instructions (``avx512_bf16``)."""
     return "avx512_bf16" in cpu_flags()

@@ -265,7 +265,7 @@ def test_cpu_name_tells_two_cpus_of_one_name_apart(monkeypatch):
     assert not layers._cpu_has_avx512_bf16()
     monkeypatch.setattr(host, "_cpuinfo", dict)  # no /proc/cpuinfo (macOS)
     assert host.cpu_name() == (platform.processor() or platform.machine())
-    assert host.vector_isa() == "" and not host.has_avx512()
+    assert host.vector_isa() == "" and not host.has_avx512_bf16()
     monkeypatch.undo()
     if os.path.exists("/proc/cpuinfo"):  # the real file's first processor
         info = host._cpuinfo()
