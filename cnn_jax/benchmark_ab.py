@@ -63,7 +63,7 @@ def rotated(names: Sequence[str], round_index: int) -> List[str]:
 
 
 def time_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int,
-                pause_s: float = 0.02) -> Dict[str, List[float]]:
+                pause_s: float = benchmark_torch.PAUSE_S) -> Dict[str, List[float]]:
     """Seconds of each fn per round; each round calls every fn once in rotated order, each call
     after ``pause_s`` of sleep; ``warmup`` untimed rounds first. Each fn must return only when
     its work is done."""
@@ -99,7 +99,8 @@ def _build_arm(impl: str, model, host_state, images, labels):
 
 def run_ab(arch: str, arms: Sequence[str], batch_size: int, image_size: int, num_classes: int,
            dtype: str = "float32", rounds: int = 7, warmup: int = 2,
-           model_options: Optional[Mapping[str, Any]] = None, pause_s: float = 0.02,
+           model_options: Optional[Mapping[str, Any]] = None,
+           pause_s: float = benchmark_torch.PAUSE_S,
            progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train and eval step times of ``arch`` under each arm; medians and ratios to the first arm
     (``ratio`` > 1: that arm is faster than the first)."""

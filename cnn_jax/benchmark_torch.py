@@ -25,6 +25,7 @@ import statistics
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
+from cnn_jax import profiling
 from cnn_jax.host import cpu_name
 
 DTYPES = ("float32", "bfloat16")
@@ -85,8 +86,12 @@ def select_rows(archs: Sequence[str] = (), batch_size: Optional[int] = None,
     return [(r, d) for d in dtypes for r in rows]
 
 
+# Seconds of sleep before each timed or traced call (alternate, profile_torch).
+PAUSE_S = 0.02
+
+
 def alternate(fns: Sequence[Callable[[], Any]], warmup: int, steps: int,
-              pause_s: float = 0.02,
+              pause_s: float = PAUSE_S,
               order: Optional[Callable[[int], Sequence[int]]] = None) -> List[List[float]]:
     """Seconds of each of ``steps`` calls of every fn, called in turn (a, b, a, b, ...) after
     ``warmup`` untimed rounds, each timed call after ``pause_s`` of sleep; each fn must return
@@ -225,13 +230,11 @@ class _TorchSide:
 
 
 def profile_torch(torch, step: Callable[[], Any], steps: int,
-                  pause_s: float = 0.02) -> Dict[str, Any]:
+                  pause_s: float = PAUSE_S) -> Dict[str, Any]:
     """``steps`` calls of ``step`` under ``torch.profiler``, each after ``pause_s`` of sleep (as
     :func:`alternate`): each aten op's own CPU time (the calling thread's wall time, its
     intra-op threads inside), summarized as :func:`cnn_jax.profiling.summarize` does XLA's ops."""
     from torch.profiler import ProfilerActivity, profile
-
-    from cnn_jax import profiling
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -281,12 +284,10 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2,
             "torch_step_ms": [1e3 * t for t in torch_t],
         }
     if profile:
-        from cnn_jax import profiling
-
         # torch's steps first: traced right after XLA's, torch's ops ran up to 1.8x slower than
         # its timed steps (densenet121: 3.4 s of ops a step against 2.2 s timed).
         torch_summary = profile_torch(torch, torch_side.train, profile)
-        time.sleep(0.02)
+        time.sleep(PAUSE_S)
         summary, (jax_side.state, _) = profiling.profile_steps(
             jax_side._train, (jax_side.state, jax_side.batch), profile, carry=True)
         result["profile"] = {"cnn_jax": summary, "torch": torch_summary}
@@ -366,10 +367,9 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{e['ratio']:.2f} |")
     for r in result["rows"]:
         if "profile" in r:
-            from cnn_jax import profiling
-
             name = f"{r['arch']} {r['image_size']} px batch {r['batch_size']} {r['dtype']}"
-            lines += ["", profiling.markdown(r["profile"]["cnn_jax"], f"{name}, cnn_jax train step"),
+            lines += ["", profiling.markdown(r["profile"]["cnn_jax"],
+                                             f"{name}, cnn_jax train step"),
                       "", profiling.markdown(r["profile"]["torch"], f"{name}, torch train step",
                                              ops="torch ops' own CPU time")]
     return "\n".join(lines)
