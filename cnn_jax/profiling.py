@@ -7,21 +7,27 @@ Reads the trace's XSpace with ``jax.profiler.ProfileData`` (no TensorBoard or xp
 runs on the accelerator machine too). On a GPU or TPU the ops are the device planes' events
 (``/device:...``: their "XLA Ops" line where there is one, else the kernels, each tagged with its
 ``hlo_op``), on the CPU the host events that carry an ``hlo_op`` stat (XLA's thunks on every
-thread, each counted for its span: an op whose library call runs on several threads counts its
-wall time once, two ops running at once on two threads both count). Each op's time is its own
-(exclusive): an event nested in another on the same line is taken out of its parent's. Ops are
-grouped into kinds by their HLO names without the numeric suffix (``convolution.21`` ->
+thread). An op's time is its share of the wall time: each moment is split evenly among the ops
+in flight then, so the ops' times add up to the traced steps' busy time (``op_ms_per_step``;
+``idle_ms_per_step``: no op in flight) and two ops running at once on two cores get half each.
+An event nested in another on the same line (a thunk of a while loop's body) is taken out of its
+parent's. On the CPU some thunks finish after their event ends: XLA's Eigen convolutions and
+dots and the other partitions of a parallel loop run on the thread pool, and their event covers
+only the launch (a 25 ms convolution traced as 0.03 ms). XLA's thunk executor marks each op's
+completion (an ``end: <op>`` event); an op is in flight from its event's start to that mark.
+Ops are grouped into kinds by their HLO names without the numeric suffix (``convolution.21`` ->
 ``convolution``, ``loop_add_fusion.3`` -> ``loop_add_fusion``).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import os
 import re
 import tempfile
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 _SUFFIX = re.compile(r"(\.\d+)+$")
 
@@ -31,37 +37,95 @@ def kind(op: str) -> str:
     return _SUFFIX.sub("", op) or op
 
 
-def _exclusive(events: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
-    """``{name: [exclusive ns, count]}`` of ``(name, start_ns, end_ns)`` events of one line:
-    an event inside another (a thunk of a while loop's body, say) is taken out of the outer's."""
-    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
-    stack: List[List[Any]] = []  # [name, start, end, the children's ns]
+def _segments(events: Sequence[Tuple[str, int, int]]) -> List[Tuple[str, int, int]]:
+    """The ``(name, start_ns, end_ns)`` pieces of one line's events that no event nested in them
+    covers: an event inside another (a thunk of a while loop's body, say) is taken out of the
+    outer's."""
+    pieces: List[Tuple[str, int, int]] = []
+    stack: List[List[Any]] = []  # [name, end, where its uncovered time resumes]
 
     def close():
-        name, start, end, children = stack.pop()
-        totals[name][0] += max(0, end - start - children)
-        totals[name][1] += 1
+        name, end, resume = stack.pop()
+        if end > resume:
+            pieces.append((name, resume, end))
         if stack:
-            stack[-1][3] += end - start
+            stack[-1][2] = max(stack[-1][2], end)
 
     for name, start, end in sorted(events, key=lambda e: (e[1], -e[2])):
-        while stack and stack[-1][2] <= start:
+        while stack and stack[-1][1] <= start:
             close()
-        stack.append([name, start, end, 0])
+        if stack and start > stack[-1][2]:
+            pieces.append((stack[-1][0], stack[-1][2], start))
+        stack.append([name, end, start])
     while stack:
         close()
+    return pieces
+
+
+def _exclusive(events: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
+    """``{name: [exclusive ns, count]}`` of one line's ``(name, start_ns, end_ns)`` events."""
+    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+    for name, start, end in _segments(events):
+        totals[name][0] += end - start
+    for name, _, _ in events:
+        totals[name][1] += 1
     return totals
+
+
+def _shares(segments: Sequence[Tuple[str, int, int]]) -> Tuple[Dict[str, float], int]:
+    """``({name: ns}, idle ns)``: each moment of ``segments``' span split evenly among the
+    segments in flight then; idle: the moments with none."""
+    points = sorted([(s, 1, i) for i, (_, s, _) in enumerate(segments)]
+                    + [(e, 0, i) for i, (_, _, e) in enumerate(segments)])  # ends first
+    shares: Dict[str, float] = collections.defaultdict(float)
+    active: Dict[int, str] = {}
+    idle, last = 0, None
+    for t, starts, i in points:
+        if last is not None and t > last:
+            if active:
+                each = (t - last) / len(active)
+                for name in active.values():
+                    shares[name] += each
+            else:
+                idle += t - last
+        last = t
+        if starts:
+            active[i] = segments[i][0]
+        else:
+            active.pop(i, None)
+    return shares, idle
+
+
+def _end_marks(lines) -> Dict[str, List[int]]:
+    """``{op: sorted ns}``: XLA:CPU's thunk executor's ``end: <op>`` events, when each op
+    finished (later than its own event for thunks that run on the thread pool)."""
+    marks: Dict[str, List[int]] = collections.defaultdict(list)
+    for line in lines:
+        for e in line.events:
+            if e.name.startswith("end: "):
+                marks[e.name[len("end: "):]].append(int(e.start_ns))
+    for times in marks.values():
+        times.sort()
+    return marks
+
+
+class Ops(NamedTuple):
+    """:func:`read_ops`'s answer."""
+
+    times: Dict[str, Tuple[float, int]]  # {op: (seconds, calls)}
+    source: str
+    idle_s: float  # inside the traced span, no op in flight
 
 
 def op_times(profile) -> Dict[str, Tuple[float, int]]:
     """``{op: (seconds, calls)}`` of a ``jax.profiler.ProfileData`` (or an ``.xplane.pb`` path)."""
-    return read_ops(profile)[0]
+    return read_ops(profile).times
 
 
-def read_ops(profile) -> Tuple[Dict[str, Tuple[float, int]], str]:
-    """:func:`op_times` and where they were read: ``"device XLA Ops"``, ``"device kernels"`` or
+def read_ops(profile) -> Ops:
+    """:func:`op_times`, where they were read: ``"device XLA Ops"``, ``"device kernels"`` or
     ``"host thunks"`` (on a GPU the last would be launch times, not the device's: a trace
-    without device ops says so instead of passing for one)."""
+    without device ops says so instead of passing for one), and the idle seconds."""
     import jax
 
     if isinstance(profile, (str, os.PathLike)):
@@ -89,18 +153,28 @@ def read_ops(profile) -> Tuple[Dict[str, Tuple[float, int]], str]:
         per_line, source = [events(line, False) for line in device], "device kernels"
         if not any(per_line):
             per_line, source = [events(line, False) for line in host], "host thunks"
-    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+    marks = _end_marks(host) if source == "host thunks" else {}
+    segments: List[Tuple[str, int, int]] = []
+    calls: Dict[str, int] = collections.Counter()
     for line_events in per_line:
-        for name, (ns, n) in _exclusive(line_events).items():
-            totals[name][0] += ns
-            totals[name][1] += n
-    return {name: (ns / 1e9, n) for name, (ns, n) in totals.items()}, source
+        segments += _segments(line_events)
+        for name, start, end in line_events:
+            calls[name] += 1
+            done = marks.get(name, [])
+            i = bisect.bisect_left(done, start)
+            if i < len(done) and done[i] > end:  # finished on the thread pool, after its event
+                segments.append((name, end, done[i]))
+    shares, idle = _shares(segments)
+    return Ops({name: (shares.get(name, 0.0) / 1e9, n) for name, n in calls.items()}, source,
+               idle / 1e9)
 
 
 def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
-              source: str = "") -> Dict[str, Any]:
+              source: str = "", idle_s: Optional[float] = None) -> Dict[str, Any]:
     """Per step: total op time, the kinds and the ``top`` ops by time, each with its share;
-    ``source``: where the times were read (:func:`read_ops`)."""
+    ``source`` and ``idle_s``: where the times were read and the seconds with no op in flight
+    (:func:`read_ops`: the times are shares of the wall time); without ``idle_s`` the times are
+    each op's own (torch's profiler: ops running at once both count)."""
     total = sum(s for s, _ in times.values())
     by_kind: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
     for name, (s, n) in times.items():
@@ -113,6 +187,7 @@ def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
     kinds = sorted(by_kind.items(), key=lambda kv: -kv[1][0])
     ops = sorted(times.items(), key=lambda kv: -kv[1][0])
     return {"steps": steps, "source": source, "op_ms_per_step": 1e3 * total / steps,
+            "idle_ms_per_step": None if idle_s is None else 1e3 * idle_s / steps,
             "ops_counted": len(times),
             "kinds": [{"kind": k, "ms_per_step": 1e3 * s / steps, "calls_per_step": n / steps,
                        "share": share(s)} for k, (s, n) in kinds[:top]],
@@ -124,10 +199,14 @@ def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
 def markdown(summary: Dict[str, Any], title: str = "", ops: str = "XLA ops") -> str:
     """Two tables: the op kinds and the single ops with the most time per step; ``ops``: what
     was traced (a summary of torch's ops says so)."""
+    idle = summary.get("idle_ms_per_step")
+    how = ("ops running at once on two threads both count" if idle is None else
+           f"each moment shared among the ops in flight, thread-pool ops until they finish; "
+           f"{idle:.2f} ms/step with none")
     head = (f"{title}: " if title else "") + (
         f"{summary['op_ms_per_step']:.2f} ms of {ops} per step ({summary['steps']} traced "
         f"steps, {summary['ops_counted']} ops, read from the {summary.get('source') or 'trace'};"
-        f" ops running at once on two threads both count)")
+        f" {how})")
     lines = [head, "", "| op kind | ms/step | calls/step | share |", "|---|---|---|---|"]
     lines += [f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:g} | "
               f"{100 * k['share']:.1f}% |" for k in summary["kinds"]]
@@ -166,6 +245,6 @@ def profile_steps(step: Callable, args: tuple, steps: int, carry: bool = False,
         paths = glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {where}")
-        times, source = read_ops(max(paths, key=os.path.getmtime))
-        summary = summarize(times, steps, source=source)
+        ops = read_ops(max(paths, key=os.path.getmtime))
+        summary = summarize(ops.times, steps, source=ops.source, idle_s=ops.idle_s)
     return summary, args

@@ -72,6 +72,8 @@ def test_compare_torch_one_row(tmp_path):
     profile = result["rows"][0]["profile"]
     assert profile["cnn_jax"]["steps"] == profile["torch"]["steps"] == 1
     assert profile["torch"]["source"] == "trace of torch.profiler"
+    assert profile["torch"]["idle_ms_per_step"] is None  # torch's: each op's own CPU time
+    assert profile["cnn_jax"]["idle_ms_per_step"] >= 0  # XLA's: shares of the wall time
     for side in profile.values():
         assert side["op_ms_per_step"] > 0 and side["top_ops"]
         assert side["op_ms_per_step"] == pytest.approx(
@@ -361,9 +363,10 @@ def test_profile_of_a_train_step_on_the_cpu():
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any(k["kind"].startswith("conv") for k in p["kinds"]), p["kinds"]  # the convolutions
     assert all(o["kind"] == profiling.kind(o["op"]) for o in p["top_ops"])
+    assert p["idle_ms_per_step"] >= 0
     table = profiling.markdown(p, "train step")
     assert table.startswith("train step: ") and "| op kind | ms/step | calls/step | share |" in table
-    assert "read from the host thunks" in table
+    assert "read from the host thunks" in table and "ms/step with none" in table
 
 
 _XSPACE = """
@@ -407,14 +410,55 @@ def test_profiling_reads_a_gpu_trace():
     def read(text):
         return profiling.read_ops(jax.profiler.ProfileData.from_text_proto(text))
 
-    assert read(_XSPACE.format(xla_ops=_XLA_OPS)) == (
+    assert read(_XSPACE.format(xla_ops=_XLA_OPS)) == (  # 1 us with no op between the two
         {"convolution.1": (pytest.approx(6e-6), 2), "loop_fusion.7": (pytest.approx(1e-6), 1)},
-        "device XLA Ops")
+        "device XLA Ops", pytest.approx(1e-6))
     assert read(_XSPACE.format(xla_ops="")) == (
-        {"convolution.1": (pytest.approx(2.5e-6), 1)}, "device kernels")  # the memcpy: no op
+        {"convolution.1": (pytest.approx(2.5e-6), 1)}, "device kernels", 0)  # memcpy: no op
     host_only = _XSPACE.format(xla_ops="").split("planes {\n  name: \"/host:CPU\"")[1]
     assert read('planes {\n  name: "/host:CPU"' + host_only) == (
-        {"launch.1": (pytest.approx(9e-6), 1)}, "host thunks")
+        {"launch.1": (pytest.approx(9e-6), 1)}, "host thunks", 0)
+
+
+_HOST_XSPACE = """
+planes {
+  name: "/host:CPU"
+  lines { name: "tf_XLAEigen/1" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 1000000 stats { metadata_id: 9 str_value: "dot.1" } }
+    events { metadata_id: 1 offset_ps: 1000000 duration_ps: 2000000 stats { metadata_id: 9 str_value: "fusion.2" } }
+    events { metadata_id: 3 offset_ps: 2990000 duration_ps: 1000 }
+    events { metadata_id: 1 offset_ps: 6000000 duration_ps: 1000000 stats { metadata_id: 9 str_value: "copy.3" } }
+  }
+  lines { name: "tf_XLAEigen/2" timestamp_ns: 0
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 1000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "ThunkExecutor::Execute" } }
+  event_metadata { key: 2 value { id: 2 name: "end: dot.1" } }
+  event_metadata { key: 3 value { id: 3 name: "end: fusion.2" } }
+  stat_metadata { key: 9 value { id: 9 name: "hlo_op" } }
+}
+"""
+
+
+def test_profiling_counts_thread_pool_ops_until_they_finish():
+    """On the CPU an op that runs on XLA's thread pool (an Eigen dot, say) is traced as its
+    launch only; the thunk executor's ``end: <op>`` mark says when it finished. Each moment of
+    the step goes in equal shares to the ops in flight then, so the times add up to the span."""
+    from cnn_jax import profiling
+
+    ops = profiling.read_ops(jax.profiler.ProfileData.from_text_proto(_HOST_XSPACE))
+    # dot.1: launched in 1 us, finished at 5 us; fusion.2 ran 1-3 us beside it (its end mark,
+    # inside its event, adds nothing); 5-6 us nothing ran; copy.3 6-7 us.
+    assert ops == ({"dot.1": (pytest.approx(4e-6), 1), "fusion.2": (pytest.approx(1e-6), 1),
+                    "copy.3": (pytest.approx(1e-6), 1)}, "host thunks", pytest.approx(1e-6))
+    assert sum(s for s, _ in ops.times.values()) + ops.idle_s == pytest.approx(7e-6)
+    summary = profiling.summarize(ops.times, 1, source=ops.source, idle_s=ops.idle_s)
+    assert summary["op_ms_per_step"] == pytest.approx(6e-3)
+    assert summary["idle_ms_per_step"] == pytest.approx(1e-3)
+    assert "0.00 ms/step with none" in profiling.markdown(summary)
+    # Two ops at once on two threads: each gets half of the time they share.
+    shares, idle = profiling._shares([("a", 0, 10), ("b", 5, 15), ("c", 20, 30)])
+    assert (dict(shares), idle) == ({"a": 7.5, "b": 7.5, "c": 10.0}, 5)
 
 
 def test_profiling_exclusive_times_and_kinds():
@@ -424,11 +468,14 @@ def test_profiling_exclusive_times_and_kinds():
     totals = profiling._exclusive([("while.1", 0, 100), ("fusion.2", 10, 40),
                                    ("fusion.2", 50, 60), ("copy.3", 100, 130)])
     assert dict(totals) == {"while.1": [60, 1], "fusion.2": [40, 2], "copy.3": [30, 1]}
+    assert profiling._segments([("while.1", 0, 100), ("fusion.2", 10, 40)]) == [
+        ("while.1", 0, 10), ("fusion.2", 10, 40), ("while.1", 40, 100)]
     assert [profiling.kind(n) for n in ("convolution.21", "loop_add_fusion", "copy.1.2")] == [
         "convolution", "loop_add_fusion", "copy"]
     summary = profiling.summarize({"convolution.1": (0.3, 2), "convolution.2": (0.1, 2),
                                    "fusion.7": (0.1, 2)}, steps=2)
-    assert summary["op_ms_per_step"] == pytest.approx(250)
+    assert summary["op_ms_per_step"] == pytest.approx(250) and summary["idle_ms_per_step"] is None
+    assert "ops running at once on two threads both count" in profiling.markdown(summary)
     assert [(k["kind"], round(k["share"], 2), k["calls_per_step"]) for k in summary["kinds"]] == [
         ("convolution", 0.8, 2), ("fusion", 0.2, 1)]
     assert summary["top_ops"][0] == {"op": "convolution.1", "kind": "convolution",
