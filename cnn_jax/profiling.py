@@ -7,21 +7,20 @@ Reads the trace's XSpace with ``jax.profiler.ProfileData`` (no TensorBoard or xp
 runs on the accelerator machine too). On a GPU or TPU the ops are the device planes' events
 (``/device:...``: their "XLA Ops" line where there is one, else the kernels, each tagged with its
 ``hlo_op``), on the CPU the host events that carry an ``hlo_op`` stat (XLA's thunks on every
-thread). An op's time is its share of the wall time: each moment is split evenly among the ops
-in flight then, so the ops' times add up to the traced steps' busy time (``op_ms_per_step``;
-``idle_ms_per_step``: no op in flight) and two ops running at once on two cores get half each.
+thread). An op's time is its share of the wall time: each moment is split evenly among the
+ops running then, so the ops' times add up to the traced steps' busy time (``op_ms_per_step``;
+``idle_ms_per_step``: nothing running) and two ops running at once on two cores get half each.
 An event nested in another on the same line (a thunk of a while loop's body) is taken out of its
-parent's. On the CPU some thunks finish after their event ends: XLA's Eigen convolutions and
-dots and the other partitions of a parallel loop run on the thread pool, and their event covers
-only the launch (a 25 ms convolution traced as 0.03 ms). XLA's thunk executor marks each op's
-completion (an ``end: <op>`` event); an op is in flight from its event's start to that mark.
+parent's. On the CPU much of an op's work runs as tasks on XLA's thread pool, outside its own
+event: an Eigen convolution or dot is traced as its launch only (a 25 ms convolution as
+0.03 ms), a parallel loop's other half not at all. Each task (a ``ThreadpoolListener`` region of
+the trace) counts for the op that scheduled it.
 Ops are grouped into kinds by their HLO names without the numeric suffix (``convolution.21`` ->
 ``convolution``, ``loop_add_fusion.3`` -> ``loop_add_fusion``).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import glob
 import os
@@ -96,17 +95,45 @@ def _shares(segments: Sequence[Tuple[str, int, int]]) -> Tuple[Dict[str, float],
     return shares, idle
 
 
-def _end_marks(lines) -> Dict[str, List[int]]:
-    """``{op: sorted ns}``: XLA:CPU's thunk executor's ``end: <op>`` events, when each op
-    finished (later than its own event for thunks that run on the thread pool)."""
-    marks: Dict[str, List[int]] = collections.defaultdict(list)
-    for line in lines:
+def _host_segments(lines) -> List[Tuple[str, int, int]]:
+    """XLA:CPU's threads as ``(op, start_ns, end_ns)`` pieces: on each thread, at each moment,
+    the innermost of its op events (``hlo_op``) and the thread pool's tasks (a
+    ``ThreadpoolListener`` region), a task credited to the op that scheduled it (the ``Record``
+    of its id, inside that op's event or inside another of its tasks). Tasks nobody owns (the
+    executor's own) are left out."""
+    points = []  # (ns, order at equal ns: ends, starts, records; thread, what, value)
+    for thread, line in enumerate(lines):
         for e in line.events:
-            if e.name.startswith("end: "):
-                marks[e.name[len("end: "):]].append(int(e.start_ns))
-    for times in marks.values():
-        times.sort()
-    return marks
+            stats = dict(e.stats)
+            op = stats.get("hlo_op")
+            if op:
+                points += [(int(e.start_ns), 1, thread, "op", str(op)),
+                           (int(e.end_ns), 0, thread, "end", None)]
+            elif e.name == "ThreadpoolListener::Record":
+                points.append((int(e.start_ns), 2, thread, "record", stats.get("_p")))
+            elif e.name == "ThreadpoolListener::StartRegion":
+                points.append((int(e.start_ns), 1, thread, "task", stats.get("_c")))
+            elif e.name == "ThreadpoolListener::StopRegion":
+                points.append((int(e.start_ns), 0, thread, "end", None))
+    points.sort(key=lambda p: p[:2])
+    owners: Dict[Any, Any] = {}
+    stacks: Dict[int, List[Any]] = collections.defaultdict(list)
+    since: Dict[int, int] = {}
+    pieces: List[Tuple[str, int, int]] = []
+    for ns, _, thread, what, value in points:
+        stack = stacks[thread]
+        if stack and stack[-1] is not None and ns > since[thread]:
+            pieces.append((stack[-1], since[thread], ns))
+        since[thread] = ns
+        if what == "op":
+            stack.append(value)
+        elif what == "task":
+            stack.append(owners.pop(value, None))
+        elif what == "record":
+            owners[value] = stack[-1] if stack else None
+        elif stack:
+            stack.pop()
+    return pieces
 
 
 class Ops(NamedTuple):
@@ -153,17 +180,11 @@ def read_ops(profile) -> Ops:
         per_line, source = [events(line, False) for line in device], "device kernels"
         if not any(per_line):
             per_line, source = [events(line, False) for line in host], "host thunks"
-    marks = _end_marks(host) if source == "host thunks" else {}
-    segments: List[Tuple[str, int, int]] = []
-    calls: Dict[str, int] = collections.Counter()
-    for line_events in per_line:
-        segments += _segments(line_events)
-        for name, start, end in line_events:
-            calls[name] += 1
-            done = marks.get(name, [])
-            i = bisect.bisect_left(done, start)
-            if i < len(done) and done[i] > end:  # finished on the thread pool, after its event
-                segments.append((name, end, done[i]))
+    if source == "host thunks":
+        segments = _host_segments(host)
+    else:
+        segments = [piece for line_events in per_line for piece in _segments(line_events)]
+    calls = collections.Counter(name for line_events in per_line for name, _, _ in line_events)
     shares, idle = _shares(segments)
     return Ops({name: (shares.get(name, 0.0) / 1e9, n) for name, n in calls.items()}, source,
                idle / 1e9)
@@ -201,7 +222,7 @@ def markdown(summary: Dict[str, Any], title: str = "", ops: str = "XLA ops") -> 
     was traced (a summary of torch's ops says so)."""
     idle = summary.get("idle_ms_per_step")
     how = ("ops running at once on two threads both count" if idle is None else
-           f"each moment shared among the ops in flight, thread-pool ops until they finish; "
+           f"each moment shared among the ops running, thread-pool tasks counted for their op; "
            f"{idle:.2f} ms/step with none")
     head = (f"{title}: " if title else "") + (
         f"{summary['op_ms_per_step']:.2f} ms of {ops} per step ({summary['steps']} traced "

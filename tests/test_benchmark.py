@@ -425,30 +425,34 @@ planes {
   name: "/host:CPU"
   lines { name: "tf_XLAEigen/1" timestamp_ns: 0
     events { metadata_id: 1 offset_ps: 0 duration_ps: 1000000 stats { metadata_id: 9 str_value: "dot.1" } }
+    events { metadata_id: 2 offset_ps: 500000 duration_ps: 1000 stats { metadata_id: 7 int64_value: 42 } }
     events { metadata_id: 1 offset_ps: 1000000 duration_ps: 2000000 stats { metadata_id: 9 str_value: "fusion.2" } }
-    events { metadata_id: 3 offset_ps: 2990000 duration_ps: 1000 }
     events { metadata_id: 1 offset_ps: 6000000 duration_ps: 1000000 stats { metadata_id: 9 str_value: "copy.3" } }
   }
   lines { name: "tf_XLAEigen/2" timestamp_ns: 0
-    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 1000 }
+    events { metadata_id: 3 offset_ps: 1000000 duration_ps: 1000 stats { metadata_id: 8 int64_value: 42 } }
+    events { metadata_id: 4 offset_ps: 5000000 duration_ps: 1000 }
   }
   event_metadata { key: 1 value { id: 1 name: "ThunkExecutor::Execute" } }
-  event_metadata { key: 2 value { id: 2 name: "end: dot.1" } }
-  event_metadata { key: 3 value { id: 3 name: "end: fusion.2" } }
+  event_metadata { key: 2 value { id: 2 name: "ThreadpoolListener::Record" } }
+  event_metadata { key: 3 value { id: 3 name: "ThreadpoolListener::StartRegion" } }
+  event_metadata { key: 4 value { id: 4 name: "ThreadpoolListener::StopRegion" } }
+  stat_metadata { key: 7 value { id: 7 name: "_p" } }
+  stat_metadata { key: 8 value { id: 8 name: "_c" } }
   stat_metadata { key: 9 value { id: 9 name: "hlo_op" } }
 }
 """
 
 
-def test_profiling_counts_thread_pool_ops_until_they_finish():
-    """On the CPU an op that runs on XLA's thread pool (an Eigen dot, say) is traced as its
-    launch only; the thunk executor's ``end: <op>`` mark says when it finished. Each moment of
-    the step goes in equal shares to the ops in flight then, so the times add up to the span."""
+def test_profiling_credits_thread_pool_tasks_to_their_op():
+    """On the CPU an op's work on XLA's thread pool (an Eigen dot, say) runs outside its own
+    event, which covers the launch only: each pool task counts for the op that scheduled it, and
+    each moment of the step goes in equal shares to what runs then, so the times add up."""
     from cnn_jax import profiling
 
     ops = profiling.read_ops(jax.profiler.ProfileData.from_text_proto(_HOST_XSPACE))
-    # dot.1: launched in 1 us, finished at 5 us; fusion.2 ran 1-3 us beside it (its end mark,
-    # inside its event, adds nothing); 5-6 us nothing ran; copy.3 6-7 us.
+    # dot.1 ran 0-1 us and scheduled task 42, which ran 1-5 us on the other thread beside
+    # fusion.2 (1-3 us); nothing ran 5-6 us; copy.3 ran 6-7 us.
     assert ops == ({"dot.1": (pytest.approx(4e-6), 1), "fusion.2": (pytest.approx(1e-6), 1),
                     "copy.3": (pytest.approx(1e-6), 1)}, "host thunks", pytest.approx(1e-6))
     assert sum(s for s, _ in ops.times.values()) + ops.idle_s == pytest.approx(7e-6)
