@@ -61,16 +61,6 @@ def _segments(events: Sequence[Tuple[str, int, int]]) -> List[Tuple[str, int, in
     return pieces
 
 
-def _exclusive(events: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
-    """``{name: [exclusive ns, count]}`` of one line's ``(name, start_ns, end_ns)`` events."""
-    totals: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
-    for name, start, end in _segments(events):
-        totals[name][0] += end - start
-    for name, _, _ in events:
-        totals[name][1] += 1
-    return totals
-
-
 def _shares(segments: Sequence[Tuple[str, int, int]]) -> Tuple[Dict[str, float], int]:
     """``({name: ns}, idle ns)``: each moment of ``segments``' span split evenly among the
     segments in flight then; idle: the moments with none."""
@@ -141,7 +131,7 @@ class Ops(NamedTuple):
 
     times: Dict[str, Tuple[float, int]]  # {op: (seconds, calls)}
     source: str
-    idle_s: float  # inside the traced span, no op in flight
+    idle_s: float  # inside the traced span, nothing running
 
 
 def op_times(profile) -> Dict[str, Tuple[float, int]]:
@@ -193,7 +183,7 @@ def read_ops(profile) -> Ops:
 def summarize(times: Dict[str, Tuple[float, int]], steps: int, top: int = 15,
               source: str = "", idle_s: Optional[float] = None) -> Dict[str, Any]:
     """Per step: total op time, the kinds and the ``top`` ops by time, each with its share;
-    ``source`` and ``idle_s``: where the times were read and the seconds with no op in flight
+    ``source`` and ``idle_s``: where the times were read and the seconds with nothing running
     (:func:`read_ops`: the times are shares of the wall time); without ``idle_s`` the times are
     each op's own (torch's profiler: ops running at once both count)."""
     total = sum(s for s, _ in times.values())

@@ -469,11 +469,12 @@ def test_profiling_exclusive_times_and_kinds():
     from cnn_jax import profiling
 
     # An op inside another on the same line (a while loop's body) is taken out of its parent.
-    totals = profiling._exclusive([("while.1", 0, 100), ("fusion.2", 10, 40),
-                                   ("fusion.2", 50, 60), ("copy.3", 100, 130)])
-    assert dict(totals) == {"while.1": [60, 1], "fusion.2": [40, 2], "copy.3": [30, 1]}
-    assert profiling._segments([("while.1", 0, 100), ("fusion.2", 10, 40)]) == [
-        ("while.1", 0, 10), ("fusion.2", 10, 40), ("while.1", 40, 100)]
+    pieces = profiling._segments([("while.1", 0, 100), ("fusion.2", 10, 40),
+                                  ("fusion.2", 50, 60), ("copy.3", 100, 130)])
+    assert pieces == [("while.1", 0, 10), ("fusion.2", 10, 40), ("while.1", 40, 50),
+                      ("fusion.2", 50, 60), ("while.1", 60, 100), ("copy.3", 100, 130)]
+    shares, idle = profiling._shares(pieces)
+    assert (dict(shares), idle) == ({"while.1": 60, "fusion.2": 40, "copy.3": 30}, 0)
     assert [profiling.kind(n) for n in ("convolution.21", "loop_add_fusion", "copy.1.2")] == [
         "convolution", "loop_add_fusion", "copy"]
     summary = profiling.summarize({"convolution.1": (0.3, 2), "convolution.2": (0.1, 2),
