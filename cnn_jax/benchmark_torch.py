@@ -284,12 +284,14 @@ def compare_row(row: Row, dtype: str, steps: int = 5, warmup: int = 2,
             "torch_step_ms": [1e3 * t for t in torch_t],
         }
     if profile:
-        # torch's steps first: traced right after XLA's, torch's ops ran up to 1.8x slower than
-        # its timed steps (densenet121: 3.4 s of ops a step against 2.2 s timed).
-        torch_summary = profile_torch(torch, torch_side.train, profile)
+        # cnn_jax's steps first: once torch.profiler has run in the process, XLA's traced steps
+        # take 10-30% longer than its timed ones (resnet50: 3.2-3.3 s of ops a step against
+        # 2.5 s traced first, 2.6 s timed), while torch's traced after XLA's are level with its
+        # timed steps (2.4 against 2.5 s; session 44, 2026-12-07).
         time.sleep(PAUSE_S)
         summary, (jax_side.state, _) = profiling.profile_steps(
             jax_side._train, (jax_side.state, jax_side.batch), profile, carry=True)
+        torch_summary = profile_torch(torch, torch_side.train, profile)
         result["profile"] = {"cnn_jax": summary, "torch": torch_summary}
     return result
 
