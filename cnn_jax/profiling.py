@@ -36,28 +36,44 @@ def kind(op: str) -> str:
     return _SUFFIX.sub("", op) or op
 
 
-def _segments(events: Sequence[Tuple[str, int, int]]) -> List[Tuple[str, int, int]]:
-    """The ``(name, start_ns, end_ns)`` pieces of one line's events that no event nested in them
-    covers: an event inside another (a thunk of a while loop's body, say) is taken out of the
-    outer's."""
+# At equal times: ends before starts before the records of tasks scheduled then.
+_ORDER = {"end": 0, "op": 1, "task": 1, "record": 2}
+
+
+def _segments(lines: Sequence[Sequence[Tuple[str, int, int]]],
+              tasks: Sequence[Sequence[Tuple[int, str, Any]]] = ()
+              ) -> List[Tuple[str, int, int]]:
+    """The ``(name, start_ns, end_ns)`` pieces of each line's innermost activity at each moment:
+    its ``(name, start_ns, end_ns)`` events, an event inside another (a thunk of a while loop's
+    body, say) taken out of the outer's, and the line's thread-pool tasks (``tasks``, per line:
+    :func:`_pool_tasks`), each credited to the op that scheduled it (the ``record`` of its id,
+    inside that op's event or inside another of its tasks). Tasks nobody owns (the executor's
+    own) are left out."""
+    points = []  # (ns, _ORDER, outer before inner, line, what, value)
+    for line, events in enumerate(lines):
+        for name, start, end in events:
+            points += [(start, _ORDER["op"], -end, line, "op", name),
+                       (end, _ORDER["end"], 0, line, "end", None)]
+    for line, line_tasks in enumerate(tasks):
+        points += [(ns, _ORDER[what], 0, line, what, value) for ns, what, value in line_tasks]
+    points.sort(key=lambda p: p[:3])
+    owners: Dict[Any, Any] = {}
+    stacks: Dict[int, List[Any]] = collections.defaultdict(list)
+    since: Dict[int, int] = {}
     pieces: List[Tuple[str, int, int]] = []
-    stack: List[List[Any]] = []  # [name, end, where its uncovered time resumes]
-
-    def close():
-        name, end, resume = stack.pop()
-        if end > resume:
-            pieces.append((name, resume, end))
-        if stack:
-            stack[-1][2] = max(stack[-1][2], end)
-
-    for name, start, end in sorted(events, key=lambda e: (e[1], -e[2])):
-        while stack and stack[-1][1] <= start:
-            close()
-        if stack and start > stack[-1][2]:
-            pieces.append((stack[-1][0], stack[-1][2], start))
-        stack.append([name, end, start])
-    while stack:
-        close()
+    for ns, _, _, line, what, value in points:
+        stack = stacks[line]
+        if stack and stack[-1] is not None and ns > since[line]:
+            pieces.append((stack[-1], since[line], ns))
+        since[line] = ns
+        if what == "op":
+            stack.append(value)
+        elif what == "task":
+            stack.append(owners.pop(value, None))
+        elif what == "record":
+            owners[value] = stack[-1] if stack else None
+        elif stack:
+            stack.pop()
     return pieces
 
 
@@ -85,45 +101,20 @@ def _shares(segments: Sequence[Tuple[str, int, int]]) -> Tuple[Dict[str, float],
     return shares, idle
 
 
-def _host_segments(lines) -> List[Tuple[str, int, int]]:
-    """XLA:CPU's threads as ``(op, start_ns, end_ns)`` pieces: on each thread, at each moment,
-    the innermost of its op events (``hlo_op``) and the thread pool's tasks (a
-    ``ThreadpoolListener`` region), a task credited to the op that scheduled it (the ``Record``
-    of its id, inside that op's event or inside another of its tasks). Tasks nobody owns (the
-    executor's own) are left out."""
-    points = []  # (ns, order at equal ns: ends, starts, records; thread, what, value)
-    for thread, line in enumerate(lines):
-        for e in line.events:
-            stats = dict(e.stats)
-            op = stats.get("hlo_op")
-            if op:
-                points += [(int(e.start_ns), 1, thread, "op", str(op)),
-                           (int(e.end_ns), 0, thread, "end", None)]
-            elif e.name == "ThreadpoolListener::Record":
-                points.append((int(e.start_ns), 2, thread, "record", stats.get("_p")))
-            elif e.name == "ThreadpoolListener::StartRegion":
-                points.append((int(e.start_ns), 1, thread, "task", stats.get("_c")))
-            elif e.name == "ThreadpoolListener::StopRegion":
-                points.append((int(e.start_ns), 0, thread, "end", None))
-    points.sort(key=lambda p: p[:2])
-    owners: Dict[Any, Any] = {}
-    stacks: Dict[int, List[Any]] = collections.defaultdict(list)
-    since: Dict[int, int] = {}
-    pieces: List[Tuple[str, int, int]] = []
-    for ns, _, thread, what, value in points:
-        stack = stacks[thread]
-        if stack and stack[-1] is not None and ns > since[thread]:
-            pieces.append((stack[-1], since[thread], ns))
-        since[thread] = ns
-        if what == "op":
-            stack.append(value)
-        elif what == "task":
-            stack.append(owners.pop(value, None))
-        elif what == "record":
-            owners[value] = stack[-1] if stack else None
-        elif stack:
-            stack.pop()
-    return pieces
+_TASK_EVENTS = {"ThreadpoolListener::Record": ("record", "_p"),
+                "ThreadpoolListener::StartRegion": ("task", "_c"),
+                "ThreadpoolListener::StopRegion": ("end", None)}
+
+
+def _pool_tasks(line) -> List[Tuple[int, str, Any]]:
+    """One host line's thread-pool task events (XLA:CPU's ``ThreadpoolListener``), as
+    ``(ns, what, id)``: a task scheduled (``record``), started (``task``) or stopped (``end``)."""
+    out = []
+    for e in line.events:
+        what = _TASK_EVENTS.get(e.name)
+        if what:
+            out.append((int(e.start_ns), what[0], dict(e.stats).get(what[1]) if what[1] else None))
+    return out
 
 
 class Ops(NamedTuple):
@@ -170,10 +161,8 @@ def read_ops(profile) -> Ops:
         per_line, source = [events(line, False) for line in device], "device kernels"
         if not any(per_line):
             per_line, source = [events(line, False) for line in host], "host thunks"
-    if source == "host thunks":
-        segments = _host_segments(host)
-    else:
-        segments = [piece for line_events in per_line for piece in _segments(line_events)]
+    tasks = [_pool_tasks(line) for line in host] if source == "host thunks" else ()
+    segments = _segments(per_line, tasks)
     calls = collections.Counter(name for line_events in per_line for name, _, _ in line_events)
     shares, idle = _shares(segments)
     return Ops({name: (shares.get(name, 0.0) / 1e9, n) for name, n in calls.items()}, source,

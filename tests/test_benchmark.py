@@ -469,8 +469,8 @@ def test_profiling_exclusive_times_and_kinds():
     from cnn_jax import profiling
 
     # An op inside another on the same line (a while loop's body) is taken out of its parent.
-    pieces = profiling._segments([("while.1", 0, 100), ("fusion.2", 10, 40),
-                                  ("fusion.2", 50, 60), ("copy.3", 100, 130)])
+    pieces = profiling._segments([[("while.1", 0, 100), ("fusion.2", 10, 40),
+                                   ("fusion.2", 50, 60), ("copy.3", 100, 130)]])
     assert pieces == [("while.1", 0, 10), ("fusion.2", 10, 40), ("while.1", 40, 50),
                       ("fusion.2", 50, 60), ("while.1", 60, 100), ("copy.3", 100, 130)]
     shares, idle = profiling._shares(pieces)
