@@ -676,7 +676,10 @@ def test_conv2d_module_has_nn_conv_parameters():
 
 POOL_CASES = [((2, 9, 9, 3), 3, 2, 1, False), ((2, 10, 10, 3), 3, 2, 0, True),
               ((2, 8, 8, 4), 2, 2, 0, False), ((2, 7, 7, 2), 3, 1, 1, True),
-              ((2, 13, 13, 2), 3, 2, 0, False)]
+              ((2, 13, 13, 2), 3, 2, 0, False),
+              # the gradient's stride phases: 3x3/3, a window narrower than its stride, 5x5/2
+              ((2, 11, 13, 3), 3, 3, 0, True), ((2, 9, 10, 2), 2, 3, 0, False),
+              ((1, 12, 11, 2), 5, 2, 2, False)]
 
 
 @pytest.mark.parametrize("shape,window,stride,padding,ceil_mode", POOL_CASES)
