@@ -679,7 +679,8 @@ POOL_CASES = [((2, 9, 9, 3), 3, 2, 1, False), ((2, 10, 10, 3), 3, 2, 0, True),
               ((2, 13, 13, 2), 3, 2, 0, False),
               # the gradient's stride phases: 3x3/3, a window narrower than its stride, 5x5/2
               ((2, 11, 13, 3), 3, 3, 0, True), ((2, 9, 10, 2), 2, 3, 0, False),
-              ((1, 12, 11, 2), 5, 2, 2, False)]
+              ((1, 12, 11, 2), 5, 2, 2, False),
+              ((1, 13, 14, 2), 12, 1, 0, False)]  # 144 taps: int32 taps, not int8
 
 
 @pytest.mark.parametrize("shape,window,stride,padding,ceil_mode", POOL_CASES)
