@@ -200,9 +200,11 @@ def markdown(summary: Dict[str, Any], title: str = "", ops: str = "XLA ops") -> 
     """Two tables: the op kinds and the single ops with the most time per step; ``ops``: what
     was traced (a summary of torch's ops says so)."""
     idle = summary.get("idle_ms_per_step")
+    # Thread-pool tasks exist on the CPU only (read_ops credits them for the host thunks).
+    tasks = ("thread-pool tasks counted for their op; "
+             if summary.get("source") == "host thunks" else "")
     how = ("ops running at once on two threads both count" if idle is None else
-           f"each moment shared among the ops running, thread-pool tasks counted for their op; "
-           f"{idle:.2f} ms/step with none")
+           f"each moment shared among the ops running, {tasks}{idle:.2f} ms/step with none")
     head = (f"{title}: " if title else "") + (
         f"{summary['op_ms_per_step']:.2f} ms of {ops} per step ({summary['steps']} traced "
         f"steps, {summary['ops_counted']} ops, read from the {summary.get('source') or 'trace'};"

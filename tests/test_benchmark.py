@@ -413,6 +413,10 @@ def test_profiling_reads_a_gpu_trace():
     assert read(_XSPACE.format(xla_ops=_XLA_OPS)) == (  # 1 us with no op between the two
         {"convolution.1": (pytest.approx(6e-6), 2), "loop_fusion.7": (pytest.approx(1e-6), 1)},
         "device XLA Ops", pytest.approx(1e-6))
+    ops = read(_XSPACE.format(xla_ops=_XLA_OPS))  # no thread pool on a device: not mentioned
+    table = profiling.markdown(profiling.summarize(ops.times, 1, source=ops.source,
+                                                   idle_s=ops.idle_s))
+    assert "each moment shared among the ops running, 0.00 ms/step with none" in table
     assert read(_XSPACE.format(xla_ops="")) == (
         {"convolution.1": (pytest.approx(2.5e-6), 1)}, "device kernels", 0)  # memcpy: no op
     host_only = _XSPACE.format(xla_ops="").split("planes {\n  name: \"/host:CPU\"")[1]
@@ -459,7 +463,8 @@ def test_profiling_credits_thread_pool_tasks_to_their_op():
     summary = profiling.summarize(ops.times, 1, source=ops.source, idle_s=ops.idle_s)
     assert summary["op_ms_per_step"] == pytest.approx(6e-3)
     assert summary["idle_ms_per_step"] == pytest.approx(1e-3)
-    assert "0.00 ms/step with none" in profiling.markdown(summary)
+    table = profiling.markdown(summary)
+    assert "thread-pool tasks counted for their op; 0.00 ms/step with none" in table
     # Two ops at once on two threads: each gets half of the time they share.
     shares, idle = profiling._shares([("a", 0, 10), ("b", 5, 15), ("c", 20, 30)])
     assert (dict(shares), idle) == ({"a": 7.5, "b": 7.5, "c": 10.0}, 5)
