@@ -265,9 +265,14 @@ def test_cpu_name_tells_two_cpus_of_one_name_apart(monkeypatch):
     monkeypatch.setattr(host, "_cpuinfo", lambda: {**genoa, "model": "1", "flags": "fpu avx avx2"})
     assert host.cpu_name() == "AMD EPYC (family 25 model 1, AVX2)"
     assert not layers._cpu_has_avx512_bf16()
+    emerald = {"model name": "Intel(R) Xeon(R) Processor", "cpu family": "6", "model": "207",
+               "flags": "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile"}
+    monkeypatch.setattr(host, "_cpuinfo", lambda: emerald)
+    assert host.cpu_name() == "Intel(R) Xeon(R) Processor (family 6 model 207, AVX-512, AMX)"
+    assert host.has_amx_bf16() and layers._cpu_has_avx512_bf16()
     monkeypatch.setattr(host, "_cpuinfo", dict)  # no /proc/cpuinfo (macOS)
     assert host.cpu_name() == (platform.processor() or platform.machine())
-    assert host.vector_isa() == "" and not host.has_avx512_bf16()
+    assert host.vector_isa() == "" and not host.has_avx512_bf16() and not host.has_amx_bf16()
     monkeypatch.undo()
     if os.path.exists("/proc/cpuinfo"):  # the real file's first processor
         info = host._cpuinfo()
