@@ -361,13 +361,16 @@ def write(out: str, runs: Sequence[Dict[str, Any]], fv, depths, command: str,
           meta: Optional[Dict[str, Any]] = None) -> None:
     """results.json (unless ``meta`` is given: a report of a finished run) and README.md."""
     os.makedirs(out, exist_ok=True)
+    # As results.json records it, so that --report writes the same README (2.54 s is "3 s" but
+    # its record 2.5 "2 s")
+    draw_s = round(draw_s, 1)
     if meta is None:
         import jax
 
         meta = {"command": command, "device": str(jax.devices()[0].device_kind),
                 "jax": jax.__version__, "train_images": fv.train_images,
                 "val_images": fv.val_images, "steps": fv.steps, "batch_size": fv.batch_size,
-                "draw_images_s": round(draw_s, 1), "fitted_steps": fit}
+                "draw_images_s": draw_s, "fitted_steps": fit}
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump({"meta": meta, "runs": list(runs)}, f, indent=1)
     rows = ["| variant | seed | params | steps | train loss (eval mode) | train top-1 | "

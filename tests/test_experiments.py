@@ -675,6 +675,20 @@ def test_degradation_gpu_script_runs_without_tensorflow(tmp_path):
 
     assert degradation_gpu.main(["--report", f"--out={out}"]) == 0
     assert (out / "README.md").read_text() == md
+    # The same with a drawing time whose rounding to 0.1 s (results.json) moves its whole seconds
+    # (2.54: "3 s", its record 2.5: "2 s"; the README must say what --report will say)
+    from absl import flags
+
+    fv = flags.FlagValues()
+    degradation_gpu._define(fv, [])
+    fv(["degradation_gpu", *result["meta"]["command"].split(" -m experiments.degradation_gpu")[1]
+        .split()])
+    degradation_gpu.write(str(out), result["runs"], fv, [8, 14], result["meta"]["command"], 2.54,
+                          fit)
+    md = (out / "README.md").read_text()
+    assert "(drawn in 2 s)" in md
+    assert degradation_gpu.main(["--report", f"--out={out}"]) == 0
+    assert (out / "README.md").read_text() == md
 
 
 def test_degradation_gpu_steps_for_budget():
