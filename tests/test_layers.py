@@ -133,6 +133,37 @@ def test_bf16_bias_is_added_and_summed_in_float32(layer, x_shape):
     np.testing.assert_allclose(db, want, rtol=1e-5, atol=1e-4)
 
 
+def test_bf16_1x1_conv_hands_batch_norm_its_float32_sums():
+    """ConvBNAct in bf16: on the CPU's fast path the 1x1 conv's float32 sums reach BN unrounded
+    (BN rounds its output once); the conv's gradients are those of the rounded product (the same
+    bf16 products), and under XLA's own ops (GPUs) the conv rounds as before."""
+    m = layers.ConvBNAct(16, 1, dtype=jnp.bfloat16)
+    x = normal(0, (4, 6, 6, 24)).astype(jnp.bfloat16)
+    v = m.init(jax.random.key(1), x)
+    kernel = v["params"]["conv"]["kernel"].astype(jnp.bfloat16)
+    sums = jnp.einsum("nhwc,co->nhwo", x.astype(jnp.float32), kernel[0, 0].astype(jnp.float32))
+    conv = layers.Conv2d(16, 1, use_bias=False, dtype=jnp.bfloat16, float32_sums=True)
+    y = conv.apply({"params": v["params"]["conv"]}, x)
+    assert y.dtype == jnp.float32  # the sums, unrounded
+    np.testing.assert_allclose(y, sums, rtol=1e-6, atol=1e-6)
+    with layers.implementation("xla"):
+        assert conv.apply({"params": v["params"]["conv"]}, x).dtype == jnp.bfloat16
+    out, _ = m.apply(v, x, train=True, mutable=["batch_stats"])
+    bn = layers.batch_norm(True, jnp.bfloat16)
+    want, _ = bn.apply({"params": v["params"]["bn"], "batch_stats": v["batch_stats"]["bn"]},
+                       sums, mutable=["batch_stats"])
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, jnp.maximum(want, 0))
+
+    def grads(float32_sums):
+        c = layers.Conv2d(16, 1, use_bias=False, dtype=jnp.bfloat16, float32_sums=float32_sums)
+        f = lambda p, x: jnp.sum(jnp.sin(c.apply({"params": p}, x).astype(jnp.bfloat16)  # noqa: E731
+                                         .astype(jnp.float32)))
+        return jax.grad(f, argnums=(0, 1))(v["params"]["conv"], x)
+
+    chex.assert_trees_all_equal(grads(True), grads(False))
+
+
 def test_conv_bn_act_train_updates_stats_and_bf16():
     m = layers.ConvBNAct(4, 3, padding=1, dtype=jnp.bfloat16)
     x = normal(0, (2, 5, 5, 3))

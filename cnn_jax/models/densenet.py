@@ -74,7 +74,8 @@ class DenseLayer(nn.Module):
             x, normalized = layers.batch_norm(train, module.dtype, "norm1", concat=True)(
                 inputs, normalized)
             x = layers.Conv2d(module.bn_size * module.growth_rate, (1, 1), use_bias=False,
-                              dtype=module.dtype, kernel_init=_conv_init, name="conv1")(nn.relu(x))
+                              dtype=module.dtype, kernel_init=_conv_init, float32_sums=True,
+                              name="conv1")(nn.relu(x))
             return x, normalized
 
         if self.memory_efficient:

@@ -995,7 +995,7 @@ _conv_fast_jit = jax.jit(_conv_fast, static_argnums=(2, 3))
 
 
 def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
-           groups: int = 1) -> Array:
+           groups: int = 1, float32_sums: bool = False) -> Array:
     """NHWC x HWIO convolution equal to ``lax.conv_general_dilated``; on CPU, 1x1 convolutions are
     matrix products, strided stems (at most 4 channels) stride-1 convolutions of input blocks,
     wide stride-1 3x3 convolutions Winograd's F(2x2, 3x3) (their weight gradients F(3x3, 2x2) or,
@@ -1006,6 +1006,8 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
     the CPU multiplies bf16 faster, else float32 rounded to bf16 (see the comments above each).
 
     ``padding``: torch's symmetric int (or pair), ``((lo, hi), (lo, hi))``, or ``'VALID'``.
+    ``float32_sums``: a bf16 1x1 convolution on the CPU's fast path returns its float32 sums
+    unrounded (for a batch norm that follows: ``Conv2d(float32_sums=True)``); elsewhere no effect.
     """
     strides = pair(strides)
     if isinstance(padding, str):
@@ -1020,7 +1022,7 @@ def conv2d(x: Array, kernel: Array, strides: IntOrPair = 1, padding: Any = 0,
         return _xla_conv(x, kernel, strides, padding, groups)
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
         if use_fast_formulations("conv1x1"):
-            return _conv1x1(x, kernel, strides)
+            return _conv1x1(x, kernel, strides, float32_sums)
         return _xla_conv(x, kernel, strides, padding)
     if not use_fast_formulations("conv"):
         return _xla_conv(x, kernel, strides, padding)
@@ -1060,13 +1062,16 @@ def _stem_space_to_depth(x: Array, kernel: Array, strides: Tuple[int, int],
     return _conv_stride1(xs, ks, ((0, 0), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))  # one program op by op, as _conv_fast_jit
-def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int]) -> Array:
-    """A 1x1 convolution as a matrix product over the channels of the strided positions."""
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one program op by op, as _conv_fast_jit
+def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int],
+             float32_sums: bool = False) -> Array:
+    """A 1x1 convolution as a matrix product over the channels of the strided positions
+    (``float32_sums``: a bf16 product's float32 sums, unrounded)."""
     if strides != (1, 1):
         x = x[:, ::strides[0], ::strides[1]]
     n, h, w, c = x.shape
-    return _matmul(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
+    product = _matmul_sums if float32_sums and _is_bf16(x) else _matmul
+    return product(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
 
 
 # bfloat16 products: XLA:CPU multiplies bf16 operands with its bf16 instructions (AVX-512 BF16:
@@ -1099,6 +1104,28 @@ def _matmul_bwd(residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+# A bf16 1x1 convolution followed by batch norm hands it the product's float32 sums: rounded to
+# bf16, they were converted back to float32 for BN's statistics and its backward, two passes over
+# the layer's output each way that XLA:CPU runs as standalone conversions (resnet50's bf16 train
+# step on the Intel AMX host, 2026-12-07, A/B in both build orders: 1,059 -> 998 and 1,114 ->
+# 1,025 ms). BN rounds its output to bf16 as before, from the unrounded sums.
+@jax.custom_vjp
+def _matmul_sums(a: Array, b: Array) -> Array:
+    """``_matmul``'s product, its float32 result unrounded."""
+    return _dot(a, b)
+
+
+def _matmul_sums_fwd(a, b):
+    return _matmul_sums(a, b), (a, b)
+
+
+def _matmul_sums_bwd(residuals, g):
+    return _matmul_bwd(residuals, g.astype(residuals[0].dtype))
+
+
+_matmul_sums.defvjp(_matmul_sums_fwd, _matmul_sums_bwd)
+
+
 def add_bias(y: Array, bias: Array) -> Array:
     """``y + bias`` in the wider of their dtypes (float32 for a bf16 ``y`` and a float32 bias),
     rounded once to ``y``'s dtype. Its gradient in ``bias`` is then a float32 sum of the output
@@ -1126,6 +1153,8 @@ class Conv2d(nn.Module):
     dtype: Optional[Dtype] = None
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    # For a batch norm that follows: a bf16 1x1 convolution's float32 sums, unrounded (conv2d).
+    float32_sums: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -1138,7 +1167,7 @@ class Conv2d(nn.Module):
         bias = (param(self, "bias", self.bias_init, (self.features,))
                 if self.use_bias else None)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = conv2d(x, kernel, self.strides, self.padding, groups)
+        y = conv2d(x, kernel, self.strides, self.padding, groups, self.float32_sums)
         return y if bias is None else add_bias(y, bias)
 
 
@@ -1374,6 +1403,7 @@ class ConvBNAct(nn.Module):
             use_bias=not self.use_norm,  # BN's shift makes a conv bias redundant
             dtype=self.dtype,
             kernel_init=self.kernel_init,
+            float32_sums=self.use_norm,
             name="conv",
         )(x)
         if self.use_norm:

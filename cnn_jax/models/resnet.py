@@ -131,6 +131,7 @@ class _ResidualBlock(nn.Module):
             kernel_init = (nn.initializers.zeros if zero_last and place == "none" and i == last
                            else layers.kaiming_normal_fan_out)
             y = conv(f, (k, k), s, padding=layers.torch_padding(k // 2), kernel_init=kernel_init,
+                     float32_sums=place == "post" or (place == "pre" and i < last),
                      name=f"conv{i}")(y)
             if place == "post":
                 y = bn(i)(y)
@@ -154,7 +155,9 @@ class _ResidualBlock(nn.Module):
         if self.norm_placement == "pre" and (project or reshapes or self.preact_shortcut):
             x = preact
         if project:
-            x = conv(features, (1, 1), self.strides, padding=0, name="downsample_conv")(x)
+            x = conv(features, (1, 1), self.strides, padding=0,
+                     float32_sums=self.norm_placement in ("post", "conv_relu_bn"),
+                     name="downsample_conv")(x)
             if self.norm_placement in ("post", "conv_relu_bn"):
                 x = norm(name="downsample_bn")(x)
             return x
