@@ -1106,9 +1106,10 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # A bf16 1x1 convolution followed by batch norm hands it the product's float32 sums: rounded to
 # bf16, they were converted back to float32 for BN's statistics and its backward, two passes over
-# the layer's output each way that XLA:CPU runs as standalone conversions (resnet50's bf16 train
-# step on the Intel AMX host, 2026-12-07, A/B in both build orders: 1,059 -> 998 and 1,114 ->
-# 1,025 ms). BN rounds its output to bf16 as before, from the unrounded sums.
+# the layer's output each way that XLA:CPU runs as standalone conversions. bf16 train steps on the
+# Intel AMX host (2026-12-07, A/B in both build orders, 5 rounds, ms): resnet50 1,080 -> 1,020
+# and 1,108 -> 1,074, densenet121 1,234 -> 1,148 and 1,136 -> 1,100, googlenet 550 -> 544 and
+# 567 -> 555. BN rounds its output to bf16 as before, from the unrounded sums.
 @jax.custom_vjp
 def _matmul_sums(a: Array, b: Array) -> Array:
     """``_matmul``'s product, its float32 result unrounded."""
