@@ -1070,8 +1070,8 @@ def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int],
     if strides != (1, 1):
         x = x[:, ::strides[0], ::strides[1]]
     n, h, w, c = x.shape
-    product = _matmul_sums if float32_sums and _is_bf16(x) else _matmul
-    return product(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
+    return _matmul(x.reshape(-1, c), kernel.reshape(c, -1),
+                   float32_sums and _is_bf16(x)).reshape(n, h, w, -1)
 
 
 # bfloat16 products: XLA:CPU multiplies bf16 operands with its bf16 instructions (AVX-512 BF16:
@@ -1080,18 +1080,30 @@ def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int],
 # cotangent operand is float32. Batch 16 on the 2-core AMD AVX-512 host (2026-12-06, medians of
 # 7), (rows, in, out), bf16 ``a @ b`` -> float32-accumulated bf16 product, ms: (3136, 256, 1024)
 # 8.8 -> 4.6, (12544, 512, 128) 11.9 -> 5.5.
-@jax.custom_vjp
-def _matmul(a: Array, b: Array) -> Array:
-    """``a @ b`` in ``a``'s dtype, its products (and its gradients') accumulated in float32."""
-    return _dot(a, b).astype(a.dtype)
+#
+# A bf16 1x1 convolution followed by batch norm hands it the product's float32 sums
+# (``float32_sums``): rounded to bf16, they were converted back to float32 for BN's statistics and
+# its backward, two passes over the layer's output each way that XLA:CPU runs as standalone
+# conversions. bf16 train steps on the Intel AMX host (2026-12-07, A/B in both build orders, 5
+# rounds, ms): resnet50 1,080 -> 1,020 and 1,108 -> 1,074, densenet121 1,234 -> 1,148 and 1,136
+# -> 1,100, googlenet 550 -> 544 and 567 -> 555. BN rounds its output to bf16 as before, from the
+# unrounded sums; the gradients are those of the rounded product.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a: Array, b: Array, float32_sums: bool = False) -> Array:
+    """``a @ b`` in ``a``'s dtype (``float32_sums``: the float32 result, unrounded), its products
+    (and its gradients') accumulated in float32."""
+    y = _dot(a, b)
+    return y if float32_sums else y.astype(a.dtype)
 
 
-def _matmul_fwd(a, b):
-    return _matmul(a, b), (a, b)
+def _matmul_fwd(a, b, float32_sums=False):
+    return _matmul(a, b, float32_sums), (a, b)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(float32_sums, residuals, g):
     a, b = residuals
+    if float32_sums:  # the float32 sums' gradient: as the rounded output's
+        g = g.astype(a.dtype)
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     da = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
     if _is_bf16(a):
@@ -1102,29 +1114,6 @@ def _matmul_bwd(residuals, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-# A bf16 1x1 convolution followed by batch norm hands it the product's float32 sums: rounded to
-# bf16, they were converted back to float32 for BN's statistics and its backward, two passes over
-# the layer's output each way that XLA:CPU runs as standalone conversions. bf16 train steps on the
-# Intel AMX host (2026-12-07, A/B in both build orders, 5 rounds, ms): resnet50 1,080 -> 1,020
-# and 1,108 -> 1,074, densenet121 1,234 -> 1,148 and 1,136 -> 1,100, googlenet 550 -> 544 and
-# 567 -> 555. BN rounds its output to bf16 as before, from the unrounded sums.
-@jax.custom_vjp
-def _matmul_sums(a: Array, b: Array) -> Array:
-    """``_matmul``'s product, its float32 result unrounded."""
-    return _dot(a, b)
-
-
-def _matmul_sums_fwd(a, b):
-    return _matmul_sums(a, b), (a, b)
-
-
-def _matmul_sums_bwd(residuals, g):
-    return _matmul_bwd(residuals, g.astype(residuals[0].dtype))
-
-
-_matmul_sums.defvjp(_matmul_sums_fwd, _matmul_sums_bwd)
 
 
 def add_bias(y: Array, bias: Array) -> Array:
@@ -1490,11 +1479,11 @@ class DenseAsConv(nn.Module):
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         if not as_conv:
-            return add_bias(dense(x, kernel), bias.astype(jnp.promote_types(dtype, bias.dtype)))
+            return add_bias(dense(x, kernel), bias)
         conv_kernel = kernel.reshape(self.window + (x.shape[-1], self.features))
         y = jax.lax.conv_general_dilated(x, conv_kernel, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return add_bias(y, bias.astype(jnp.promote_types(dtype, bias.dtype)))
+        return add_bias(y, bias)
 
 
 def count_params(tree: Any) -> int:

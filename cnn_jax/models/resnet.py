@@ -155,12 +155,10 @@ class _ResidualBlock(nn.Module):
         if self.norm_placement == "pre" and (project or reshapes or self.preact_shortcut):
             x = preact
         if project:
-            x = conv(features, (1, 1), self.strides, padding=0,
-                     float32_sums=self.norm_placement in ("post", "conv_relu_bn"),
+            normed = self.norm_placement in ("post", "conv_relu_bn")  # BN right after the conv
+            x = conv(features, (1, 1), self.strides, padding=0, float32_sums=normed,
                      name="downsample_conv")(x)
-            if self.norm_placement in ("post", "conv_relu_bn"):
-                x = norm(name="downsample_bn")(x)
-            return x
+            return norm(name="downsample_bn")(x) if normed else x
         return pad_shortcut(x, features, self.strides) if reshapes else x
 
 
