@@ -492,6 +492,28 @@ def test_dense_equals_nn_dense(shape, dtype, rtol):
     _assert_close(ref[1], got[1], rtol)
 
 
+def test_float32_dense_with_few_rows_multiplies_a_transposed_copy(monkeypatch):
+    """A float32 product of a few rows by a large kernel (fc6, fc7) runs on Eigen: its forward
+    contracts a transposed copy of the rows that XLA does not fold back into the product (which
+    YNNPACK would take); values and both gradients are ``x @ kernel``'s. Which products qualify."""
+    assert layers._use_few_rows(jnp.zeros((16, 9216)), jax.ShapeDtypeStruct((9216, 4096),
+                                                                            jnp.float32))
+    assert layers._use_few_rows(jnp.zeros((64, 4096)), jnp.zeros((4096, 4096)))
+    assert not layers._use_few_rows(jnp.zeros((128, 4096)), jnp.zeros((4096, 4096)))
+    assert not layers._use_few_rows(jnp.zeros((16, 4096)), jnp.zeros((4096, 1000)))
+    assert not layers._use_few_rows(jnp.zeros((16, 4096), jnp.bfloat16),
+                                    jnp.zeros((4096, 4096), jnp.bfloat16))
+    monkeypatch.setattr(layers, "_FEW_ROWS_MIN_KERNEL", 1)
+    x, w, r = normal(0, (2, 3, 40)), normal(1, (40, 24)), normal(2, (2, 3, 24))
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * r)  # noqa: E731
+    with layers.implementation("fast"):
+        forward = jax.jit(layers.dense).lower(x, w).compile().as_text()
+        got = jax.jit(jax.value_and_grad(loss(layers.dense), (0, 1)))(x, w)
+    assert "lhs_contracting_dims={0}" in forward, forward
+    ref = jax.jit(jax.value_and_grad(loss(lambda x, w: x @ w), (0, 1)))(x, w)
+    _assert_close(ref, got, 2e-5)
+
+
 def test_bf16_dense_layers_are_bf16_products():
     """A bf16 classifier (``layers.Dense`` and ``DenseAsConv``): forward, input and weight
     gradient each one product of bf16 operands into float32 (as the 1x1 convolutions)."""

@@ -1434,10 +1434,55 @@ def dense(x: Array, kernel: Array) -> Array:
     operands into float32 in all three products: as a bf16 ``x @ kernel`` they ran at float32
     speed or below, and XLA transposed their weight gradients in separate passes (alexnet's bf16
     train step: fc6's and fc7's gradient transposes and conversions 230 ms of 813). float32
-    programs are those of ``x @ kernel``."""
+    programs are those of ``x @ kernel``, but for a few rows by a large kernel (``_use_few_rows``:
+    the forward product on Eigen instead of YNNPACK)."""
     if not use_fast_formulations("conv1x1"):
         return x @ kernel
-    return _matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
+    rows = x.reshape(-1, x.shape[-1])
+    y = _few_rows_matmul(rows, kernel) if _use_few_rows(rows, kernel) else _matmul(rows, kernel)
+    return y.reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
+# A float32 classifier's forward product at a small batch (AlexNet's and VGG's fc6 and fc7) reads
+# a kernel of 16-100M entries to multiply a few rows. XLA:CPU hands ``x @ kernel`` to YNNPACK,
+# which reads such kernels at about 6.5 GB/s here; XLA's Eigen product of the same operands runs
+# 1.3-2x faster (Intel AMX host, 2026-12-07, ms, YNNPACK -> Eigen, medians of 11: 16 x 9,216 by
+# 4,096 23.6 -> 16.8, 16 x 4,096 by 4,096 8.3 -> 5.8, 8 x 25,088 by 4,096 48.7 -> 35.5, and
+# 64 x 9,216 by 4,096 29.9 -> 23.6), while at 4M entries or fewer YNNPACK is as fast or faster
+# (16 x 4,096 by 1,000: 1.1 against 1.8). YNNPACK declines a product whose left operand is
+# column-major (xla/backends/cpu/ynn_support.cc), so the forward contracts a transposed copy of
+# the rows (a few MB), held apart by an optimization barrier: else XLA folds the transpose back
+# into the product's dimensions. The gradients are autodiff's (YNNPACK's input gradient is the
+# faster one; the weight gradient is Eigen's either way). bf16 keeps ``_matmul``: YNNPACK's bf16
+# products are the faster ones (16 x 9,216 by 4,096: 10.6 against 25.0 ms).
+_FEW_ROWS_MAX = 64
+_FEW_ROWS_MIN_KERNEL = 1 << 24
+
+
+def _use_few_rows(rows: Array, kernel: Array) -> bool:
+    return (rows.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and rows.shape[0] <= _FEW_ROWS_MAX and kernel.size >= _FEW_ROWS_MIN_KERNEL)
+
+
+@jax.custom_vjp
+def _few_rows_matmul(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` (float32) as Eigen's product of ``x``'s transposed copy."""
+    return jax.lax.dot_general(jax.lax.optimization_barrier(x.T), kernel,
+                               (((0,), (0,)), ((), ())))
+
+
+def _few_rows_matmul_fwd(x, kernel):
+    return _few_rows_matmul(x, kernel), (x, kernel)
+
+
+def _few_rows_matmul_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+    return dx, dw
+
+
+_few_rows_matmul.defvjp(_few_rows_matmul_fwd, _few_rows_matmul_bwd)
 
 
 def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
