@@ -503,6 +503,8 @@ def test_float32_dense_with_few_rows_multiplies_a_transposed_copy(monkeypatch):
     assert not layers._use_few_rows(jnp.zeros((16, 4096)), jnp.zeros((4096, 1000)))
     assert not layers._use_few_rows(jnp.zeros((16, 4096), jnp.bfloat16),
                                     jnp.zeros((4096, 4096), jnp.bfloat16))
+    symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 4096"), jnp.float32)
+    assert not layers._use_few_rows(symbolic, jnp.zeros((4096, 4096)))  # jax.export, any batch
     monkeypatch.setattr(layers, "_FEW_ROWS_MIN_KERNEL", 1)
     x, w, r = normal(0, (2, 3, 40)), normal(1, (40, 24)), normal(2, (2, 3, 24))
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * r)  # noqa: E731

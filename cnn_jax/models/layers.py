@@ -1460,8 +1460,10 @@ _FEW_ROWS_MIN_KERNEL = 1 << 24
 
 
 def _use_few_rows(rows: Array, kernel: Array) -> bool:
+    # A symbolic batch (``jax.export`` for any batch size) takes the plain product.
     return (rows.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and rows.shape[0] <= _FEW_ROWS_MAX and kernel.size >= _FEW_ROWS_MIN_KERNEL)
+            and kernel.size >= _FEW_ROWS_MIN_KERNEL and isinstance(rows.shape[0], int)
+            and rows.shape[0] <= _FEW_ROWS_MAX)
 
 
 @jax.custom_vjp
