@@ -492,6 +492,27 @@ def test_dense_equals_nn_dense(shape, dtype, rtol):
     _assert_close(ref[1], got[1], rtol)
 
 
+def test_float32_1x1_weight_gradient_puts_the_narrower_output_first():
+    """A float32 1x1 convolution that narrows its input (to at most 128 channels) computes its
+    weight gradient as ``g.T @ x`` (the faster order on Eigen), transposed after: the compiled
+    program holds the [out, in] product, and the gradients are ``x @ w``'s."""
+    assert layers._narrow_output_first(256, 64) and layers._narrow_output_first(832, 128)
+    assert not layers._narrow_output_first(64, 256)  # widening
+    assert not layers._narrow_output_first(1024, 256)  # wider outputs: slower this way
+    x, w = normal(0, (2, 6, 6, 48)), normal(1, (1, 1, 48, 16))
+    r = normal(2, (2, 6, 6, 16))
+    loss = lambda conv: lambda x, w: jnp.sum(conv(x, w) * r)  # noqa: E731
+    fast = lambda x, w: layers.conv2d(x, w)  # noqa: E731
+    with layers.implementation("fast"):
+        grads = jax.jit(jax.grad(loss(fast), (0, 1)))
+        text = grads.lower(x, w).compile().as_text()
+        got = grads(x, w)
+    assert re.search(r"f32\[16,48\]\{1,0\} dot\(", text), text
+    ref = jax.jit(jax.grad(loss(lambda x, w: layers._xla_conv(x, w, (1, 1), ((0, 0), (0, 0)))),
+                           (0, 1)))(x, w)
+    _assert_close(ref, got, 2e-5)
+
+
 def test_float32_dense_with_few_rows_multiplies_a_transposed_copy(monkeypatch):
     """A float32 product of a few rows by a large kernel (fc6, fc7) runs on Eigen: its forward
     contracts a transposed copy of the rows that XLA does not fold back into the product (which
