@@ -522,7 +522,8 @@ def test_float32_1x1_weight_gradient_puts_the_narrower_output_first():
 def test_float32_dense_with_few_rows_multiplies_a_transposed_copy(monkeypatch):
     """A float32 product of a few rows by a large kernel (fc6, fc7) runs on Eigen: its forward
     contracts a transposed copy of the rows that XLA does not fold back into the product (which
-    YNNPACK would take); values and both gradients are ``x @ kernel``'s. Which products qualify."""
+    YNNPACK would take), and its input gradient is ``(kernel @ g.T).T``; values and both
+    gradients are ``x @ kernel``'s. Which products qualify."""
     assert layers._use_few_rows(jnp.zeros((16, 9216)), jax.ShapeDtypeStruct((9216, 4096),
                                                                             jnp.float32))
     assert layers._use_few_rows(jnp.zeros((64, 4096)), jnp.zeros((4096, 4096)))
@@ -537,8 +538,10 @@ def test_float32_dense_with_few_rows_multiplies_a_transposed_copy(monkeypatch):
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * r)  # noqa: E731
     with layers.implementation("fast"):
         forward = jax.jit(layers.dense).lower(x, w).compile().as_text()
-        got = jax.jit(jax.value_and_grad(loss(layers.dense), (0, 1)))(x, w)
+        grads = jax.jit(jax.value_and_grad(loss(layers.dense), (0, 1)))
+        backward, got = grads.lower(x, w).compile().as_text(), grads(x, w)
     assert "lhs_contracting_dims={0}" in forward, forward
+    assert re.search(r"f32\[40,6\]\{1,0\} dot\(", backward), backward  # (kernel @ g.T), 6 rows
     ref = jax.jit(jax.value_and_grad(loss(lambda x, w: x @ w), (0, 1)))(x, w)
     _assert_close(ref, got, 2e-5)
 
