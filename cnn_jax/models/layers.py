@@ -1121,11 +1121,11 @@ def _matmul_bwd(float32_sums, residuals, g):
     da = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
     if _is_bf16(a):
         db = _dot(a, g, contract_a=0)
-    elif _narrow_output_first(a.shape[1], g.shape[1]):
-        db = jax.lax.optimization_barrier(
-            jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc)).T
-    else:  # autodiff's own products (float32 programs as before)
-        db = jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc).T
+    else:  # autodiff's own product (float32 programs as before), or kept [out, in] (below)
+        db_t = jax.lax.dot_general(g, a, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+        if _narrow_output_first(a.shape[1], g.shape[1]):
+            db_t = jax.lax.optimization_barrier(db_t)
+        db = db_t.T
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
