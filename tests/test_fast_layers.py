@@ -84,6 +84,9 @@ CONV_CASES = {
     # tiles cropped).
     "3x3_winograd_weight_grad_64": ((1, 14, 15, 64), 3, 1, 1, 64),
     "3x3_winograd_weight_grad_f4": ((1, 29, 30, 48), 3, 1, ((0, 1), (2, 0)), 96),
+    # Narrower, with at least 2^24 sums per tap (N*Ho*Wo*C*O): the weight gradient by
+    # F(3x3, 4x4) too (the forward and input gradient XLA's); 57 x 58 outputs.
+    "3x3_winograd_weight_grad_many_sums": ((2, 57, 58, 32), 3, 1, 1, 96),
     # 5x5 by F(2x2, 5x5), forward and both gradients (alexnet's 64 -> 192), at odd output sizes
     # and asymmetric padding; VALID: the input gradient's padding is 4.
     "5x5_winograd_asymmetric_padding": ((1, 9, 11, 40), 5, 1, ((1, 2), (0, 3)), 112),
@@ -560,27 +563,36 @@ def test_bf16_dense_layers_are_bf16_products():
         assert ops == [("dot_general", ("bf16", "bf16"), "f32")] * 3, ops
 
 
-@pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile", [
-    ((3, 3, 128, 128), 10, 1, jnp.float32, 2),  # as the forward (_use_winograd)
-    ((3, 3, 128, 128), 28, 1, jnp.float32, 4),  # from 28x28 outputs: F(3x3, 4x4)
-    ((3, 3, 64, 64), 56, 1, jnp.float32, 4),  # 64 x 64: the weight gradient only
-    ((3, 3, 64, 64), 14, 1, jnp.float32, 2),
-    ((3, 3, 64, 64), 8, 1, jnp.float32, 0),  # the CIFAR nets' last stage keeps per-tap products
-    ((3, 3, 64, 128), 13, 1, jnp.float32, 2),
-    ((3, 3, 48, 128), 56, 1, jnp.float32, 4),  # _use_winograd's rule: 48 x 128 channels
-    ((3, 3, 32, 128), 56, 1, jnp.float32, 0),  # 64 x 64 products, fewer than 64 inputs
-    ((3, 3, 32, 64), 56, 1, jnp.float32, 0),
-    ((3, 3, 256, 256), 7, 1, jnp.float32, 0),  # 7x7 outputs: per-tap products (_small_output)
-    ((3, 3, 256, 256), 28, 2, jnp.float32, 0),  # strided
-    ((3, 3, 256, 256), 28, 1, jnp.bfloat16, 0),
-    ((5, 5, 64, 192), 27, 1, jnp.float32, 2),  # 5x5s: F(5x5, 2x2) at any size
-    ((5, 5, 64, 192), 28, 1, jnp.float32, 2),
-    ((5, 5, 32, 64), 14, 1, jnp.float32, 0),
+@pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile,batch", [
+    ((3, 3, 128, 128), 10, 1, jnp.float32, 2, 2),  # as the forward (_use_winograd)
+    ((3, 3, 128, 128), 28, 1, jnp.float32, 4, 2),  # from 28x28 outputs: F(3x3, 4x4)
+    ((3, 3, 64, 64), 56, 1, jnp.float32, 4, 2),  # 64 x 64: the weight gradient only
+    ((3, 3, 64, 64), 14, 1, jnp.float32, 2, 2),
+    ((3, 3, 64, 64), 8, 1, jnp.float32, 0, 16),  # the CIFAR nets' last stage: per-tap products
+    ((3, 3, 64, 64), 8, 1, jnp.float32, 2, 64),  # ... up to 2^24 sums per tap (N*Ho*Wo*C*O)
+    ((3, 3, 64, 128), 13, 1, jnp.float32, 2, 2),
+    ((3, 3, 48, 128), 56, 1, jnp.float32, 4, 2),  # _use_winograd's rule: 48 x 128 channels
+    ((3, 3, 32, 128), 56, 1, jnp.float32, 0, 1),  # 64 x 64 products, fewer than 64 inputs
+    ((3, 3, 32, 128), 56, 1, jnp.float32, 4, 2),  # ... with 2^24 sums per tap and more
+    ((3, 3, 32, 96), 28, 1, jnp.float32, 4, 16),  # googlenet's 32 -> 96 at 28x28
+    ((3, 3, 16, 32), 28, 1, jnp.float32, 0, 16),  # googlenet's 16 -> 32: fewer sums
+    ((3, 3, 16, 16), 32, 1, jnp.float32, 4, 128),  # resnet20 at batch 128
+    ((3, 3, 32, 32), 16, 1, jnp.float32, 2, 128),
+    ((3, 3, 16, 16), 32, 1, jnp.float32, 0, 16),  # ... at the experiments' batch 16
+    ((3, 3, 48, 12), 32, 1, jnp.float32, 0, 128),  # DenseNet-BC's growth: its planes
+    ((3, 3, 128, 32), 56, 1, jnp.float32, 0, 16),  # densenet121's: its patches
+    ((3, 3, 32, 64), 56, 1, jnp.float32, 0, 1),
+    ((3, 3, 256, 256), 7, 1, jnp.float32, 0, 64),  # 7x7 outputs: per-tap products (_small_output)
+    ((3, 3, 256, 256), 28, 2, jnp.float32, 0, 16),  # strided
+    ((3, 3, 256, 256), 28, 1, jnp.bfloat16, 0, 16),
+    ((5, 5, 64, 192), 27, 1, jnp.float32, 2, 2),  # 5x5s: F(5x5, 2x2) at any size
+    ((5, 5, 64, 192), 28, 1, jnp.float32, 2, 2),
+    ((5, 5, 32, 64), 14, 1, jnp.float32, 0, 64),
 ])
-def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, tile):
-    geo = layers._geometry((2, hw, hw, kernel_shape[2]), kernel_shape, (stride, stride),
+def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, tile, batch):
+    geo = layers._geometry((batch, hw, hw, kernel_shape[2]), kernel_shape, (stride, stride),
                            ((1, 1), (1, 1)))
-    assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo) == tile
+    assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo, batch) == tile
 
 
 @pytest.mark.parametrize("hw,channels,weight_grad_products", [

@@ -710,19 +710,32 @@ def _use_winograd_forward(kernel_shape, dtype) -> bool:
 _WINOGRAD_WGRAD_MIN_CHANNELS = 64
 _WINOGRAD_WGRAD_MIN_POSITIONS = 14 * 14
 _WINOGRAD_F4_MIN_POSITIONS = 28 * 28
+# Narrower or smaller 3x3s too, where the product sums are many: XLA's own weight gradient (which
+# the narrow ones took, see _taps_weight_grad) slows down far more than its work grows, per-tap
+# products (64 x 64 at 8x8) are no faster. Batch N, N*Ho*Wo*C*O multiply-adds per tap, from 2^24;
+# not DenseNet's narrowing growth convolutions (at most a quarter as many outputs as inputs), whose
+# output-gradient patches and planes are as fast. Intel AMX host (family 6 model 167, 2026-12-07,
+# medians of 9), weight gradient alone, ms, XLA's (or per-tap) -> this: googlenet's 32 -> 96 at
+# 28x28 (batch 16) 16.0 -> 3.4, 16 -> 32 at 56x56 14.1 -> 5.0; resnet20's 16 -> 16 at 32x32
+# (batch 128) 22.4 -> 12.6, 32 -> 32 at 16x16 19.1 -> 6.8, 64 -> 64 at 8x8 10.3 -> 4.3; on one
+# core (experiments/run.py's workers) 24.3 -> 24.7, 19.5 -> 12.7, 12.9 -> 7.6. Below 2^24 neither
+# wins throughout (16 -> 16 at 32x32, batch 32: 3.0 -> 2.7 on two cores, 2.7 -> 3.9 on one).
+_WINOGRAD_WGRAD_MIN_SUMS = 1 << 24
 
 
-def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry) -> int:
-    """m of the F(r x r, m x m) that computes this convolution's (r x r) weight gradient; 0: not
-    by Winograd's algorithm. 5x5s: m = 2."""
+def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry, batch: int) -> int:
+    """m of the F(r x r, m x m) that computes this convolution's (r x r) weight gradient, for a
+    batch of ``batch`` images; 0: not by Winograd's algorithm. 5x5s: m = 2."""
     c, o = kernel_shape[2:]
     positions = geo.out_hw[0] * geo.out_hw[1]
     if geo.strides != (1, 1) or _small_output(geo):
         return 0
-    wide = (kernel_shape[:2] == (3, 3) and jnp.dtype(dtype) == jnp.float32
-            and min(c, o) >= _WINOGRAD_WGRAD_MIN_CHANNELS
+    float32_3x3 = kernel_shape[:2] == (3, 3) and jnp.dtype(dtype) == jnp.float32
+    wide = (float32_3x3 and min(c, o) >= _WINOGRAD_WGRAD_MIN_CHANNELS
             and positions >= _WINOGRAD_WGRAD_MIN_POSITIONS)
-    if not (wide or _use_winograd(kernel_shape, dtype)):
+    many = (float32_3x3 and batch * positions * c * o >= _WINOGRAD_WGRAD_MIN_SUMS
+            and o > _GRAD_PATCHES_MAX_OUT_IN_RATIO * c)
+    if not (wide or many or _use_winograd(kernel_shape, dtype)):
         return 0
     if kernel_shape[0] == 5:
         return 2
@@ -990,7 +1003,7 @@ def _conv_fast_bwd(strides, padding, residuals, g):
         dx = _xla_input_grad(g, kernel, x.shape, geo)
         if _is_bf16(x):  # the weight gradient below in float32 (see _in_float32)
             x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-    tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo)
+    tile = _winograd_weight_grad_tile(kernel.shape, x.dtype, geo, x.shape[0])
     if tile:
         dw = _winograd_weight_grad(x, g, padding, tile, kernel.shape[0])
     elif _use_grad_planes(kernel.shape, geo):
