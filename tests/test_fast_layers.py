@@ -569,7 +569,9 @@ def test_bf16_dense_layers_are_bf16_products():
     ((3, 3, 64, 64), 56, 1, jnp.float32, 4, 2),  # 64 x 64: the weight gradient only
     ((3, 3, 64, 64), 14, 1, jnp.float32, 2, 2),
     ((3, 3, 64, 64), 8, 1, jnp.float32, 0, 16),  # the CIFAR nets' last stage: per-tap products
-    ((3, 3, 64, 64), 8, 1, jnp.float32, 2, 64),  # ... up to 2^24 sums per tap (N*Ho*Wo*C*O)
+    ((3, 3, 64, 64), 8, 1, jnp.float32, 4, 64),  # ... up to 2^24 sums per tap (N*Ho*Wo*C*O)
+    ((3, 3, 128, 128), 16, 1, jnp.float32, 4, 2),  # whole 4x4 tiles: F(3x3, 4x4) below 28x28
+    ((3, 3, 128, 128), 12, 1, jnp.float32, 4, 2),
     ((3, 3, 64, 128), 13, 1, jnp.float32, 2, 2),
     ((3, 3, 48, 128), 56, 1, jnp.float32, 4, 2),  # _use_winograd's rule: 48 x 128 channels
     ((3, 3, 32, 128), 56, 1, jnp.float32, 0, 1),  # 64 x 64 products, fewer than 64 inputs
@@ -577,7 +579,8 @@ def test_bf16_dense_layers_are_bf16_products():
     ((3, 3, 32, 96), 28, 1, jnp.float32, 4, 16),  # googlenet's 32 -> 96 at 28x28
     ((3, 3, 16, 32), 28, 1, jnp.float32, 0, 16),  # googlenet's 16 -> 32: fewer sums
     ((3, 3, 16, 16), 32, 1, jnp.float32, 4, 128),  # resnet20 at batch 128
-    ((3, 3, 32, 32), 16, 1, jnp.float32, 2, 128),
+    ((3, 3, 32, 32), 16, 1, jnp.float32, 4, 128),
+    ((3, 3, 32, 32), 10, 1, jnp.float32, 2, 256),
     ((3, 3, 16, 16), 32, 1, jnp.float32, 0, 16),  # ... at the experiments' batch 16
     ((3, 3, 48, 12), 32, 1, jnp.float32, 0, 128),  # DenseNet-BC's growth: its planes
     ((3, 3, 128, 32), 56, 1, jnp.float32, 0, 16),  # densenet121's: its patches
@@ -596,11 +599,11 @@ def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, t
 
 
 @pytest.mark.parametrize("hw,channels,weight_grad_products", [
-    (10, 128, 16), (13, 384, 16), (14, 512, 16), (28, 128, 36), (28, 512, 36)])
+    (10, 128, 16), (13, 384, 16), (14, 512, 16), (16, 128, 36), (28, 128, 36), (28, 512, 36)])
 def test_winograd_computes_forward_and_both_gradients_as_products(hw, channels,
                                                                   weight_grad_products):
     """16 products each for the forward and input gradient (F(2x2, 3x3)) at any map size above
-    7x7; 16 or, from 28x28 outputs, 36 for the weight gradient (F(3x3, 4x4))."""
+    7x7; 16 or, from 28x28 outputs or whole 4x4 tiles, 36 for the weight gradient (F(3x3, 4x4))."""
     x, w = jnp.zeros((2, hw, hw, channels)), jnp.zeros((3, 3, channels, channels))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1, 1)),
                                         (0, 1)))(x, w))

@@ -706,7 +706,11 @@ def _use_winograd_forward(kernel_shape, dtype) -> bool:
 # 256 -> 256 at 14x14 24 -> 15 -> 19; VGG's 512 -> 512 at 28x28 (batch 8) 162 -> 97 -> 85. So
 # the weight gradient is Winograd's at 64 x 64 channels too (from 14x14 outputs: at 8x8 the gain
 # is small, and the CIFAR nets of the default run and the experiments keep their numbers), by
-# F(3x3, 4x4) from 28x28 outputs.
+# F(3x3, 4x4) from 28x28 outputs, and below that where the outputs are whole 4x4 tiles: at 14x14
+# (16x16 computed) F(3x3, 2x2) is faster, at 16x16 and 8x8 F(3x3, 4x4) (Intel AMX host, family 6
+# model 167, 2026-12-07, medians of 9, ms, F(3x3, 2x2) -> F(3x3, 4x4): 128 -> 128 at 16x16, batch
+# 16, 4.6 -> 3.8, batch 64 21.2 -> 16.5; 256 -> 256 at 8x8, batch 64, 13.4 -> 11.2; at 14x14,
+# batch 16, 256 -> 256 10.5 -> 12.2, 160 -> 320 7.0 -> 8.7).
 _WINOGRAD_WGRAD_MIN_CHANNELS = 64
 _WINOGRAD_WGRAD_MIN_POSITIONS = 14 * 14
 _WINOGRAD_F4_MIN_POSITIONS = 28 * 28
@@ -739,7 +743,8 @@ def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry, batch: int) 
         return 0
     if kernel_shape[0] == 5:
         return 2
-    return 4 if positions >= _WINOGRAD_F4_MIN_POSITIONS else 2
+    whole_tiles = all(d % 4 == 0 for d in geo.out_hw)  # no 4x4 tile cropped
+    return 4 if positions >= _WINOGRAD_F4_MIN_POSITIONS or whole_tiles else 2
 
 
 # Winograd's F(m x m, r x r) as (B^T, G, A^T), keyed (m, r) (Lavin & Gray 2016; points 0, 1, -1
