@@ -721,8 +721,8 @@ _WINOGRAD_F4_MIN_POSITIONS = 28 * 28
 # output-gradient patches and planes are as fast. Intel AMX host (family 6 model 167, 2026-12-07,
 # medians of 9), weight gradient alone, ms, XLA's (or per-tap) -> this: googlenet's 32 -> 96 at
 # 28x28 (batch 16) 16.0 -> 3.4, 16 -> 32 at 56x56 14.1 -> 5.0; resnet20's 16 -> 16 at 32x32
-# (batch 128) 22.4 -> 12.6, 32 -> 32 at 16x16 19.1 -> 6.8, 64 -> 64 at 8x8 10.3 -> 4.3; on one
-# core (experiments/run.py's workers) 24.3 -> 24.7, 19.5 -> 12.7, 12.9 -> 7.6. Below 2^24 neither
+# (batch 128) 22.4 -> 12.6, 32 -> 32 at 16x16 19.1 -> 6.4, 64 -> 64 at 8x8 10.3 -> 3.4; on one
+# core (experiments/run.py's workers) 24.3 -> 24.7, 19.5 -> 13.3, 12.9 -> 5.9. Below 2^24 neither
 # wins throughout (16 -> 16 at 32x32, batch 32: 3.0 -> 2.7 on two cores, 2.7 -> 3.9 on one).
 _WINOGRAD_WGRAD_MIN_SUMS = 1 << 24
 
