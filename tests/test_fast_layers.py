@@ -598,6 +598,15 @@ def test_which_weight_gradients_take_winograd(kernel_shape, hw, stride, dtype, t
     assert layers._winograd_weight_grad_tile(kernel_shape, dtype, geo, batch) == tile
 
 
+def test_weight_gradient_rule_takes_a_symbolic_batch():
+    """jax.export traces for any batch size: the sums are not counted, the other rules hold."""
+    batch = jax.export.symbolic_shape("b")[0]
+    for kernel_shape, hw, tile in [((3, 3, 32, 96), 28, 0), ((3, 3, 64, 64), 56, 4)]:
+        geo = layers._geometry((2, hw, hw, kernel_shape[2]), kernel_shape, (1, 1),
+                               ((1, 1), (1, 1)))
+        assert layers._winograd_weight_grad_tile(kernel_shape, jnp.float32, geo, batch) == tile
+
+
 @pytest.mark.parametrize("hw,channels,weight_grad_products", [
     (10, 128, 16), (13, 384, 16), (14, 512, 16), (16, 128, 36), (28, 128, 36), (28, 512, 36)])
 def test_winograd_computes_forward_and_both_gradients_as_products(hw, channels,

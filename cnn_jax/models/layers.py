@@ -705,7 +705,7 @@ def _use_winograd_forward(kernel_shape, dtype) -> bool:
 # 28x28 18.3 -> 9.6 -> 6.8, 56x56 105 -> 70 -> 49; 128 -> 128 at 28x28 38 -> 26 -> 22;
 # 256 -> 256 at 14x14 24 -> 15 -> 19; VGG's 512 -> 512 at 28x28 (batch 8) 162 -> 97 -> 85. So
 # the weight gradient is Winograd's at 64 x 64 channels too (from 14x14 outputs: at 8x8 the gain
-# is small, and the CIFAR nets of the default run and the experiments keep their numbers), by
+# is small; smaller maps where the sums are many, below), by
 # F(3x3, 4x4) from 28x28 outputs, and below that where the outputs are whole 4x4 tiles: at 14x14
 # (16x16 computed) F(3x3, 2x2) is faster, at 16x16 and 8x8 F(3x3, 4x4) (Intel AMX host, family 6
 # model 167, 2026-12-07, medians of 9, ms, F(3x3, 2x2) -> F(3x3, 4x4): 128 -> 128 at 16x16, batch
@@ -737,7 +737,8 @@ def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry, batch: int) 
     float32_3x3 = kernel_shape[:2] == (3, 3) and jnp.dtype(dtype) == jnp.float32
     wide = (float32_3x3 and min(c, o) >= _WINOGRAD_WGRAD_MIN_CHANNELS
             and positions >= _WINOGRAD_WGRAD_MIN_POSITIONS)
-    many = (float32_3x3 and batch * positions * c * o >= _WINOGRAD_WGRAD_MIN_SUMS
+    many = (float32_3x3 and isinstance(batch, int)  # a symbolic batch (jax.export): not counted
+            and batch * positions * c * o >= _WINOGRAD_WGRAD_MIN_SUMS
             and o > _GRAD_PATCHES_MAX_OUT_IN_RATIO * c)
     if not (wide or many or _use_winograd(kernel_shape, dtype)):
         return 0
