@@ -569,7 +569,7 @@ def test_bf16_dense_layers_are_bf16_products():
     ((3, 3, 64, 64), 56, 1, jnp.float32, 4, 2),  # 64 x 64: the weight gradient only
     ((3, 3, 64, 64), 14, 1, jnp.float32, 2, 2),
     ((3, 3, 64, 64), 8, 1, jnp.float32, 0, 16),  # the CIFAR nets' last stage: per-tap products
-    ((3, 3, 64, 64), 8, 1, jnp.float32, 4, 64),  # ... up to 2^24 sums per tap (N*Ho*Wo*C*O)
+    ((3, 3, 64, 64), 8, 1, jnp.float32, 4, 64),  # ... from 2^24 sums per tap (N*Ho*Wo*C*O)
     ((3, 3, 128, 128), 16, 1, jnp.float32, 4, 2),  # whole 4x4 tiles: F(3x3, 4x4) below 28x28
     ((3, 3, 128, 128), 12, 1, jnp.float32, 4, 2),
     ((3, 3, 64, 128), 13, 1, jnp.float32, 2, 2),

@@ -479,9 +479,14 @@ def _taps_weight_grad(x: Array, g: Array, kernel_shape, geo: _Geometry) -> Array
 _GRAD_PATCHES_MAX_OUT_IN_RATIO = 0.25
 
 
+def _narrowing(c: int, o: int) -> bool:
+    """At most a quarter as many outputs as inputs (DenseNet's growth convolutions)."""
+    return o <= _GRAD_PATCHES_MAX_OUT_IN_RATIO * c
+
+
 def _use_grad_patches(kernel_shape, geo: _Geometry) -> bool:
     c, o = kernel_shape[2:]
-    return (geo.strides == (1, 1) and o <= _GRAD_PATCHES_MAX_OUT_IN_RATIO * c
+    return (geo.strides == (1, 1) and _narrowing(c, o)
             and c * o >= _TAPS_MIN_KERNEL_CHANNELS and not _small_output(geo))
 
 
@@ -535,7 +540,7 @@ def _grad_patches_grads(x: Array, kernel: Array, g: Array, geo: _Geometry):
 # XLA's transposed convolution (as fast as the forward pass here).
 def _use_grad_planes(kernel_shape, geo: _Geometry) -> bool:
     c, o = kernel_shape[2:]
-    return (geo.strides == (1, 1) and o <= _GRAD_PATCHES_MAX_OUT_IN_RATIO * c
+    return (geo.strides == (1, 1) and _narrowing(c, o)
             and c * o < _TAPS_MIN_KERNEL_CHANNELS and not _small_output(geo))
 
 
@@ -739,7 +744,7 @@ def _winograd_weight_grad_tile(kernel_shape, dtype, geo: _Geometry, batch: int) 
             and positions >= _WINOGRAD_WGRAD_MIN_POSITIONS)
     many = (float32_3x3 and isinstance(batch, int)  # a symbolic batch (jax.export): not counted
             and batch * positions * c * o >= _WINOGRAD_WGRAD_MIN_SUMS
-            and o > _GRAD_PATCHES_MAX_OUT_IN_RATIO * c)
+            and not _narrowing(c, o))
     if not (wide or many or _use_winograd(kernel_shape, dtype)):
         return 0
     if kernel_shape[0] == 5:
