@@ -477,6 +477,63 @@ def test_bf16_weight_gradient_products_stay_bf16_in_xla(m, c, o, copied):
     np.testing.assert_allclose(np.asarray(transposed), ref.T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("axis", [-1, 0, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_concatenate_and_stack_equal_jnp_without_float32_copies(dtype, axis):
+    """XLA:CPU concatenates bf16 in float32 (converts both ways, one slow loop); ``layers``'
+    concatenation moves bf16 as uint16 bits: the same values and gradients as jnp's, and no
+    float32 array or convert in the compiled program."""
+    parts = [normal(i, (2, 3, 4, 5 + i), dtype) for i in range(3)]
+    if axis != -1:
+        parts = [jnp.moveaxis(p, -1, axis) for p in parts]
+    weights = normal(7, jnp.concatenate(parts, axis).shape, jnp.float32)
+
+    def loss(cat, parts):
+        return jnp.sum(cat(parts, axis).astype(jnp.float32) * weights)
+
+    for ours, theirs in ((layers.concatenate, jnp.concatenate), (layers.stack, jnp.stack)):
+        if ours is layers.stack:
+            parts = [p[..., :5] if axis == -1 else jnp.moveaxis(jnp.moveaxis(p, axis, -1)[..., :5],
+                                                                 -1, axis) for p in parts]
+            weights = normal(7, jnp.stack(parts, axis).shape, jnp.float32)
+        got, ref = ours(parts, axis), theirs(parts, axis)
+        assert got.dtype == ref.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+        grads = jax.grad(loss, argnums=1)(ours, parts)
+        ref_grads = jax.grad(loss, argnums=1)(theirs, parts)
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == r.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+        if dtype == jnp.bfloat16:
+            text = jax.jit(lambda ps: ours(ps, axis)).lower(parts).compile().as_text()
+            assert "f32[" not in text and "convert(" not in text, text
+
+
+def test_materialize_computes_a_value_once():
+    """XLA:CPU fuses a producer into each of its consumers (recomputing it), and drops
+    ``optimization_barrier`` first; ``_materialize`` stores it once, with its values unchanged
+    (NaN and -0.0 included)."""
+    x = jnp.array([[jnp.nan, -0.0, 1.5], [2.0, -jnp.inf, 3.0]])
+    got = jax.jit(layers._materialize)(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+    assert np.signbit(np.asarray(got)[0, 1])
+
+    def consumers(x, keep):
+        y = jnp.sin(x) * 3 + 1
+        y = keep(y)
+        return jnp.sum(y, axis=0), jnp.pad(y, 1)
+
+    x = normal(0, (64, 48))
+    sines = {}
+    for name, keep in (("fused", lambda y: y), ("kept", layers._materialize)):
+        compiled = jax.jit(lambda x: consumers(x, keep)).lower(x).compile()
+        blocks = compiled.as_text().split("\n\n")  # one computation (fused or not) each
+        sines[name] = sum("sine(" in b and ("pad(" in b or "reduce(" in b) for b in blocks)
+        chex.assert_trees_all_equal(compiled(x), jax.jit(lambda x: consumers(x, lambda y: y))(x))
+    if jax.default_backend() == "cpu":
+        assert sines["fused"] >= 1 and sines["kept"] == 0, sines  # no consumer computes sin
+
+
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape", [(4, 24), (2, 3, 5, 24)])
 def test_dense_equals_nn_dense(shape, dtype, rtol):

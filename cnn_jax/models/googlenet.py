@@ -99,7 +99,7 @@ class Inception(nn.Module):
         b3 = conv(ch5x5, k, padding=k // 2, name="branch3_1")(b3, train)
         b4 = layers.max_pool(x, 3, 1, padding=1, ceil_mode=True)
         b4 = conv(pool_proj, 1, name="branch4_1")(b4, train)
-        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+        return layers.concatenate([b1, b2, b3, b4], axis=-1)
 
 
 class InceptionAux(nn.Module):
