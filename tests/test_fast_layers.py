@@ -834,6 +834,29 @@ def test_max_pool_gradient_equals_xla_with_ties(shape, window, stride, padding, 
     chex.assert_trees_all_close(ref, got, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,window", [((2, 8, 8, 3), 2), ((2, 9, 7, 4), 2), ((1, 9, 9, 2), 3),
+                                          ((2, 8, 6, 3), (2, 3))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_avg_pool_of_tiling_windows_equals_xla(shape, window, dtype):
+    """bfloat16 windows that tile the input (stride = window, no padding; odd sizes drop the last
+    rows as torch's floor mode) are averaged as blocks of a reshape, not by a reduce-window (float32
+    keeps XLA's); the same values and gradients as XLA's reduce-window."""
+    x = normal(0, shape, dtype)
+
+    def loss(x):
+        y = layers.avg_pool(x, window, window)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(y.size).reshape(y.shape)), y
+
+    with layers.implementation("fast"):
+        assert ("reduce_window" in str(jax.make_jaxpr(loss)(x))) == (dtype == jnp.float32)
+    ref, got = _both(jax.value_and_grad(loss, has_aux=True), x)
+    assert got[0][1].dtype == got[1].dtype == dtype
+    # the pooled values and the input gradient (bf16: XLA's reduce-window sums in bf16, rounding
+    # each add; the blocks' mean is float32's, rounded once)
+    _assert_close((ref[0][1], ref[1]), (got[0][1], got[1]),
+                  1e-6 if dtype == jnp.float32 else 1e-2)
+
+
 # One model per kind of layer mix (bottleneck + strided 1x1 + stem + max pool; dense concatenation +
 # transitions + average pool; grouped 11x11/4 stem + LRN); every single geometry is checked above.
 @pytest.mark.parametrize("arch,size,overrides", [

@@ -187,6 +187,8 @@ def _materialize(x: Array) -> Array:
     """``x``, computed once into a buffer of its own: XLA:CPU drops ``optimization_barrier``
     before fusing, but does not fuse across a conditional. Both branches return ``x`` times one
     (JAX would drop a branch that returns its operand)."""
+    if not x.size:
+        return x
     first = x.reshape(-1)[0]
     return jax.lax.cond(first == first, lambda v: v * 1, lambda v: v * 1, x)
 
@@ -253,8 +255,28 @@ _max_pool_slice_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def avg_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair = 0) -> Array:
     """torch ``AvgPool2d`` on NHWC (``count_include_pad=True``, torch's default)."""
-    return nn.avg_pool(x, pair(window), pair(stride), padding=torch_padding(padding),
-                       count_include_pad=True)
+    window, stride = pair(window), pair(stride)
+    if (window == stride and pair(padding) == (0, 0) and _is_bf16(x)
+            and use_fast_formulations()):
+        return _avg_pool_blocks(x, window)
+    return nn.avg_pool(x, window, stride, padding=torch_padding(padding), count_include_pad=True)
+
+
+# A bfloat16 pool whose windows tile the input (DenseNet's transitions, 2x2/2) as the float32 mean
+# over each block's own axes of the input reshaped to [N, Ho, kh, Wo, kw, C]: a reduction, and its
+# gradient a broadcast, where XLA's reduce-window sums in bf16, rounding after each add, and its
+# gradient is another reduce-window, over the output gradient padded between its values.
+# densenet121's bf16 steps, A/B in one process, both build orders (Intel AMX host, family 6 model
+# 167, 2026-12-07, ms): train 1,477 -> 1,441 and 1,422 -> 1,368, eval 330 -> 314 and 314 -> 301.
+# float32 keeps XLA's (train level: 1,867 -> 1,887 and 2,028 -> 2,005; eval 533 -> 540 and 548 ->
+# 573).
+def _avg_pool_blocks(x: Array, window: Tuple[int, int]) -> Array:
+    """The mean of each ``window`` block (rows and columns past the last whole block dropped, as
+    torch's floor mode)."""
+    (kh, kw), (n, h, w, c) = window, x.shape
+    ho, wo = h // kh, w // kw
+    blocks = x[:, :ho * kh, :wo * kw].reshape(n, ho, kh, wo, kw, c)
+    return jnp.mean(blocks, axis=(2, 4)).astype(x.dtype)
 
 
 def adaptive_avg_pool(x: Array, output_size: IntOrPair) -> Array:
