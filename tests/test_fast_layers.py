@@ -486,16 +486,20 @@ def test_concatenate_and_stack_equal_jnp_without_float32_copies(dtype, axis):
     parts = [normal(i, (2, 3, 4, 5 + i), dtype) for i in range(3)]
     if axis != -1:
         parts = [jnp.moveaxis(p, -1, axis) for p in parts]
-    weights = normal(7, jnp.concatenate(parts, axis).shape, jnp.float32)
+    with layers.implementation("fast"):  # (the CPU's default)
+        _check_concatenations(parts, axis, dtype)
 
-    def loss(cat, parts):
-        return jnp.sum(cat(parts, axis).astype(jnp.float32) * weights)
 
+def _check_concatenations(parts, axis, dtype):
     for ours, theirs in ((layers.concatenate, jnp.concatenate), (layers.stack, jnp.stack)):
         if ours is layers.stack:
             parts = [p[..., :5] if axis == -1 else jnp.moveaxis(jnp.moveaxis(p, axis, -1)[..., :5],
                                                                  -1, axis) for p in parts]
-            weights = normal(7, jnp.stack(parts, axis).shape, jnp.float32)
+        weights = normal(7, theirs(parts, axis).shape, jnp.float32)
+
+        def loss(cat, parts):
+            return jnp.sum(cat(parts, axis).astype(jnp.float32) * weights)
+
         got, ref = ours(parts, axis), theirs(parts, axis)
         assert got.dtype == ref.dtype == dtype
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))

@@ -310,9 +310,11 @@ def global_avg_pool(x: Array) -> Array:
 # gradient of googlenet's 3x3/2 max pool at 14x14x832 (whose phases are stacked), batch 16,
 # 13.4 -> 5.5, at 112x112x64 72.2 -> 38.8 (float32: 4.5, 22.6).
 def concatenate(arrays: Sequence[Array], axis: int = -1) -> Array:
-    """``jnp.concatenate``; bfloat16 arrays as their uint16 bits (the same values)."""
+    """``jnp.concatenate``; with the fast formulations (the CPU), bfloat16 arrays as their uint16
+    bits (the same values)."""
     arrays = tuple(arrays)
-    if len(arrays) < 2 or not all(_is_bf16(a) for a in arrays):
+    if (len(arrays) < 2 or not all(_is_bf16(a) for a in arrays)
+            or not use_fast_formulations()):
         return jnp.concatenate(arrays, axis)
     axis = axis % arrays[0].ndim
     return _concatenate_bits(arrays, axis, tuple(a.shape[axis] for a in arrays))
