@@ -483,34 +483,28 @@ def test_concatenate_and_stack_equal_jnp_without_float32_copies(dtype, axis):
     """XLA:CPU concatenates bf16 in float32 (converts both ways, one slow loop); ``layers``'
     concatenation moves bf16 as uint16 bits: the same values and gradients as jnp's, and no
     float32 array or convert in the compiled program."""
-    parts = [normal(i, (2, 3, 4, 5 + i), dtype) for i in range(3)]
-    if axis != -1:
-        parts = [jnp.moveaxis(p, -1, axis) for p in parts]
+    same = [normal(i, (2, 3, 4, 5), dtype) for i in range(3)]
+    sized = [jnp.concatenate([p] * (i + 1), axis) for i, p in enumerate(same)]  # 1, 2, 3 long
     with layers.implementation("fast"):  # (the CPU's default)
-        _check_concatenations(parts, axis, dtype)
+        for ours, theirs, parts in ((layers.concatenate, jnp.concatenate, sized),
+                                    (layers.stack, jnp.stack, same)):
+            weights = normal(7, theirs(parts, axis).shape, jnp.float32)
 
+            def loss(cat, parts):
+                return jnp.sum(cat(parts, axis).astype(jnp.float32) * weights)
 
-def _check_concatenations(parts, axis, dtype):
-    for ours, theirs in ((layers.concatenate, jnp.concatenate), (layers.stack, jnp.stack)):
-        if ours is layers.stack:
-            parts = [p[..., :5] if axis == -1 else jnp.moveaxis(jnp.moveaxis(p, axis, -1)[..., :5],
-                                                                 -1, axis) for p in parts]
-        weights = normal(7, theirs(parts, axis).shape, jnp.float32)
-
-        def loss(cat, parts):
-            return jnp.sum(cat(parts, axis).astype(jnp.float32) * weights)
-
-        got, ref = ours(parts, axis), theirs(parts, axis)
-        assert got.dtype == ref.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
-        grads = jax.grad(loss, argnums=1)(ours, parts)
-        ref_grads = jax.grad(loss, argnums=1)(theirs, parts)
-        for g, r in zip(grads, ref_grads):
-            assert g.dtype == r.dtype == dtype
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
-        if dtype == jnp.bfloat16:
-            text = jax.jit(lambda ps: ours(ps, axis)).lower(parts).compile().as_text()
-            assert "f32[" not in text and "convert(" not in text, text
+            got, ref = ours(parts, axis), theirs(parts, axis)
+            assert got.dtype == ref.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.asarray(ref, np.float32))
+            grads = jax.grad(loss, argnums=1)(ours, parts)
+            ref_grads = jax.grad(loss, argnums=1)(theirs, parts)
+            for g, r in zip(grads, ref_grads):
+                assert g.dtype == r.dtype == dtype
+                np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+            if dtype == jnp.bfloat16:
+                text = jax.jit(lambda ps: ours(ps, axis)).lower(parts).compile().as_text()
+                assert "f32[" not in text and "convert(" not in text, text
 
 
 def test_materialize_computes_a_value_once():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import math
 import os
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -322,8 +323,7 @@ def concatenate(arrays: Sequence[Array], axis: int = -1) -> Array:
 
 def stack(arrays: Sequence[Array], axis: int = 0) -> Array:
     """``jnp.stack`` by ``concatenate``."""
-    arrays = [jnp.expand_dims(a, axis) for a in arrays]
-    return concatenate(arrays, axis % arrays[0].ndim)
+    return concatenate([jnp.expand_dims(a, axis) for a in arrays], axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -337,9 +337,7 @@ def _concatenate_bits_fwd(arrays, axis, sizes):
 
 
 def _concatenate_bits_bwd(axis, sizes, _, g):
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return (tuple(jax.lax.slice_in_dim(g, s, s + size, axis=axis)
-                  for s, size in zip(starts, sizes)),)
+    return (tuple(jnp.split(g, list(itertools.accumulate(sizes[:-1])), axis=axis)),)
 
 
 _concatenate_bits.defvjp(_concatenate_bits_fwd, _concatenate_bits_bwd)
