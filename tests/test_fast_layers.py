@@ -618,6 +618,38 @@ def test_bf16_dense_layers_are_bf16_products():
         assert ops == [("dot_general", ("bf16", "bf16"), "f32")] * 3, ops
 
 
+@pytest.mark.parametrize("layer", ["Dense", "DenseAsConv"])
+def test_bf16_classifier_kernel_gradient_is_the_float32_sums(layer):
+    """A bf16 classifier's float32 kernel is rounded to bf16 inside the product, and its
+    gradient is the product's float32 sums, not rounded to bf16 and converted back (two passes
+    over fc6's 38M entries): equal to the float32 product of the same bf16 operands, finer than
+    bf16, and never a bf16 array in the compiled program (here the input is a constant, so the
+    kernel's own bf16 copy, which only the input gradient reads, is not computed either). The
+    bias gradient is a float32 sum too (``add_bias``)."""
+    x = normal(0, (6, 40), jnp.bfloat16)
+    model = getattr(layers, layer)(24, dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(0), x)
+    r = normal(1, (6, 24), jnp.bfloat16)
+    loss = lambda p: jnp.sum(model.apply(p, x).astype(jnp.float32) * r)  # noqa: E731
+    with layers.implementation("fast"):
+        grads = jax.jit(jax.grad(loss))
+        text = grads.lower(params).compile().as_text()
+        got = grads(params)["params"]
+    x32, r32 = x.astype(jnp.float32), r.astype(jnp.float32)
+    np.testing.assert_allclose(got["kernel"], x32.T @ r32, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["bias"], r32.sum(0), rtol=1e-6, atol=1e-6)
+    assert got["kernel"].dtype == jnp.float32
+    assert (got["kernel"] != got["kernel"].astype(jnp.bfloat16).astype(jnp.float32)).any()
+    assert not re.search(r"bf16\[(40,24|24,40)\]", text), text  # no bf16 weight gradient
+
+
+def test_dense_refuses_fields_it_does_not_use():
+    x = jnp.ones((2, 8))
+    for fields in ({"precision": "highest"}, {"dot_general": jax.lax.dot_general}):
+        with pytest.raises(ValueError, match="use flax.linen.Dense"):
+            layers.Dense(4, **fields).init(jax.random.key(0), x)
+
+
 @pytest.mark.parametrize("kernel_shape,hw,stride,dtype,tile,batch", [
     ((3, 3, 128, 128), 10, 1, jnp.float32, 2, 2),  # as the forward (_use_winograd)
     ((3, 3, 128, 128), 28, 1, jnp.float32, 4, 2),  # from 28x28 outputs: F(3x3, 4x4)

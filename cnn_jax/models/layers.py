@@ -1203,17 +1203,24 @@ def _conv1x1(x: Array, kernel: Array, strides: Tuple[int, int],
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(a: Array, b: Array, float32_sums: bool = False) -> Array:
     """``a @ b`` in ``a``'s dtype (``float32_sums``: the float32 result, unrounded), its products
-    (and its gradients') accumulated in float32."""
-    y = _dot(a, b)
+    (and its gradients') accumulated in float32. A wider ``b`` (a bf16 layer's float32 kernel) is
+    rounded to ``a``'s dtype for the products, and its gradient is the float32 sums themselves."""
+    y = _dot(a, b.astype(a.dtype))
     return y if float32_sums else y.astype(a.dtype)
 
 
+# A bf16 classifier's kernel passes here as the float32 parameter: cast before the product (as
+# ``nn.Dense`` promotes it), its weight gradient was the float32 sums rounded to bf16 and then
+# converted back to float32 for the parameter, two standalone passes over the kernel's size
+# (alexnet's bf16 train step: 27 `wrapped_convert`s, 45 of its 267 ms of ops, the largest fc6's
+# and fc7's). The bf16 copy of the kernel is the residual; a 0-size array carries b's dtype.
 def _matmul_fwd(a, b, float32_sums=False):
-    return _matmul(a, b, float32_sums), (a, b)
+    b_cast = b.astype(a.dtype)
+    return _matmul(a, b_cast, float32_sums), (a, b_cast, jnp.zeros((0,), b.dtype))
 
 
 def _matmul_bwd(float32_sums, residuals, g):
-    a, b = residuals
+    a, b, b_dtype = residuals
     if float32_sums:  # the float32 sums' gradient: as the rounded output's
         g = g.astype(a.dtype)
     acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
@@ -1225,7 +1232,7 @@ def _matmul_bwd(float32_sums, residuals, g):
         if _narrow_output_first(a.shape[1], g.shape[1]):
             db_t = jax.lax.optimization_barrier(db_t)
         db = db_t.T
-    return da.astype(a.dtype), db.astype(b.dtype)
+    return da.astype(a.dtype), db.astype(b_dtype.dtype)
 
 
 # A float32 weight gradient ``a.T @ g`` contracts the rows of both operands, and XLA:CPU gives such
@@ -1565,15 +1572,17 @@ class LocalResponseNorm(nn.Module):
 
 
 def dense(x: Array, kernel: Array) -> Array:
-    """``x @ kernel`` over ``x``'s last axis. On the CPU's fast path (``"conv1x1"``: a dense layer
+    """``x @ kernel`` over ``x``'s last axis, in ``x``'s dtype (a wider ``kernel``, a bf16 layer's
+    float32 parameter, is rounded to it). On the CPU's fast path (``"conv1x1"``: a dense layer
     is a 1x1 convolution of a 1x1 map) it is ``_matmul``, so that bf16 classifiers multiply bf16
     operands into float32 in all three products: as a bf16 ``x @ kernel`` they ran at float32
     speed or below, and XLA transposed their weight gradients in separate passes (alexnet's bf16
-    train step: fc6's and fc7's gradient transposes and conversions 230 ms of 813). float32
-    programs are those of ``x @ kernel``, but for a few rows by a large kernel (``_use_few_rows``:
-    the forward product on Eigen instead of YNNPACK, the input gradient as ``(kernel @ g.T).T``)."""
+    train step: fc6's and fc7's gradient transposes and conversions 230 ms of 813); a float32
+    kernel gets the float32 sums as its gradient. float32 programs are those of ``x @ kernel``,
+    but for a few rows by a large kernel (``_use_few_rows``: the forward product on Eigen instead
+    of YNNPACK, the input gradient as ``(kernel @ g.T).T``)."""
     if not use_fast_formulations("conv1x1"):
-        return x @ kernel
+        return x @ kernel.astype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
     y = _few_rows_matmul(rows, kernel) if _use_few_rows(rows, kernel) else _matmul(rows, kernel)
     return y.reshape(x.shape[:-1] + kernel.shape[-1:])
@@ -1632,21 +1641,25 @@ def _few_rows_matmul_bwd(residuals, g):
 _few_rows_matmul.defvjp(_few_rows_matmul_fwd, _few_rows_matmul_bwd)
 
 
-def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                       preferred_element_type=None) -> Array:
-    """``lax.dot_general`` for ``Dense``: its plain ``x @ kernel`` by ``dense``."""
-    (contract_l, contract_r), batch = dimension_numbers
-    if (tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2
-            and batch == ((), ()) and precision is None and preferred_element_type is None):
-        return dense(lhs, rhs)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-
-
 class Dense(nn.Dense):
-    """``nn.Dense`` (same fields, parameters and initializers) whose product is ``dense``."""
+    """``nn.Dense`` (same fields, parameters and initializers) whose product is ``dense``, given
+    the float32 kernel of a bf16 layer (its gradient: float32 sums, see ``_matmul``), and whose
+    bias is added by ``add_bias`` (float32, rounded once)."""
 
-    dot_general: Optional[Callable] = _dense_dot_general
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        if self.precision is not None or self.dot_general is not None or \
+                self.dot_general_cls is not None or self.promote_dtype is not nn.dtypes.promote_dtype:
+            raise ValueError("layers.Dense computes x @ kernel with layers.dense; for a precision, "
+                             "dot_general or promote_dtype of your own use flax.linen.Dense")
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        # nn.Dense's dtype rule (flax.linen.dtypes.promote_dtype): all three's when not given.
+        dtype = self.dtype or jnp.result_type(inputs, kernel, *([] if bias is None else [bias]))
+        y = dense(jnp.asarray(inputs, dtype), kernel)
+        return y if bias is None else add_bias(y, bias)
 
 
 class DenseAsConv(nn.Module):
@@ -1669,10 +1682,10 @@ class DenseAsConv(nn.Module):
         kernel = param(self, "kernel", self.kernel_init, (in_features, self.features))
         bias = param(self, "bias", nn.initializers.zeros, (self.features,))
         dtype = self.dtype or x.dtype
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if not as_conv:
+        x = x.astype(dtype)
+        if not as_conv:  # the float32 kernel: dense rounds it (its gradient stays float32)
             return add_bias(dense(x, kernel), bias)
-        conv_kernel = kernel.reshape(self.window + (x.shape[-1], self.features))
+        conv_kernel = kernel.astype(dtype).reshape(self.window + (x.shape[-1], self.features))
         y = jax.lax.conv_general_dilated(x, conv_kernel, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return add_bias(y, bias)
