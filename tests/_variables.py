@@ -12,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.models import layers
+
 
 @functools.lru_cache(maxsize=None)
 def _traced_init(model, shape, dtype, call_items):
     x = jax.ShapeDtypeStruct(shape, dtype)
-    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False,
-                                                           **dict(call_items)), x)
+    with layers.shapes_only():  # shapes: the initializers' random draws need no tracing
+        return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False,
+                                                               **dict(call_items)), x)
 
 
 def _copy_dicts(tree):

@@ -181,3 +181,25 @@ def test_paths_that_are_files_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match=message):
             train_lib.train_and_evaluate(c, kwargs.get("workdir", str(tmp_path / "w")))
     assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing was written
+
+
+@pytest.mark.parametrize("name, options", [
+    ("resnet18", {}), ("googlenet", {}), ("vgg11_bn", {"fc_features": 16}),
+    ("densenet_bc_100", {"memory_efficient": True, "block_config": (2, 1, 1)})])
+def test_abstract_variables_need_no_initializer_traced(name, options):
+    """``abstract_variables`` traces ``init`` under ``layers.shapes_only``: the same tree of shapes
+    and dtypes as tracing every initializer, and a real ``init`` afterwards (through ``nn.remat``
+    too) still draws its kernels at random."""
+    model, size = create_model(name, num_classes=7, **options), 32
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    traced = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x)
+    assert jax.tree_util.tree_structure(registry.abstract_variables(model, size)) == \
+        jax.tree_util.tree_structure(traced)
+    assert jax.tree_util.tree_leaves(registry.abstract_variables(model, size)) == \
+        jax.tree_util.tree_leaves(traced)
+    if name == "densenet_bc_100":  # the remat path's kernels are not zeros once outside
+        variables = jax.jit(lambda x: model.init(rngs, x, train=False))(jnp.zeros((1, size, size, 3)))
+        kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+                   if p[-1].key == "kernel"]
+        assert kernels and all(float(jnp.std(k)) > 0 for k in kernels)

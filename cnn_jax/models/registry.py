@@ -121,9 +121,12 @@ def abstract_variables(model: nn.Module, image_size: int = 224, train: bool = Fa
     import jax
     import jax.numpy as jnp
 
+    from cnn_jax.models import layers
+
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    return jax.eval_shape(lambda x: model.init(rngs, x, train=train), x)
+    with layers.shapes_only():  # shapes need no random draws traced
+        return jax.eval_shape(lambda x: model.init(rngs, x, train=train), x)
 
 
 def model_options(model: nn.Module) -> List[str]:
