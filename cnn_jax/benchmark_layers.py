@@ -58,11 +58,11 @@ def convolutions(arch: str, batch_size: int, image_size: int,
     import jax
     import jax.numpy as jnp
 
-    from cnn_jax.models import create_model, layers
+    from cnn_jax.models import abstract_variables, create_model, layers
 
     model = create_model(arch, num_classes=num_classes)
     x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+    variables = abstract_variables(model, image_size)
     with layers.implementation("xla"):
         jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
     counts: Dict[Conv, int] = collections.OrderedDict()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from cnn_jax.analysis.results import Analysis, LayerInfo, Totals
 from cnn_jax.analysis.trace import _Call, _CallRecorder, _Field, _Row, _snake, _Walker
-from cnn_jax.models.layers import implementation
+from cnn_jax.models.layers import implementation, shapes_only
 
 # --------------------------------------------------------------------------------------------
 # Public entry points.
@@ -36,8 +36,9 @@ def _prepare(model: nn.Module, input_shape, train, variables, dtype, rngs, call_
         rngs = {"dropout": jax.random.key(1)}
     if variables is None:
         init_rngs = {"params": jax.random.key(0), **rngs}
-        variables = jax.eval_shape(
-            lambda: model.init(init_rngs, jnp.zeros(x.shape, x.dtype), **kwargs))
+        with shapes_only():  # shapes need no random draws traced
+            variables = jax.eval_shape(
+                lambda: model.init(init_rngs, jnp.zeros(x.shape, x.dtype), **kwargs))
     variables = _abstract(dict(variables))
 
     def apply(v, inp):
