@@ -194,10 +194,9 @@ def test_abstract_variables_need_no_initializer_traced(name, options):
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     traced = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x)
-    assert jax.tree_util.tree_structure(registry.abstract_variables(model, size)) == \
-        jax.tree_util.tree_structure(traced)
-    assert jax.tree_util.tree_leaves(registry.abstract_variables(model, size)) == \
-        jax.tree_util.tree_leaves(traced)
+    shapes = registry.abstract_variables(model, size)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(traced)
+    assert jax.tree_util.tree_leaves(shapes) == jax.tree_util.tree_leaves(traced)
     if name == "densenet_bc_100":  # the remat path's kernels are not zeros once outside
         variables = jax.jit(lambda x: model.init(rngs, x, train=False))(jnp.zeros((1, size, size, 3)))
         kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["params"])

@@ -1669,9 +1669,9 @@ class Dense(nn.Dense):
                 self.dot_general_cls is not None or self.promote_dtype is not nn.dtypes.promote_dtype:
             raise ValueError("layers.Dense computes x @ kernel with layers.dense; for a precision, "
                              "dot_general or promote_dtype of your own use flax.linen.Dense")
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        kernel = param(self, "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                       self.param_dtype)
+        bias = (param(self, "bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         # nn.Dense's dtype rule (flax.linen.dtypes.promote_dtype): all three's when not given.
         dtype = self.dtype or jnp.result_type(inputs, kernel, *([] if bias is None else [bias]))
