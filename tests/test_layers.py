@@ -46,6 +46,27 @@ def test_max_pool_matches_torch_semantics(size, k, s, p, ceil_mode):
     np.testing.assert_allclose(got, _ref_max_pool(x, k, s, p, ceil_mode))
 
 
+def test_eager_fast_max_pool_compiles_one_program():
+    """Op by op (a notebook, the un-jitted model checks) the fast max pool runs as one compiled
+    program per geometry, not one per pad, window slice and maximum (11 for this 3x3 pool)."""
+    compiles = []
+
+    def listener(name, secs, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 11, 12, 3)).astype(np.float32))
+    jax.block_until_ready(x)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with layers.implementation("fast"):
+            got = layers.max_pool(x, 3, 2, 1, ceil_mode=True)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiles) <= 1, len(compiles)  # 0 where the persistent cache had it
+    np.testing.assert_array_equal(got, _ref_max_pool(np.asarray(x), 3, 2, 1, True))
+
+
 def test_avg_pool_counts_padding_like_torch():
     x = jnp.ones((1, 4, 4, 1))
     y = layers.avg_pool(x, 3, 2, 1)

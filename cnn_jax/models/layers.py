@@ -169,7 +169,7 @@ def max_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair 
     ew = _ceil_extra(x.shape[2], kw, sw, pw) if ceil_mode else 0
     padding = ((ph, ph + eh), (pw, pw + ew))
     if use_fast_formulations("max_pool"):
-        return _max_pool_slice_grad(x, (kh, kw), (sh, sw), padding)
+        return _max_pool_jit(x, (kh, kw), (sh, sw), padding)
     return _xla_max_pool(x, (kh, kw), (sh, sw), padding)
 
 
@@ -269,6 +269,9 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
 
 
 _max_pool_slice_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
+# Jitted as a unit, as _conv_fast_jit: op by op its pad, window slices and maxima (and in the
+# gradient its taps' selects) would compile one program each per shape (a 3x3 pool: ~20).
+_max_pool_jit = jax.jit(_max_pool_slice_grad, static_argnums=(1, 2, 3))
 
 
 def avg_pool(x: Array, window: IntOrPair, stride: IntOrPair, padding: IntOrPair = 0) -> Array:
