@@ -11,7 +11,7 @@ from cnn_jax.models import count_params, create_model
 from cnn_jax.models.alexnet import TORCHVISION_NAMES
 
 from _dropout import check_dropout_modes
-from _variables import abstract_variables, normal
+from _variables import abstract_variables, fast_init, normal
 
 # torchvision alexnet's state_dict weight shapes ([O, I, kh, kw] and [out, in]).
 TORCHVISION_SHAPES = {
@@ -74,7 +74,7 @@ class AlexNetForwardTest(chex.TestCase):
     def test_eval_and_train_mode(self, name):
         model = create_model(name, num_classes=10, fc_features=64)
         x = normal(1, (2, 64, 64, 3))
-        variables = model.init(jax.random.key(0), x, train=False)
+        variables = fast_init(model, x)
         check_dropout_modes(model, variables, x, self.variant, num_classes=10)
 
 
@@ -84,7 +84,7 @@ def test_lrn_follows_the_activation_of_conv1_and_conv2(activation, act):
     model = create_model("alexnet_original", num_classes=3, fc_features=16, activation=activation)
     # Large inputs so the sum of squares matters: the denominators then vary across units.
     x = 50.0 * normal(1, (1, 67, 67, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = fast_init(model, x)
     inter = _intermediates(model, variables, x)
     assert {k for k in inter if k.startswith("lrn")} == {"lrn1", "lrn2"}
     for conv, lrn in (("conv1", "lrn1"), ("conv2", "lrn2")):
@@ -136,7 +136,7 @@ def test_overlapping_pooling_keeps_the_papers_map_sizes():
 def test_pooling_option_changes_the_output():
     model = create_model("alexnet_original", num_classes=5, fc_features=16)
     x = normal(1, (1, 64, 64, 3))
-    variables = model.init(jax.random.key(0), x)  # same parameter shapes for both poolings
+    variables = fast_init(model, x)  # same parameter shapes for both poolings
     overlapping = model.apply(variables, x)
     non_overlapping = model.clone(overlapping_pool=False).apply(variables, x)
     assert not np.allclose(overlapping, non_overlapping)
@@ -145,7 +145,7 @@ def test_pooling_option_changes_the_output():
 def test_tanh_option_runs_and_differs_from_relu():
     model = create_model("alexnet_original", num_classes=5, fc_features=16)
     x = normal(1, (2, 64, 64, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = fast_init(model, x)
     relu_out = model.apply(variables, x)
     tanh_out = model.clone(activation="tanh").apply(variables, x)
     chex.assert_shape(tanh_out, (2, 5))

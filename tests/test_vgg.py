@@ -11,7 +11,7 @@ from cnn_jax.models import count_params, create_model, list_models
 from cnn_jax.models.vgg import CONFIGS, VGG, torchvision_names
 
 from _dropout import check_dropout_modes
-from _variables import abstract_variables, normal
+from _variables import abstract_variables, fast_init, normal
 
 PARAMS = {
     "vgg11": 132_863_336, "vgg11_bn": 132_868_840, "vgg11_lrn": 132_863_336,  # LRN has no params
@@ -98,14 +98,14 @@ class VGGForwardTest(chex.TestCase):
     def test_eval_and_train_mode(self, name):
         model = create_model(name, num_classes=10, fc_features=32)
         x = normal(1, (2, 32, 32, 3))
-        variables = model.init(jax.random.key(0), x, train=False)
+        variables = fast_init(model, x)
         check_dropout_modes(model, variables, x, self.variant, num_classes=10)
 
 
 def test_lrn_after_the_first_conv_of_config_a_lrn():
     model = create_model("vgg11_lrn", num_classes=3, fc_features=8)
     x = 50.0 * normal(1, (1, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = fast_init(model, x)
     _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
     inter = state["intermediates"]
     assert [k for k in inter if k.startswith("lrn")] == ["lrn1_1"]
@@ -136,7 +136,7 @@ def _dense_head_reference(params, feats):
 def test_fully_conv_equals_dense_head_at_224(batch_norm):
     model = VGG(num_classes=10, cfg=TINY, batch_norm=batch_norm, fc_features=32)
     x = normal(1, (2, 224, 224, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = fast_init(model, x)
     dense = model.apply(variables, x)
     conv = model.clone(fully_conv=True).apply(variables, x)
     chex.assert_shape(conv, (2, 10))
@@ -146,7 +146,7 @@ def test_fully_conv_equals_dense_head_at_224(batch_norm):
 def test_fully_conv_equals_dense_head_at_224_real_vgg16_trunk():
     model = create_model("vgg16", num_classes=10, fc_features=16)
     # Parameter shapes do not depend on the input size (adaptive pool), so init cheaply at 32.
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = fast_init(model, jnp.zeros((1, 32, 32, 3)))
     x = normal(1, (1, 224, 224, 3))
     dense = model.apply(variables, x)
     conv = model.clone(fully_conv=True).apply(variables, x)
@@ -156,7 +156,7 @@ def test_fully_conv_equals_dense_head_at_224_real_vgg16_trunk():
 def test_fully_conv_averages_the_score_map_of_a_larger_image():
     model = VGG(num_classes=10, cfg=TINY, fc_features=32, fully_conv=True)
     x = normal(1, (2, 256, 320, 3))  # feature map 8x10 -> scores 2x4
-    variables = model.init(jax.random.key(0), x)
+    variables = fast_init(model, x)
     logits, state = model.apply(variables, x, mutable=["intermediates"])
     chex.assert_shape(logits, (2, 10))
     chex.assert_shape(state["intermediates"]["score_map"][0], (2, 2, 4, 10))
