@@ -93,7 +93,11 @@ def fast_init(model, x, seed=0, **call_kwargs):
     return jax.device_put(jax.tree_util.tree_map_with_path(fill_leaf, shapes))
 
 
-def normal(seed, shape, dtype=jnp.float32):
+def normal(seed, shape, dtype=jnp.float32, scale=1.0):
     """Standard-normal test data drawn by NumPy: ``jax.random.normal`` compiles a program per
-    shape and dtype (~0.1 s each at the tests' -O0; 131 of them cost the suite 16 s)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+    shape and dtype (~0.1 s each at the tests' -O0; 131 of them cost the suite 16 s). Converted
+    by NumPy and transferred with ``device_put``: ``jnp.asarray`` of a NumPy array compiles a
+    program per shape and dtype too (a conversion or a copy, ~10 ms each; 345 in
+    test_fast_layers.py); ``scale`` multiplies them before the conversion, for the same reason."""
+    values = (scale * np.random.default_rng(seed).standard_normal(shape)).astype(jnp.dtype(dtype))
+    return jax.device_put(values)

@@ -99,7 +99,7 @@ CONV_CASES = {
 def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     shape, k, stride, padding, *out = CONV_CASES[case]
     x = normal(0, shape, dtype)
-    w = (normal(1, (k, k, shape[-1], *(out or [7]))) * 0.3).astype(dtype)
+    w = normal(1, (k, k, shape[-1], *(out or [7])), dtype, scale=0.3)
     # One fixed output gradient for both paths, so that the gradients compare the two VJPs. (A
     # gradient that depends on the output, such as sin's, turns a one-ulp difference of a bf16
     # output of magnitude ~30 into a ~0.1 difference of that output's gradient.)
@@ -116,7 +116,7 @@ def test_conv2d_values_and_gradients_equal_xla(case, dtype, rtol):
     _assert_close((ref_y, ref_grads), (got_y, got_grads), rtol)
     # The loss sums many terms of both signs: its error scales with the sum of their magnitudes
     # (bf16 outputs of the same convolution, rounded from different accumulation orders).
-    scale = float(jnp.sum(jnp.abs(ref_y.astype(jnp.float32) * r)))
+    scale = float(np.sum(np.abs(np.asarray(ref_y, np.float32) * np.asarray(r))))
     np.testing.assert_allclose(got_loss, ref_loss, rtol=0, atol=rtol * scale)
 
 
@@ -265,7 +265,7 @@ def test_one_thread_convolutions_equal_xla(case, one_thread):
     24 input channels where it would decline them: values and both gradients as XLA's."""
     shape, out = ONE_THREAD_CASES[case]
     padding = ((0, 1), (2, 0)) if "asymmetric" in case else 1
-    x, w = normal(0, shape), normal(1, (3, 3, shape[-1], out)) * 0.3
+    x, w = normal(0, shape), normal(1, (3, 3, shape[-1], out), scale=0.3)
     one_thread(True)
 
     def loss(x, w):
@@ -387,7 +387,7 @@ def test_bf16_winograd_errors_against_float32(cpu_avx512_bf16, shape, out):
     is ~3x XLA's (here at most 4x) and its largest ~2x (at most 3x)."""
     cpu_avx512_bf16(True)
     x = normal(0, shape, jnp.bfloat16)
-    w = (normal(1, (3, 3, shape[-1], out)) * 0.05).astype(jnp.bfloat16)
+    w = normal(1, (3, 3, shape[-1], out), jnp.bfloat16, scale=0.05)
     pad = ((1, 1), (1, 1))
     ref = np.asarray(layers._xla_conv(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), pad))
     errors = {}
@@ -728,7 +728,8 @@ def test_5x5_winograd_computes_forward_and_both_gradients_as_products(dtype):
 def test_5x5_winograd_error_is_float32_scale():
     """F(2x2, 5x5)'s transforms (entries up to 5 and 2/3) keep the relative error of the output
     and of the weight gradient within ~1e-5 of the float32 convolution's."""
-    x, w, g = normal(0, (2, 27, 27, 64)), normal(1, (5, 5, 64, 96)) * 0.05, normal(2, (2, 27, 27, 96))
+    x, w = normal(0, (2, 27, 27, 64)), normal(1, (5, 5, 64, 96), scale=0.05)
+    g = normal(2, (2, 27, 27, 96))
     pad = ((2, 2), (2, 2))
     ref = layers._xla_conv(x, w, (1, 1), pad)
     dw_ref = layers._xla_weight_grad(x, g, w.shape, layers._geometry(x.shape, w.shape, (1, 1), pad))

@@ -8,7 +8,7 @@ import pytest
 
 from cnn_jax.models import count_params, create_model, list_models, model_info
 from cnn_jax.models import resnet
-from _variables import abstract_variables, fast_init
+from _variables import abstract_variables, fast_init, normal
 
 # torchvision's counts (the test of each is test_models.py's, with the registry's other
 # torchvision counts; resnet18's is the base of the norm-placement counts here).
@@ -44,8 +44,7 @@ def _tiny(**kwargs):
 
 
 def _images(n=2, size=8, channels=3, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal((n, size, size, channels)),
-                       jnp.float32)
+    return normal(seed, (n, size, size, channels))
 
 
 # ---------------------------------------------------------------- parameter counts
