@@ -17,6 +17,11 @@ the three classifier matmuls into one YNNPACK call that costs 2.3 s of CPU per 2
 forward of vgg11 at 32x32 (0.24 s with single ops). The commands keep XLA's default: its
 library fusions of reductions make the batch-norm statistics of a train step fast at 224 px
 (README, Fast layers: the max pool).
+LLVM compiles each program as one module (``--xla_cpu_parallel_codegen_split_count=1``) rather
+than splitting it to compile the parts on several threads: the two test workers keep both cores
+busy already, and the split and the module's copies cost CPU (``llvm::SplitModule`` and
+``CloneModule``: 11% of a densenet121 compile in ``perf``). Eight programs (densenet121,
+googlenet, resnet50 and vgg16, eval and train mode) on one core: 11.0-11.4 s -> 8.2-8.5 s of CPU.
 CNN_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
 """
 
@@ -26,7 +31,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEST_XLA_FLAGS = ("" if os.environ.get("CNN_JAX_TEST_XLA_OPT", "0") == "1"
                   else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
-                  "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution")
+                  "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution "
+                  "--xla_cpu_parallel_codegen_split_count=1")
 if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
