@@ -55,8 +55,7 @@ def test_eager_fast_max_pool_compiles_one_program():
         if name == "/jax/core/compile/backend_compile_duration":
             compiles.append(secs)
 
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 11, 12, 3)).astype(np.float32))
-    jax.block_until_ready(x)
+    x = normal(3, (1, 11, 12, 3))
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         with layers.implementation("fast"):

@@ -270,7 +270,7 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
 
 _max_pool_slice_grad.defvjp(_max_pool_fwd, _max_pool_bwd)
 # Jitted as a unit, as _conv_fast_jit: op by op its pad, window slices and maxima (and in the
-# gradient its taps' selects) would compile one program each per shape (a 3x3 pool: ~20).
+# gradient its taps' selects) would compile one program each per shape (a 3x3 pool's forward: 11).
 _max_pool_jit = jax.jit(_max_pool_slice_grad, static_argnums=(1, 2, 3))
 
 
